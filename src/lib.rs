@@ -1,0 +1,4 @@
+//! cairn: a storage daemon. The chunk store (`store`) is the heart; NBD, FUSE, the image
+//! cache and the admin API are views of it.
+
+pub mod store;
