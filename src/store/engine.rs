@@ -1,0 +1,1388 @@
+//! The running store: I/O paths, commit (flush), checkpoints.
+//!
+//! Locking, outermost first: an object's `io_lock` (shared for I/O, exclusive for
+//! clone/delete/resize), then chunk stripe locks (shared for reads, exclusive for writes and
+//! discards), then the journal mutex, then the metadata mutex. The metadata mutex is never
+//! held across an await; the commit mutex serialises commits and sits outside the journal.
+use std::collections::HashSet;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::RwLock;
+
+use super::buf::AlignedBuf;
+use super::format::{BLOCK, Record, Superblock};
+use super::meta::{Meta, region_of};
+use super::recovery::{self, JournalInfo};
+use super::segment::Segment;
+use super::uring::{Op, SharedBuf, Uring, WriteSrc};
+use super::{Extent, ObjectId, ObjectInfo, Result, StoreError, StoreOptions, StoreStats};
+
+const STRIPES: usize = 4096;
+/// Start a fresh journal (with a checkpoint) once the current one passes this size.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Commit on our own once this much metadata is waiting, to bound memory and lost work.
+const AUTO_COMMIT_BYTES: usize = 8 << 20;
+/// Large discards and zeroings are done in pieces of this many chunks.
+const RANGE_PIECE_CHUNKS: u64 = 256;
+
+#[derive(Default)]
+struct Counters {
+    checksum_errors: AtomicU64,
+    healed_blocks: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    flushes: AtomicU64,
+    commits: AtomicU64,
+}
+
+struct Journal {
+    file: File,
+    generation: u64,
+    len: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    seg_dir: PathBuf,
+    sb: Superblock,
+    direct: bool,
+    uring: Uring,
+    segments: parking_lot::RwLock<Vec<Arc<Segment>>>,
+    seg_grow: tokio::sync::Mutex<()>,
+    meta: Mutex<Meta>,
+    stripes: Vec<RwLock<()>>,
+    journal: tokio::sync::Mutex<Journal>,
+    commit: tokio::sync::Mutex<()>,
+    flush_requested: AtomicU64,
+    flush_done: AtomicU64,
+    auto_commit: AtomicBool,
+    closed: AtomicBool,
+    counters: Counters,
+    zero_crc: u32,
+    _lock: File,
+}
+
+/// A handle to an open store; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+enum Mode {
+    New,
+    InPlace,
+    CopyUp { from: u32 },
+}
+
+struct WritePlan {
+    chunk: u32,
+    slot: u32,
+    mode: Mode,
+    old_present: u64,
+    /// Byte range within the chunk, and where it starts in the caller's data.
+    start: usize,
+    end: usize,
+    data_off: usize,
+    region: Option<u32>,
+}
+
+fn mask_range(b0: u64, b1: u64) -> u64 {
+    if b1 <= b0 {
+        return 0;
+    }
+    let n = b1 - b0;
+    let m = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    m << b0
+}
+
+/// Maximal runs of set bits as (first, count).
+fn runs(mut m: u64) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    while m != 0 {
+        let s = m.trailing_zeros();
+        let n = (m >> s).trailing_ones();
+        out.push((s, n));
+        m &= !mask_range(s as u64, (s + n) as u64);
+    }
+    out
+}
+
+impl Store {
+    /// Open the store in `dir`, creating it if the directory holds none. Recovers from a
+    /// crash: committed metadata is replayed, blocks written in place since the last commit
+    /// are re-checksummed, and space nothing references is returned to the filesystem.
+    pub async fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
+        let dir = dir.to_path_buf();
+        let inner = tokio::task::spawn_blocking(move || open_sync(&dir, &opts))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.inner.sb
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.sb.chunk_size
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ---- object operations (metadata only, durable when they return) ----
+
+    pub async fn create_object(&self, id: ObjectId, size: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_size(size)?;
+        self.inner
+            .meta
+            .lock()
+            .log(Record::CreateObject { id, size })?;
+        self.flush().await
+    }
+
+    /// Copy-on-write clone: metadata only, whatever the size of `src`.
+    pub async fn clone_object(&self, src: ObjectId, dst: ObjectId) -> Result<()> {
+        self.check_open()?;
+        let lock = self.obj_lock(src)?;
+        let _g = lock.write().await;
+        self.inner
+            .meta
+            .lock()
+            .log(Record::CloneObject { src, dst })?;
+        self.flush().await
+    }
+
+    pub async fn delete_object(&self, id: ObjectId) -> Result<()> {
+        self.check_open()?;
+        let lock = self.obj_lock(id)?;
+        let _g = lock.write().await;
+        self.inner.meta.lock().log(Record::DeleteObject { id })?;
+        self.flush().await
+    }
+
+    /// Grow or shrink. Shrinking forgets the data past the new end, so growing again reads zeros.
+    pub async fn resize(&self, id: ObjectId, size: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_size(size)?;
+        let lock = self.obj_lock(id)?;
+        let _g = lock.write().await;
+        let old = self.object_info(id)?.size;
+        if size < old {
+            let bs = BLOCK as u64;
+            let tail_end = size.div_ceil(bs) * bs;
+            if tail_end > size && tail_end <= old {
+                let zeros = Bytes::from(vec![0u8; (tail_end - size) as usize]);
+                self.write_locked(id, size, zeros).await?;
+            }
+            self.discard_locked(id, tail_end.min(old), old - tail_end.min(old))
+                .await?;
+        }
+        self.inner.meta.lock().log(Record::Resize { id, size })?;
+        self.flush().await
+    }
+
+    pub fn object_info(&self, id: ObjectId) -> Result<ObjectInfo> {
+        let m = self.inner.meta.lock();
+        let o = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+        Ok(ObjectInfo {
+            size: o.size,
+            allocated_bytes: o.allocated_blocks * BLOCK as u64,
+        })
+    }
+
+    pub fn list_objects(&self) -> Vec<(ObjectId, ObjectInfo)> {
+        let m = self.inner.meta.lock();
+        let mut v: Vec<_> = m
+            .objects
+            .iter()
+            .map(|(id, o)| {
+                (
+                    *id,
+                    ObjectInfo {
+                        size: o.size,
+                        allocated_bytes: o.allocated_blocks * BLOCK as u64,
+                    },
+                )
+            })
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+
+    /// Allocated and unallocated runs covering `[offset, offset+len)`, at block granularity.
+    pub fn extents(&self, id: ObjectId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let m = self.inner.meta.lock();
+        let o = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+        check_range(id, o.size, offset, len)?;
+        let end = offset + len;
+        let chunk = self.inner.sb.chunk_size as u64;
+        let bs = BLOCK as u64;
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, a: u64, b: u64, allocated: bool| {
+            let (a, b) = (a.max(offset), b.min(end));
+            if a >= b {
+                return;
+            }
+            match out.last_mut() {
+                Some(l) if l.allocated == allocated && l.offset + l.length == a => {
+                    l.length += b - a
+                }
+                _ => out.push(Extent {
+                    offset: a,
+                    length: b - a,
+                    allocated,
+                }),
+            }
+        };
+        let mut pos = offset;
+        o.map
+            .for_each_in(offset / chunk, end.div_ceil(chunk), |c, e| {
+                let base = c as u64 * chunk;
+                for (s, n) in runs(e.present) {
+                    let a = base + s as u64 * bs;
+                    let b = a + n as u64 * bs;
+                    if b <= pos || a >= end {
+                        continue;
+                    }
+                    push(&mut out, pos, a, false);
+                    push(&mut out, a, b, true);
+                    pos = pos.max(b);
+                }
+            });
+        push(&mut out, pos, end, false);
+        Ok(out)
+    }
+
+    // ---- data operations ----
+
+    pub async fn read(&self, id: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
+        self.check_open()?;
+        let lock = self.obj_lock(id)?;
+        let _g = lock.read().await;
+        let chunk = self.inner.sb.chunk_size as u64;
+        let _s = self
+            .lock_stripes(
+                id,
+                offset / chunk,
+                (offset + len as u64).div_ceil(chunk),
+                false,
+            )
+            .await;
+        let out = self.read_locked(id, offset, len).await?;
+        self.inner.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    pub async fn write(&self, id: ObjectId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.check_open()?;
+        let len = data.len() as u64;
+        let lock = self.obj_lock(id)?;
+        {
+            let _g = lock.read().await;
+            let chunk = self.inner.sb.chunk_size as u64;
+            let _s = self
+                .lock_stripes(id, offset / chunk, (offset + len).div_ceil(chunk), true)
+                .await;
+            self.write_locked(id, offset, data).await?;
+        }
+        self.inner.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .written_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        self.after_change(fua).await
+    }
+
+    /// Deallocate the whole 4 KiB blocks in the range (they then read as zeros). Partial
+    /// blocks at the edges are left as they are: a trim is advisory.
+    pub async fn discard(&self, id: ObjectId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_open()?;
+        let lock = self.obj_lock(id)?;
+        {
+            let _g = lock.read().await;
+            self.discard_locked(id, offset, len).await?;
+        }
+        self.after_change(fua).await
+    }
+
+    /// Make the range read as zeros. With `may_deallocate`, whole blocks are deallocated;
+    /// without it they stay allocated (written with zeros).
+    pub async fn write_zeroes(
+        &self,
+        id: ObjectId,
+        offset: u64,
+        len: u64,
+        may_deallocate: bool,
+        fua: bool,
+    ) -> Result<()> {
+        self.check_open()?;
+        let lock = self.obj_lock(id)?;
+        {
+            let _g = lock.read().await;
+            let size = self.object_info(id)?.size;
+            check_range(id, size, offset, len)?;
+            let bs = BLOCK as u64;
+            let end = offset + len;
+            let (a, b) = if may_deallocate {
+                (offset.div_ceil(bs) * bs, end / bs * bs)
+            } else {
+                (end, end)
+            };
+            let chunk = self.inner.sb.chunk_size as u64;
+            static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+            let zero = |off: u64, n: u64| {
+                let this = self.clone();
+                async move {
+                    let mut pos = off;
+                    while pos < off + n {
+                        let take = (off + n - pos).min(ZEROS.len() as u64);
+                        let _s = this
+                            .lock_stripes(id, pos / chunk, (pos + take).div_ceil(chunk), true)
+                            .await;
+                        this.write_locked(id, pos, Bytes::from_static(&ZEROS[..take as usize]))
+                            .await?;
+                        pos += take;
+                    }
+                    Ok::<(), StoreError>(())
+                }
+            };
+            if a < b {
+                zero(offset, a - offset).await?;
+                self.discard_locked(id, a, b - a).await?;
+                zero(b, end - b).await?;
+            } else {
+                zero(offset, len).await?;
+            }
+        }
+        self.after_change(fua).await
+    }
+
+    /// Make every completed write durable, with the metadata that finds it.
+    pub async fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        self.inner.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.inner.flush_requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _c = self.inner.commit.lock().await;
+        if self.inner.flush_done.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        self.commit(false).await
+    }
+
+    /// Flush, write a checkpoint, and stop accepting I/O on every handle of this store.
+    pub async fn close(self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _c = self.inner.commit.lock().await;
+        self.commit(true).await
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.counters;
+        let (objects, logical, allocated, physical) = {
+            let m = self.inner.meta.lock();
+            let logical = m.objects.values().map(|o| o.size).sum();
+            let alloc: u64 = m.objects.values().map(|o| o.allocated_blocks).sum();
+            (
+                m.objects.len() as u64,
+                logical,
+                alloc * BLOCK as u64,
+                m.slots.physical_blocks * BLOCK as u64,
+            )
+        };
+        StoreStats {
+            objects,
+            logical_bytes: logical,
+            allocated_bytes: allocated,
+            physical_bytes: physical,
+            free_bytes: free_space(&self.inner.dir),
+            segments: self.inner.segments.read().len() as u64,
+            chunk_size: self.inner.sb.chunk_size as u64,
+            checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
+            healed_blocks: c.healed_blocks.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            read_bytes: c.read_bytes.load(Ordering::Relaxed),
+            written_bytes: c.written_bytes.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    // ---- internals ----
+
+    fn check_size(&self, size: u64) -> Result<()> {
+        let max = (u32::MAX as u64 + 1) * self.inner.sb.chunk_size as u64;
+        if size > max {
+            return Err(StoreError::Invalid(format!(
+                "size {size} exceeds the maximum object size {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn obj_lock(&self, id: ObjectId) -> Result<Arc<RwLock<()>>> {
+        let m = self.inner.meta.lock();
+        Ok(m.objects
+            .get(&id)
+            .ok_or(StoreError::NotFound(id))?
+            .io_lock
+            .clone())
+    }
+
+    async fn lock_stripes(
+        &self,
+        id: ObjectId,
+        c0: u64,
+        c1: u64,
+        exclusive: bool,
+    ) -> StripeGuards<'_> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        let base = h.finish();
+        let mut idx: Vec<usize> = (c0..c1.max(c0 + 1))
+            .map(|c| (base ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize % STRIPES)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut g = StripeGuards {
+            shared: Vec::new(),
+            excl: Vec::new(),
+        };
+        for i in idx {
+            if exclusive {
+                g.excl.push(self.inner.stripes[i].write().await);
+            } else {
+                g.shared.push(self.inner.stripes[i].read().await);
+            }
+        }
+        g
+    }
+
+    async fn after_change(&self, fua: bool) -> Result<()> {
+        if fua {
+            return self.flush().await;
+        }
+        let big = self.inner.meta.lock().log.len() > AUTO_COMMIT_BYTES;
+        if big && !self.inner.auto_commit.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.flush().await {
+                    tracing::warn!(error = %e, "background commit failed");
+                }
+                this.inner.auto_commit.store(false, Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+
+    fn seg(&self, slot: u32) -> Arc<Segment> {
+        let sps = self.inner.sb.slots_per_segment();
+        self.inner.segments.read()[(slot / sps) as usize].clone()
+    }
+
+    /// Byte offset of block `blk` of `slot` inside its segment file, and its CRC index.
+    fn locate(&self, slot: u32, blk: u32) -> (u64, usize) {
+        let sb = &self.inner.sb;
+        let s = (slot % sb.slots_per_segment()) as u64;
+        let bpc = sb.blocks_per_chunk() as u64;
+        (
+            s * sb.chunk_size as u64 + blk as u64 * BLOCK as u64,
+            (s * bpc + blk as u64) as usize,
+        )
+    }
+
+    /// Make sure the segment files for `slots` exist (creating them off the async threads).
+    async fn ensure_segments(&self, max_slot: u32) -> Result<()> {
+        let need = max_slot / self.inner.sb.slots_per_segment() + 1;
+        if self.inner.segments.read().len() as u32 >= need {
+            return Ok(());
+        }
+        let _g = self.inner.seg_grow.lock().await;
+        loop {
+            let have = self.inner.segments.read().len() as u32;
+            if have >= need {
+                return Ok(());
+            }
+            let (dir, sb, direct) = (
+                self.inner.seg_dir.clone(),
+                self.inner.sb.clone(),
+                self.inner.direct,
+            );
+            let seg = tokio::task::spawn_blocking(move || {
+                let s = Segment::open(&dir, have, &sb, direct, true)?;
+                recovery::sync_dir(&dir)?;
+                Ok::<_, std::io::Error>(s)
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            self.inner.segments.write().push(Arc::new(seg));
+        }
+    }
+
+    async fn read_locked(&self, id: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
+        let chunk = self.inner.sb.chunk_size as u64;
+        let bs = BLOCK as u64;
+        let end = offset + len as u64;
+        let entries = {
+            let m = self.inner.meta.lock();
+            let o = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+            check_range(id, o.size, offset, len as u64)?;
+            let mut v = Vec::new();
+            o.map
+                .for_each_in(offset / chunk, end.div_ceil(chunk), |c, e| v.push((c, e)));
+            v
+        };
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let a0 = offset / bs;
+        let a1 = end.div_ceil(bs);
+        let buf = SharedBuf::new(AlignedBuf::zeroed(((a1 - a0) * bs) as usize));
+        let mut ops: Vec<Op> = Vec::new();
+        // (segment, crc index, object block) per block to verify
+        let mut checks: Vec<(Arc<Segment>, usize, u64)> = Vec::new();
+        let bpc = self.inner.sb.blocks_per_chunk() as u64;
+        let mut last: Option<(u32, u64, usize)> = None; // (segment index, next file offset, next buf offset)
+        for (c, e) in entries {
+            let cb0 = c as u64 * bpc;
+            let lo = a0.max(cb0) - cb0;
+            let hi = a1.min(cb0 + bpc) - cb0;
+            let want = e.present & mask_range(lo, hi);
+            if want == 0 {
+                continue;
+            }
+            let seg = self.seg(e.slot);
+            let segi = e.slot / self.inner.sb.slots_per_segment();
+            for (s, n) in runs(want) {
+                let (foff, crc0) = self.locate(e.slot, s);
+                let boff = ((cb0 + s as u64 - a0) * bs) as usize;
+                let nbytes = n as usize * BLOCK;
+                for k in 0..n as usize {
+                    checks.push((seg.clone(), crc0 + k, cb0 + s as u64 + k as u64));
+                }
+                // Merge with the previous op when both file and buffer ranges continue it.
+                if let (Some((ls, lf, lb)), Some(Op::Read { len: l, .. })) = (last, ops.last_mut())
+                    && ls == segi
+                    && lf == foff
+                    && lb == boff
+                    && (*l as usize + nbytes) <= (1 << 30)
+                {
+                    *l += nbytes as u32;
+                    last = Some((segi, foff + nbytes as u64, boff + nbytes));
+                    continue;
+                }
+                ops.push(Op::Read {
+                    fd: seg.fd(),
+                    off: foff,
+                    buf: buf.clone(),
+                    buf_off: boff,
+                    len: nbytes as u32,
+                });
+                last = Some((segi, foff + nbytes as u64, boff + nbytes));
+            }
+        }
+        if !ops.is_empty() {
+            self.inner.uring.run_all(ops).await?;
+        }
+        let buf = SharedBuf::into_inner(buf)
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("read buffer still shared")))?;
+        for (seg, ci, blk) in checks {
+            let start = ((blk - a0) * bs) as usize;
+            if crc32fast::hash(&buf[start..start + BLOCK]) != seg.crc(ci) {
+                self.inner
+                    .counters
+                    .checksum_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(object = %id, offset = blk * bs, "checksum mismatch");
+                return Err(StoreError::Checksum {
+                    id,
+                    offset: blk * bs,
+                });
+            }
+        }
+        let skip = (offset - a0 * bs) as usize;
+        Ok(buf.into_bytes().slice(skip..skip + len))
+    }
+
+    /// Write with the object lock (shared) and the chunk stripes (exclusive) held.
+    async fn write_locked(&self, id: ObjectId, offset: u64, data: Bytes) -> Result<()> {
+        let len = data.len() as u64;
+        let chunk = self.inner.sb.chunk_size as u64;
+        let end = offset + len;
+        let mut intents = Vec::new();
+        let plans = {
+            let mut m = self.inner.meta.lock();
+            let m = &mut *m;
+            let size = m.objects.get(&id).ok_or(StoreError::NotFound(id))?.size;
+            check_range(id, size, offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let sps = m.slots_per_segment;
+            let epoch = m.epoch;
+            let mut plans = Vec::new();
+            for c in offset / chunk..end.div_ceil(chunk) {
+                let cbase = c * chunk;
+                let start = offset.max(cbase) - cbase;
+                let stop = end.min(cbase + chunk) - cbase;
+                let obj = m.objects.get_mut(&id).expect("checked above");
+                obj.map.unshare_path(c as u32, &mut m.slots);
+                let old = obj.map.get(c as u32);
+                let (slot, mode, old_present) = match old {
+                    None => (m.slots.allocate(sps), Mode::New, 0),
+                    Some(e) if m.slots.refcnt[e.slot as usize] == 1 => {
+                        (e.slot, Mode::InPlace, e.present)
+                    }
+                    Some(e) => (
+                        m.slots.allocate(sps),
+                        Mode::CopyUp { from: e.slot },
+                        e.present,
+                    ),
+                };
+                let region = if matches!(mode, Mode::InPlace) {
+                    let r = region_of(slot);
+                    m.region_epoch.insert(r, epoch);
+                    *m.region_inflight.entry(r).or_default() += 1;
+                    if !m.marked.contains(&r) {
+                        intents.push(r);
+                    }
+                    Some(r)
+                } else {
+                    None
+                };
+                plans.push(WritePlan {
+                    chunk: c as u32,
+                    slot,
+                    mode,
+                    old_present,
+                    start: start as usize,
+                    end: stop as usize,
+                    data_off: (cbase + start - offset) as usize,
+                    region,
+                });
+            }
+            plans
+        };
+        let res = self.write_planned(id, &plans, &data, intents).await;
+        let mut m = self.inner.meta.lock();
+        let m = &mut *m;
+        for p in &plans {
+            if let Some(r) = p.region
+                && let Some(n) = m.region_inflight.get_mut(&r)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    m.region_inflight.remove(&r);
+                }
+            }
+        }
+        match res {
+            Ok(()) => {
+                let bs = BLOCK as u64;
+                for p in &plans {
+                    let touched = mask_range(p.start as u64 / bs, (p.end as u64).div_ceil(bs));
+                    let present = p.old_present | touched;
+                    if !matches!(p.mode, Mode::InPlace) || present != p.old_present {
+                        m.log(Record::SetEntry {
+                            id,
+                            chunk: p.chunk,
+                            slot: p.slot,
+                            present,
+                        })?;
+                    }
+                    m.dirty_segments.insert(p.slot / m.slots_per_segment);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for p in &plans {
+                    if !matches!(p.mode, Mode::InPlace) {
+                        // Never mapped: free it once the next commit has passed.
+                        m.slots.freed.push(p.slot);
+                    }
+                    m.dirty_segments.insert(p.slot / m.slots_per_segment);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_planned(
+        &self,
+        id: ObjectId,
+        plans: &[WritePlan],
+        data: &Bytes,
+        intents: Vec<u32>,
+    ) -> Result<()> {
+        if let Some(max) = plans.iter().map(|p| p.slot).max() {
+            self.ensure_segments(max).await?;
+        }
+        self.ensure_intents(intents).await?;
+        let bs = BLOCK as u64;
+        let chunk = self.inner.sb.chunk_size as usize;
+        // Phase 1: read what partial blocks and copy-ups need.
+        struct Stage {
+            buf: Option<Arc<SharedBuf>>,
+            read_mask: u64,
+            src: u32,
+        }
+        let mut stages = Vec::with_capacity(plans.len());
+        let mut reads = Vec::new();
+        for p in plans {
+            let touched = mask_range(p.start as u64 / bs, (p.end as u64).div_ceil(bs));
+            let full = mask_range((p.start as u64).div_ceil(bs), p.end as u64 / bs);
+            let partial = touched & !full;
+            let (read_mask, src) = match p.mode {
+                Mode::New => (0, p.slot),
+                Mode::InPlace => (p.old_present & partial, p.slot),
+                Mode::CopyUp { from } => (p.old_present & !full, from),
+            };
+            let aligned = !self.inner.direct || (data.as_ptr() as usize + p.data_off) % BLOCK == 0;
+            let fast = read_mask == 0 && partial == 0 && aligned;
+            let buf = if fast {
+                None
+            } else {
+                Some(SharedBuf::new(AlignedBuf::zeroed(chunk)))
+            };
+            if let Some(b) = &buf {
+                let seg = self.seg(src);
+                for (s, n) in runs(read_mask) {
+                    let (foff, _) = self.locate(src, s);
+                    reads.push(Op::Read {
+                        fd: seg.fd(),
+                        off: foff,
+                        buf: b.clone(),
+                        buf_off: s as usize * BLOCK,
+                        len: n * BLOCK as u32,
+                    });
+                }
+            }
+            stages.push(Stage {
+                buf,
+                read_mask,
+                src,
+            });
+        }
+        if !reads.is_empty() {
+            self.inner.uring.run_all(reads).await?;
+        }
+        // Phase 2: assemble, checksum, write.
+        let mut writes = Vec::new();
+        let mut crc_updates: Vec<(Arc<Segment>, usize, u32)> = Vec::new();
+        let chunk64 = chunk as u64;
+        for (p, st) in plans.iter().zip(stages) {
+            let seg = self.seg(p.slot);
+            let touched = mask_range(p.start as u64 / bs, (p.end as u64).div_ceil(bs));
+            match st.buf {
+                None => {
+                    let b0 = p.start / BLOCK;
+                    let piece = data.slice(p.data_off..p.data_off + (p.end - p.start));
+                    for (k, blk) in piece.chunks(BLOCK).enumerate() {
+                        let (_, ci) = self.locate(p.slot, (b0 + k) as u32);
+                        crc_updates.push((seg.clone(), ci, crc32fast::hash(blk)));
+                    }
+                    let (foff, _) = self.locate(p.slot, b0 as u32);
+                    writes.push(Op::Write {
+                        fd: seg.fd(),
+                        off: foff,
+                        data: WriteSrc::Bytes(piece),
+                    });
+                }
+                Some(shared) => {
+                    let mut buf = SharedBuf::into_inner(shared).ok_or_else(|| {
+                        StoreError::Io(std::io::Error::other("copy buffer still shared"))
+                    })?;
+                    let src_seg = self.seg(st.src);
+                    for blk in 0..(chunk64 / bs) as u32 {
+                        if st.read_mask & (1 << blk) != 0 {
+                            let (_, ci) = self.locate(st.src, blk);
+                            let b = &buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK];
+                            if crc32fast::hash(b) != src_seg.crc(ci) {
+                                self.inner
+                                    .counters
+                                    .checksum_errors
+                                    .fetch_add(1, Ordering::Relaxed);
+                                let offset = p.chunk as u64 * chunk64 + blk as u64 * bs;
+                                tracing::error!(object = %id, offset, "checksum mismatch");
+                                return Err(StoreError::Checksum { id, offset });
+                            }
+                        }
+                    }
+                    buf[p.start..p.end]
+                        .copy_from_slice(&data[p.data_off..p.data_off + (p.end - p.start)]);
+                    let write_mask = touched | st.read_mask;
+                    let buf = Arc::new(buf);
+                    for (s, n) in runs(write_mask) {
+                        for blk in s..s + n {
+                            let (_, ci) = self.locate(p.slot, blk);
+                            let b = &buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK];
+                            crc_updates.push((seg.clone(), ci, crc32fast::hash(b)));
+                        }
+                        let (foff, _) = self.locate(p.slot, s);
+                        writes.push(Op::Write {
+                            fd: seg.fd(),
+                            off: foff,
+                            data: WriteSrc::Aligned {
+                                buf: buf.clone(),
+                                start: s as usize * BLOCK,
+                                len: n as usize * BLOCK,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        let results = self.inner.uring.run(writes).await;
+        // CRCs go in even if some writes failed: a block whose write landed must not read as
+        // corrupt. A failed in-place write leaves its blocks undefined, as a failed write may.
+        for (seg, ci, crc) in crc_updates {
+            seg.set_crc(ci, crc);
+        }
+        for r in results {
+            r.map_err(map_io)?;
+        }
+        Ok(())
+    }
+
+    /// Make the intents for `regions` durable before any in-place write there.
+    async fn ensure_intents(&self, regions: Vec<u32>) -> Result<()> {
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let mut j = self.inner.journal.lock().await;
+        let need: Vec<u32> = {
+            let m = self.inner.meta.lock();
+            let mut v: Vec<u32> = regions
+                .into_iter()
+                .filter(|r| !m.marked.contains(r))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        if need.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for &region in &need {
+            Record::Intent { region }.encode(&mut buf);
+        }
+        self.journal_append(&mut j, buf).await?;
+        let mut m = self.inner.meta.lock();
+        for r in need {
+            m.marked.insert(r);
+        }
+        Ok(())
+    }
+
+    async fn journal_append(&self, j: &mut Journal, buf: Vec<u8>) -> Result<()> {
+        let n = buf.len() as u64;
+        let fd = j.file.as_raw_fd();
+        self.inner
+            .uring
+            .run_all(vec![Op::Write {
+                fd,
+                off: j.len,
+                data: WriteSrc::Bytes(Bytes::from(buf)),
+            }])
+            .await?;
+        self.inner
+            .uring
+            .run_all(vec![Op::Fsync { fd, datasync: true }])
+            .await?;
+        j.len += n;
+        Ok(())
+    }
+
+    async fn discard_locked(&self, id: ObjectId, offset: u64, len: u64) -> Result<()> {
+        let size = self.object_info(id)?.size;
+        check_range(id, size, offset, len)?;
+        let chunk = self.inner.sb.chunk_size as u64;
+        let bs = BLOCK as u64;
+        let (a, b) = (offset.div_ceil(bs), (offset + len) / bs);
+        if a >= b {
+            return Ok(());
+        }
+        let bpc = chunk / bs;
+        let mut c = a / bpc;
+        let c_end = b.div_ceil(bpc);
+        while c < c_end {
+            let piece_end = (c + RANGE_PIECE_CHUNKS).min(c_end);
+            let _s = self.lock_stripes(id, c, piece_end, true).await;
+            self.discard_chunks(id, a, b, c, piece_end).await?;
+            c = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Discard blocks `[a, b)` within chunks `[c0, c1)`.
+    async fn discard_chunks(&self, id: ObjectId, a: u64, b: u64, c0: u64, c1: u64) -> Result<()> {
+        let bpc = self.inner.sb.blocks_per_chunk() as u64;
+        // (chunk, slot, new present, blocks to punch)
+        let mut in_place = Vec::new();
+        let mut intents = Vec::new();
+        {
+            let mut m = self.inner.meta.lock();
+            let m = &mut *m;
+            let epoch = m.epoch;
+            let obj = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+            let mut targets = Vec::new();
+            obj.map.for_each_in(c0, c1, |c, e| targets.push((c, e)));
+            for (c, _) in targets {
+                let cb = c as u64 * bpc;
+                let mask = mask_range(a.max(cb) - cb, b.min(cb + bpc) - cb);
+                let obj = m.objects.get_mut(&id).expect("checked above");
+                obj.map.unshare_path(c, &mut m.slots);
+                let Some(e) = obj.map.get(c) else { continue };
+                let drop = e.present & mask;
+                if drop == 0 {
+                    continue;
+                }
+                let present = e.present & !drop;
+                if present == 0 {
+                    // The whole slot goes; it is punched after the commit that frees it.
+                    m.log(Record::RemoveEntry { id, chunk: c })?;
+                } else if m.slots.refcnt[e.slot as usize] > 1 {
+                    // Shared: only this object's view changes.
+                    m.log(Record::SetEntry {
+                        id,
+                        chunk: c,
+                        slot: e.slot,
+                        present,
+                    })?;
+                } else {
+                    let r = region_of(e.slot);
+                    m.region_epoch.insert(r, epoch);
+                    *m.region_inflight.entry(r).or_default() += 1;
+                    if !m.marked.contains(&r) {
+                        intents.push(r);
+                    }
+                    in_place.push((c, e.slot, present, drop, r));
+                }
+            }
+        }
+        let res = self.punch_in_place(&in_place, intents).await;
+        let mut m = self.inner.meta.lock();
+        let m = &mut *m;
+        for &(_, slot, _, _, r) in &in_place {
+            if let Some(n) = m.region_inflight.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    m.region_inflight.remove(&r);
+                }
+            }
+            m.dirty_segments.insert(slot / m.slots_per_segment);
+        }
+        res?;
+        for &(c, slot, present, _, _) in &in_place {
+            m.log(Record::SetEntry {
+                id,
+                chunk: c,
+                slot,
+                present,
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn punch_in_place(
+        &self,
+        items: &[(u32, u32, u64, u64, u32)],
+        intents: Vec<u32>,
+    ) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.ensure_intents(intents).await?;
+        let mut ops = Vec::new();
+        for &(_, slot, _, drop, _) in items {
+            let seg = self.seg(slot);
+            for (s, n) in runs(drop) {
+                for blk in s..s + n {
+                    seg.set_crc(self.locate(slot, blk).1, self.inner.zero_crc);
+                }
+                let (foff, _) = self.locate(slot, s);
+                ops.push(Op::Fallocate {
+                    fd: seg.fd(),
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off: foff,
+                    len: n as u64 * BLOCK as u64,
+                });
+            }
+        }
+        self.inner.uring.run_all(ops).await.map_err(map_io)
+    }
+
+    /// Commit: make data durable, then the journal batch that refers to it; then reclaim
+    /// the slots that batch freed. Caller holds the commit mutex.
+    async fn commit(&self, force_checkpoint: bool) -> Result<()> {
+        let mut j = self.inner.journal.lock().await;
+        let (batch, segs, freed, observed, snapshot) = {
+            let mut m = self.inner.meta.lock();
+            let m = &mut *m;
+            let observed = self.inner.flush_requested.load(Ordering::SeqCst);
+            if m.log.is_empty()
+                && m.dirty_segments.is_empty()
+                && m.slots.freed.is_empty()
+                && !force_checkpoint
+            {
+                self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
+                return Ok(());
+            }
+            let ended = m.epoch;
+            m.epoch += 1;
+            // Intents idle for the whole epoch that just ended are cleared by this commit;
+            // new writes there re-announce theirs, after this batch (we hold the journal).
+            let idle: Vec<u32> = m
+                .marked
+                .iter()
+                .copied()
+                .filter(|r| {
+                    m.region_epoch.get(r).is_none_or(|&e| e < ended)
+                        && !m.region_inflight.contains_key(r)
+                })
+                .collect();
+            for region in idle {
+                m.region_epoch.remove(&region);
+                m.log(Record::IntentClear { region })?;
+            }
+            let seq = m.commit_seq + 1;
+            m.log(Record::Commit { seq })?;
+            let batch = std::mem::take(&mut m.log);
+            m.log_records = 0;
+            let segs: Vec<u32> = m.dirty_segments.drain().collect();
+            let freed = std::mem::take(&mut m.slots.freed);
+            let snapshot = (force_checkpoint || j.len + batch.len() as u64 > CHECKPOINT_BYTES)
+                .then(|| m.encode_checkpoint(j.generation + 1, seq));
+            (batch, segs, freed, observed, snapshot)
+        };
+        let res = self.commit_io(&mut j, batch, segs, snapshot).await;
+        drop(j);
+        if let Err(e) = res {
+            // The batch may or may not be durable; the in-memory state is ahead of the disk
+            // either way, and the next commit carries on from it.
+            self.inner.meta.lock().slots.freed.extend(freed);
+            return Err(e);
+        }
+        self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.reclaim(freed).await;
+        self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn commit_io(
+        &self,
+        j: &mut Journal,
+        batch: Vec<u8>,
+        segs: Vec<u32>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let mut syncs = Vec::new();
+        {
+            let all = self.inner.segments.read();
+            for s in segs {
+                if let Some(seg) = all.get(s as usize) {
+                    syncs.push(Op::Fsync {
+                        fd: seg.fd(),
+                        datasync: true,
+                    });
+                    syncs.push(Op::Fsync {
+                        fd: seg.crc_fd(),
+                        datasync: true,
+                    });
+                }
+            }
+        }
+        self.inner.uring.run_all(syncs).await?;
+        self.journal_append(j, batch).await?;
+        if let Some(ckpt) = snapshot {
+            let generation = j.generation + 1;
+            let marks: Vec<Record> = {
+                let m = self.inner.meta.lock();
+                let mut v: Vec<u32> = m.marked.iter().copied().collect();
+                v.sort_unstable();
+                v.into_iter()
+                    .map(|region| Record::Intent { region })
+                    .collect()
+            };
+            let (dir, sb, old) = (self.inner.dir.clone(), self.inner.sb.clone(), j.generation);
+            let file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+                let f = recovery::create_journal(&dir, generation, &sb, &marks)?;
+                recovery::write_atomic(&dir, recovery::CHECKPOINT, &ckpt)?;
+                for g in (1..=old).rev() {
+                    match std::fs::remove_file(recovery::journal_path(&dir, g)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(f)
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            let len = file.metadata()?.len();
+            *j = Journal {
+                file,
+                generation,
+                len,
+            };
+        }
+        Ok(())
+    }
+
+    /// Punch slots freed by a durable commit, then let the allocator have them.
+    async fn reclaim(&self, freed: Vec<u32>) {
+        if freed.is_empty() {
+            return;
+        }
+        let chunk = self.inner.sb.chunk_size as u64;
+        let segs = self.inner.segments.read().clone();
+        let sps = self.inner.sb.slots_per_segment();
+        let ops: Vec<Op> = freed
+            .iter()
+            .filter_map(|&s| {
+                segs.get((s / sps) as usize).map(|seg| Op::Fallocate {
+                    fd: seg.fd(),
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off: (s % sps) as u64 * chunk,
+                    len: chunk,
+                })
+            })
+            .collect();
+        let results = self.inner.uring.run(ops).await;
+        let mut m = self.inner.meta.lock();
+        for (s, r) in freed.into_iter().zip(results) {
+            if let Err(e) = r {
+                // Not reusing it is safe; the space comes back at the next open.
+                tracing::warn!(slot = s, error = %e, "could not punch a freed slot");
+                continue;
+            }
+            if m.slots.refcnt[s as usize] == 0 {
+                m.slots.mark_unused(s);
+            }
+        }
+    }
+}
+
+struct StripeGuards<'a> {
+    shared: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
+    excl: Vec<tokio::sync::RwLockWriteGuard<'a, ()>>,
+}
+
+fn check_range(id: ObjectId, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StoreError::OutOfRange {
+            id,
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+fn map_io(e: std::io::Error) -> StoreError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace,
+        _ => StoreError::Io(e),
+    }
+}
+
+fn free_space(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return 0;
+    }
+    s.f_bavail as u64 * s.f_frsize as u64
+}
+
+/// Open (or create) synchronously; runs on a blocking thread.
+fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
+    std::fs::create_dir_all(dir)?;
+    let lock = recovery::lock(dir)?;
+    if !dir.join(recovery::SUPERBLOCK).exists() {
+        recovery::create(dir, opts.chunk_size)?;
+        tracing::info!(dir = %dir.display(), chunk_size = opts.chunk_size, "created a new store");
+    }
+    let loaded = recovery::load(dir)?;
+    let sb = loaded.sb.clone();
+    let mut meta = loaded.meta;
+    let seg_dir = dir.join(recovery::SEGMENTS);
+    let mut segments = Vec::new();
+    for i in 0..loaded.segments {
+        segments.push(Arc::new(Segment::open(
+            &seg_dir,
+            i,
+            &sb,
+            opts.direct_io,
+            false,
+        )?));
+    }
+    for j in &loaded.journals {
+        if j.uncommitted > 0 || j.valid_len < j.file_len {
+            tracing::info!(journal = %j.path.display(), uncommitted = j.uncommitted, "dropped an unflushed journal tail");
+        }
+    }
+    let healed = heal_dirty_regions(&sb, &meta, &segments)?;
+    let leaked = reclaim_leaks(&sb, &meta, &segments)?;
+    if healed > 0 || leaked > 0 {
+        tracing::info!(
+            healed_blocks = healed,
+            reclaimed_bytes = leaked,
+            "crash recovery"
+        );
+    }
+    for s in &segments {
+        s.file().sync_all()?;
+        // SAFETY: fsync of our own descriptor; covers the mapped CRC pages.
+        if unsafe { libc::fsync(s.crc_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    // Start from a fresh checkpoint and journal; everything recovered is now durable there.
+    meta.marked.clear();
+    let generation = loaded
+        .journals
+        .last()
+        .map_or(1, |j: &JournalInfo| j.generation)
+        + 1;
+    let file = recovery::create_journal(dir, generation, &sb, &[])?;
+    recovery::write_atomic(
+        dir,
+        recovery::CHECKPOINT,
+        &meta.encode_checkpoint(generation, loaded.commit_seq),
+    )?;
+    for j in loaded
+        .journals
+        .iter()
+        .map(|j| &j.path)
+        .chain(&loaded.stale_journals)
+    {
+        std::fs::remove_file(j)?;
+    }
+    meta.commit_seq = loaded.commit_seq;
+    let len = file.metadata()?.len();
+    let uring = Uring::new(256)?;
+    let counters = Counters::default();
+    counters.healed_blocks.store(healed, Ordering::Relaxed);
+    Ok(Inner {
+        dir: dir.to_path_buf(),
+        seg_dir,
+        sb,
+        direct: opts.direct_io,
+        uring,
+        segments: parking_lot::RwLock::new(segments),
+        seg_grow: Default::default(),
+        meta: Mutex::new(meta),
+        stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        journal: tokio::sync::Mutex::new(Journal {
+            file,
+            generation,
+            len,
+        }),
+        commit: Default::default(),
+        flush_requested: AtomicU64::new(0),
+        flush_done: AtomicU64::new(0),
+        auto_commit: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        counters,
+        zero_crc: super::format::crc_of_zero_block(),
+        _lock: lock,
+    })
+}
+
+/// Re-checksum the present blocks of regions that had in-place writes in flight at the
+/// crash: their data may be the old or the new version, and either is a valid outcome of an
+/// unflushed write. Returns the number of blocks whose CRC was rewritten.
+pub(super) fn heal_dirty_regions(
+    sb: &Superblock,
+    meta: &Meta,
+    segments: &[Arc<Segment>],
+) -> Result<u64> {
+    let mut healed = 0;
+    let sps = sb.slots_per_segment();
+    let bpc = sb.blocks_per_chunk();
+    let mut regions: Vec<u32> = meta
+        .marked
+        .iter()
+        .copied()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    regions.sort_unstable();
+    let mut buf = AlignedBuf::zeroed(sb.chunk_size as usize);
+    for r in regions {
+        for slot in r * super::format::REGION_SLOTS..(r + 1) * super::format::REGION_SLOTS {
+            if slot >= meta.slots.total || meta.slots.refcnt[slot as usize] == 0 {
+                continue;
+            }
+            let live = meta.slots.live[slot as usize];
+            let Some(seg) = segments.get((slot / sps) as usize) else {
+                continue;
+            };
+            let base = (slot % sps) as u64 * sb.chunk_size as u64;
+            pread_exact(seg.file(), &mut buf, base)?;
+            for blk in 0..bpc {
+                if live & (1 << blk) == 0 {
+                    continue;
+                }
+                let ci = ((slot % sps) * bpc + blk) as usize;
+                let crc = crc32fast::hash(&buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK]);
+                if crc != seg.crc(ci) {
+                    seg.set_crc(ci, crc);
+                    healed += 1;
+                }
+            }
+        }
+    }
+    Ok(healed)
+}
+
+pub(super) fn reclaim_leaks(
+    sb: &Superblock,
+    meta: &Meta,
+    segments: &[Arc<Segment>],
+) -> Result<u64> {
+    let mut total = 0;
+    for (i, seg) in segments.iter().enumerate() {
+        for (off, len) in recovery::scan_leaks(seg.file(), i as u32, sb, meta)? {
+            recovery::punch(seg.file(), off, len)?;
+            total += len;
+        }
+    }
+    Ok(total)
+}
+
+pub(super) fn pread_exact(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, off)
+}

@@ -1,0 +1,507 @@
+//! In-memory metadata: objects and their maps, slot reference counts, the slot allocator,
+//! dirty-region intents, and the journal buffer. Runtime changes and journal replay go
+//! through the same [`Meta::apply`], so what recovery rebuilds is what the runtime had.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut};
+use uuid::Uuid;
+
+use super::format::{REGION_SLOTS, Record};
+use super::map::{Entry, Map, Node, SlotRefs};
+
+pub struct Object {
+    pub size: u64,
+    pub map: Map,
+    /// Blocks with their present bit set in this object's map.
+    pub allocated_blocks: u64,
+    /// Shared by I/O, exclusive for clone/delete/resize.
+    pub io_lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// Slot bookkeeping that map mutations report into.
+#[derive(Default)]
+pub struct Slots {
+    pub refcnt: Vec<u32>,
+    /// Union of the present bitmaps of the leaves holding the slot (exact while the slot
+    /// has one reference; may over-approximate once it had several).
+    pub live: Vec<u64>,
+    /// Allocated (referenced, being written, or awaiting its freeing commit).
+    pub used: Vec<u64>,
+    pub cursor: u32,
+    pub total: u32,
+    /// Slots whose last reference went away since the last commit.
+    pub freed: Vec<u32>,
+    pub physical_blocks: u64,
+}
+
+impl Slots {
+    pub fn grow_to(&mut self, total: u32) {
+        if total > self.total {
+            self.total = total;
+            self.refcnt.resize(total as usize, 0);
+            self.live.resize(total as usize, 0);
+            self.used.resize((total as usize).div_ceil(64), 0);
+        }
+    }
+
+    fn ensure(&mut self, slot: u32) {
+        if slot >= self.total {
+            self.grow_to(slot + 1);
+        }
+    }
+
+    pub fn mark_used(&mut self, slot: u32) {
+        self.ensure(slot);
+        self.used[(slot / 64) as usize] |= 1 << (slot % 64);
+    }
+
+    pub fn mark_unused(&mut self, slot: u32) {
+        if slot < self.total {
+            self.used[(slot / 64) as usize] &= !(1 << (slot % 64));
+        }
+    }
+
+    /// Next-fit allocation, so that a sequential writer gets consecutive slots.
+    pub fn allocate(&mut self, grow_by: u32) -> u32 {
+        let words = self.used.len();
+        for pass in 0..2 {
+            let start = if pass == 0 {
+                (self.cursor / 64) as usize
+            } else {
+                0
+            };
+            for w in start..words {
+                let word = self.used[w];
+                if word != u64::MAX {
+                    let slot = (w * 64) as u32 + (!word).trailing_zeros();
+                    if slot < self.total {
+                        self.mark_used(slot);
+                        self.cursor = slot + 1;
+                        return slot;
+                    }
+                }
+            }
+        }
+        let slot = self.total;
+        self.grow_to(self.total + grow_by);
+        self.mark_used(slot);
+        self.cursor = slot + 1;
+        slot
+    }
+
+    pub fn set_live(&mut self, slot: u32, bits: u64) {
+        self.ensure(slot);
+        let old = self.live[slot as usize];
+        self.physical_blocks =
+            self.physical_blocks + bits.count_ones() as u64 - old.count_ones() as u64;
+        self.live[slot as usize] = bits;
+    }
+}
+
+impl SlotRefs for Slots {
+    fn incref(&mut self, slot: u32) {
+        self.ensure(slot);
+        self.refcnt[slot as usize] += 1;
+        self.mark_used(slot);
+    }
+    fn decref(&mut self, slot: u32) {
+        let c = &mut self.refcnt[slot as usize];
+        debug_assert!(*c > 0, "slot {slot} refcount underflow");
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.set_live(slot, 0);
+            self.freed.push(slot);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("object {0} not found")]
+    NotFound(Uuid),
+    #[error("object {0} already exists")]
+    Exists(Uuid),
+    #[error("damaged metadata: {0}")]
+    Damaged(String),
+}
+
+pub struct Meta {
+    pub objects: HashMap<Uuid, Object>,
+    pub slots: Slots,
+    pub chunk_size: u32,
+    pub slots_per_segment: u32,
+    /// Encoded records not yet written to the journal.
+    pub log: Vec<u8>,
+    pub log_records: u64,
+    /// Bumped at every commit; intents idle for a whole epoch are cleared.
+    pub epoch: u64,
+    pub commit_seq: u64,
+    /// Regions whose intent is durable in the journal.
+    pub marked: HashSet<u32>,
+    pub region_epoch: HashMap<u32, u64>,
+    pub region_inflight: HashMap<u32, u32>,
+    /// Segments with data or CRC writes since the last commit.
+    pub dirty_segments: HashSet<u32>,
+}
+
+pub fn region_of(slot: u32) -> u32 {
+    slot / REGION_SLOTS
+}
+
+impl Meta {
+    pub fn new(chunk_size: u32, slots_per_segment: u32) -> Meta {
+        Meta {
+            objects: HashMap::new(),
+            slots: Slots::default(),
+            chunk_size,
+            slots_per_segment,
+            log: Vec::new(),
+            log_records: 0,
+            epoch: 1,
+            commit_seq: 0,
+            marked: HashSet::new(),
+            region_epoch: HashMap::new(),
+            region_inflight: HashMap::new(),
+            dirty_segments: HashSet::new(),
+        }
+    }
+
+    pub fn chunks_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.chunk_size as u64)
+    }
+
+    /// Apply a record to the in-memory state.
+    pub fn apply(&mut self, rec: &Record) -> Result<(), MetaError> {
+        match *rec {
+            Record::CreateObject { id, size } => {
+                if self.objects.contains_key(&id) {
+                    return Err(MetaError::Exists(id));
+                }
+                let map = Map::new(self.chunks_for(size));
+                self.objects.insert(
+                    id,
+                    Object {
+                        size,
+                        map,
+                        allocated_blocks: 0,
+                        io_lock: Default::default(),
+                    },
+                );
+            }
+            Record::DeleteObject { id } => {
+                let obj = self.objects.remove(&id).ok_or(MetaError::NotFound(id))?;
+                obj.map.release(&mut self.slots);
+            }
+            Record::CloneObject { src, dst } => {
+                if self.objects.contains_key(&dst) {
+                    return Err(MetaError::Exists(dst));
+                }
+                let s = self.objects.get(&src).ok_or(MetaError::NotFound(src))?;
+                let copy = Object {
+                    size: s.size,
+                    map: s.map.clone(),
+                    allocated_blocks: s.allocated_blocks,
+                    io_lock: Default::default(),
+                };
+                self.objects.insert(dst, copy);
+            }
+            Record::Resize { id, size } => {
+                let chunks = self.chunks_for(size);
+                let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
+                let mut dropped = 0u64;
+                obj.map.for_each_in(chunks, u64::MAX, |_, e| {
+                    dropped += e.present.count_ones() as u64
+                });
+                obj.map.truncate(chunks, &mut self.slots);
+                obj.map.ensure_capacity(chunks);
+                obj.allocated_blocks -= dropped;
+                obj.size = size;
+            }
+            Record::SetEntry {
+                id,
+                chunk,
+                slot,
+                present,
+            } => {
+                let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
+                if chunk as u64 >= obj.size.div_ceil(self.chunk_size as u64) {
+                    return Err(MetaError::Damaged(format!(
+                        "entry {chunk} beyond the end of object {id}"
+                    )));
+                }
+                let old = obj.map.set(chunk, Entry { slot, present }, &mut self.slots);
+                let old_bits = old.map_or(0, |e| e.present.count_ones() as u64);
+                obj.allocated_blocks =
+                    obj.allocated_blocks + present.count_ones() as u64 - old_bits;
+                let live = if self.slots.refcnt[slot as usize] == 1 {
+                    present
+                } else {
+                    self.slots.live[slot as usize] | present
+                };
+                self.slots.set_live(slot, live);
+            }
+            Record::RemoveEntry { id, chunk } => {
+                let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
+                if let Some(old) = obj.map.remove(chunk, &mut self.slots) {
+                    obj.allocated_blocks -= old.present.count_ones() as u64;
+                }
+            }
+            Record::Intent { region } => {
+                self.marked.insert(region);
+            }
+            Record::IntentClear { region } => {
+                self.marked.remove(&region);
+            }
+            Record::Commit { seq } => self.commit_seq = seq,
+        }
+        Ok(())
+    }
+
+    /// Apply a record and queue it for the journal.
+    pub fn log(&mut self, rec: Record) -> Result<(), MetaError> {
+        self.apply(&rec)?;
+        rec.encode(&mut self.log);
+        self.log_records += 1;
+        Ok(())
+    }
+
+    /// Rebuild reference counts, live bitmaps and the allocator from the maps.
+    pub fn derive_slots(&mut self, total_slots: u32) {
+        let mut slots = Slots::default();
+        slots.grow_to(total_slots);
+        let mut seen = HashSet::new();
+        for obj in self.objects.values() {
+            obj.map.visit_nodes(&mut seen, &mut |n| {
+                if let Node::Leaf(entries) = &**n {
+                    for (_, e) in entries {
+                        slots.incref(e.slot);
+                        let live = slots.live[e.slot as usize] | e.present;
+                        slots.set_live(e.slot, live);
+                    }
+                }
+            });
+        }
+        slots.freed.clear();
+        self.slots = slots;
+    }
+
+    /// Highest referenced slot + 1.
+    pub fn slots_needed(&self) -> u32 {
+        self.slots
+            .refcnt
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |i| i as u32 + 1)
+    }
+
+    /// Serialise objects and maps (nodes deduplicated, children before parents).
+    pub fn encode_checkpoint(&self, next_gen: u64, commit_seq: u64) -> Vec<u8> {
+        let mut ids: HashMap<*const Node, u32> = HashMap::new();
+        let mut nodes = Vec::new();
+        let mut seen = HashSet::new();
+        let mut objs: Vec<(&Uuid, &Object)> = self.objects.iter().collect();
+        objs.sort_by_key(|(id, _)| **id);
+        for (_, obj) in &objs {
+            obj.map.visit_nodes(&mut seen, &mut |n| {
+                let id = ids.len() as u32;
+                ids.insert(Arc::as_ptr(n), id);
+                match &**n {
+                    Node::Leaf(entries) => {
+                        nodes.put_u8(0);
+                        nodes.put_u16_le(entries.len() as u16);
+                        for (k, e) in entries {
+                            nodes.put_u8(*k);
+                            nodes.put_u32_le(e.slot);
+                            nodes.put_u64_le(e.present);
+                        }
+                    }
+                    Node::Inner(children) => {
+                        let present: Vec<(usize, &Arc<Node>)> = children
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                            .collect();
+                        nodes.put_u8(1);
+                        nodes.put_u16_le(present.len() as u16);
+                        for (i, c) in present {
+                            nodes.put_u8(i as u8);
+                            nodes.put_u32_le(ids[&Arc::as_ptr(c)]);
+                        }
+                    }
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(nodes.len() + 64 + objs.len() * 48);
+        out.put_slice(CKPT_MAGIC);
+        out.put_u32_le(super::format::FORMAT_VERSION);
+        out.put_u64_le(next_gen);
+        out.put_u64_le(commit_seq);
+        out.put_u32_le(ids.len() as u32);
+        out.put_slice(&nodes);
+        out.put_u32_le(objs.len() as u32);
+        for (id, obj) in objs {
+            out.put_slice(id.as_bytes());
+            out.put_u64_le(obj.size);
+            out.put_u8(obj.map.levels());
+            out.put_u32_le(obj.map.root().map_or(u32::MAX, |r| ids[&Arc::as_ptr(r)]));
+        }
+        let crc = crc32fast::hash(&out);
+        out.put_u32_le(crc);
+        out
+    }
+
+    /// Load a checkpoint; returns the next journal generation and the commit sequence.
+    pub fn decode_checkpoint(&mut self, raw: &[u8]) -> Result<(u64, u64), MetaError> {
+        let bad = |m: &str| MetaError::Damaged(format!("checkpoint: {m}"));
+        if raw.len() < 32 || &raw[..8] != CKPT_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let (body, tail) = raw.split_at(raw.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(tail.try_into().map_err(|_| bad("short"))?) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut p = &body[8..];
+        let need = |p: &[u8], n: usize| {
+            if p.remaining() < n {
+                Err(bad("truncated"))
+            } else {
+                Ok(())
+            }
+        };
+        need(p, 24)?;
+        let _version = p.get_u32_le();
+        let next_gen = p.get_u64_le();
+        let seq = p.get_u64_le();
+        let count = p.get_u32_le() as usize;
+        let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(count.min(1 << 24));
+        for _ in 0..count {
+            need(p, 3)?;
+            let kind = p.get_u8();
+            let n = p.get_u16_le() as usize;
+            let node = if kind == 0 {
+                need(p, n * 13)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let k = p.get_u8();
+                    let slot = p.get_u32_le();
+                    let present = p.get_u64_le();
+                    entries.push((k, Entry { slot, present }));
+                }
+                if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return Err(bad("leaf entries out of order"));
+                }
+                Node::Leaf(entries)
+            } else {
+                need(p, n * 5)?;
+                let mut children = vec![None; super::map::FAN];
+                for _ in 0..n {
+                    let i = p.get_u8() as usize;
+                    let c = p.get_u32_le() as usize;
+                    children[i] = Some(nodes.get(c).ok_or_else(|| bad("dangling node"))?.clone());
+                }
+                Node::Inner(children)
+            };
+            nodes.push(Arc::new(node));
+        }
+        need(p, 4)?;
+        let nobj = p.get_u32_le() as usize;
+        for _ in 0..nobj {
+            need(p, 29)?;
+            let mut id = [0u8; 16];
+            p.copy_to_slice(&mut id);
+            let size = p.get_u64_le();
+            let levels = p.get_u8();
+            let root = p.get_u32_le();
+            let root = if root == u32::MAX {
+                None
+            } else {
+                Some(
+                    nodes
+                        .get(root as usize)
+                        .ok_or_else(|| bad("dangling root"))?
+                        .clone(),
+                )
+            };
+            if !(1..=super::map::MAX_LEVELS).contains(&levels) {
+                return Err(bad("bad tree depth"));
+            }
+            let map = Map::from_parts(root, levels);
+            let mut allocated = 0u64;
+            map.for_each_in(0, u64::MAX, |_, e| {
+                allocated += e.present.count_ones() as u64
+            });
+            self.objects.insert(
+                Uuid::from_bytes(id),
+                Object {
+                    size,
+                    map,
+                    allocated_blocks: allocated,
+                    io_lock: Default::default(),
+                },
+            );
+        }
+        Ok((next_gen, seq))
+    }
+}
+
+const CKPT_MAGIC: &[u8; 8] = b"CAIRNCKP";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_roundtrip_preserves_sharing() {
+        let mut m = Meta::new(65536, 16384);
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        m.apply(&Record::CreateObject {
+            id: a,
+            size: 1 << 30,
+        })
+        .unwrap();
+        for c in 0..300u32 {
+            let s = m.slots.allocate(16384);
+            m.apply(&Record::SetEntry {
+                id: a,
+                chunk: c,
+                slot: s,
+                present: 0xff,
+            })
+            .unwrap();
+        }
+        m.apply(&Record::CloneObject { src: a, dst: b }).unwrap();
+        m.apply(&Record::SetEntry {
+            id: b,
+            chunk: 5,
+            slot: 999,
+            present: 1,
+        })
+        .unwrap();
+        let raw = m.encode_checkpoint(7, 3);
+        let mut n = Meta::new(65536, 16384);
+        assert_eq!(n.decode_checkpoint(&raw).unwrap(), (7, 3));
+        n.derive_slots(16384);
+        assert_eq!(
+            n.slots.refcnt,
+            m.slots.refcnt[..16384.min(m.slots.refcnt.len())].to_vec()[..]
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(0))
+                .take(16384)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            n.objects[&b].map.get(5),
+            Some(Entry {
+                slot: 999,
+                present: 1
+            })
+        );
+        assert_eq!(n.objects[&a].allocated_blocks, 300 * 8);
+        let mut damaged = raw.clone();
+        damaged[40] ^= 1;
+        assert!(Meta::new(65536, 16384).decode_checkpoint(&damaged).is_err());
+    }
+}

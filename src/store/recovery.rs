@@ -1,0 +1,334 @@
+//! Opening a store from disk: the lock, the superblock, the checkpoint and the journals.
+//! Loading is read-only so that `fsck` can use it on a store it must not change.
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{self, JOURNAL_HEADER, Record, Superblock};
+use super::meta::Meta;
+use super::{Result, StoreError};
+
+pub const SUPERBLOCK: &str = "superblock";
+pub const CHECKPOINT: &str = "checkpoint";
+pub const LOCK: &str = "LOCK";
+pub const SEGMENTS: &str = "segments";
+
+pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal-{generation:016}"))
+}
+
+/// Hold an exclusive advisory lock on the store for the life of the returned file.
+pub fn lock(dir: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(LOCK))?;
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(StoreError::Locked(dir.to_path_buf()));
+        }
+        return Err(e.into());
+    }
+    Ok(f)
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `name` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+pub fn read_superblock(dir: &Path) -> Result<Superblock> {
+    let mut raw = Vec::new();
+    File::open(dir.join(SUPERBLOCK))?
+        .take(4096)
+        .read_to_end(&mut raw)?;
+    Superblock::decode(&raw).map_err(|source| StoreError::Format {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Create the files of a new, empty store. Refuses a directory that holds store files
+/// without a superblock: that is a damaged store, not an empty one.
+pub fn create(dir: &Path, chunk_size: u32) -> Result<Superblock> {
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name();
+        if name != LOCK {
+            return Err(StoreError::Damaged(format!(
+                "{} has no superblock but is not empty ({}); refusing to create a store over it",
+                dir.display(),
+                name.to_string_lossy()
+            )));
+        }
+    }
+    if !chunk_size.is_power_of_two()
+        || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size)
+    {
+        return Err(StoreError::Invalid(format!(
+            "chunk size {chunk_size} must be a power of two in {}..={}",
+            format::MIN_CHUNK,
+            format::MAX_CHUNK
+        )));
+    }
+    let sb = Superblock::new(chunk_size);
+    fs::create_dir_all(dir.join(SEGMENTS))?;
+    let meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
+    create_journal(dir, 1, &sb, &[])?;
+    write_atomic(dir, CHECKPOINT, &meta.encode_checkpoint(1, 0))?;
+    // The superblock goes last: its presence means the store is complete.
+    write_atomic(dir, SUPERBLOCK, &sb.encode())?;
+    Ok(sb)
+}
+
+/// Create journal `generation` holding `records` (synced), and sync the directory.
+pub fn create_journal(
+    dir: &Path,
+    generation: u64,
+    sb: &Superblock,
+    records: &[Record],
+) -> io::Result<File> {
+    let mut buf = format::encode_journal_header(generation, sb.store_id).to_vec();
+    for r in records {
+        r.encode(&mut buf);
+    }
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(journal_path(dir, generation))?;
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+#[derive(Debug)]
+pub struct JournalInfo {
+    pub generation: u64,
+    pub path: PathBuf,
+    pub valid_len: u64,
+    pub file_len: u64,
+    /// Records after the last commit (an unflushed tail), dropped.
+    pub uncommitted: u64,
+}
+
+pub struct Loaded {
+    pub sb: Superblock,
+    pub meta: Meta,
+    pub commit_seq: u64,
+    pub journals: Vec<JournalInfo>,
+    pub stale_journals: Vec<PathBuf>,
+    pub segments: u32,
+}
+
+fn list_journals(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if let Some(g) = name
+            .strip_prefix("journal-")
+            .and_then(|g| g.parse::<u64>().ok())
+        {
+            out.push((g, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn count_segments(dir: &Path) -> Result<u32> {
+    let mut idx = Vec::new();
+    for e in fs::read_dir(dir.join(SEGMENTS))? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(i) = name
+            .strip_suffix(".seg")
+            .and_then(|i| i.parse::<u32>().ok())
+        {
+            idx.push(i);
+        }
+    }
+    idx.sort();
+    for (want, have) in idx.iter().enumerate() {
+        if *have != want as u32 {
+            return Err(StoreError::Damaged(format!(
+                "segment file {want:08}.seg is missing"
+            )));
+        }
+    }
+    Ok(idx.len() as u32)
+}
+
+/// Load the committed state: checkpoint plus every committed journal batch after it.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let sb = read_superblock(dir)?;
+    let raw = fs::read(dir.join(CHECKPOINT))?;
+    let mut meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
+    let (next_gen, mut commit_seq) = meta.decode_checkpoint(&raw)?;
+    let segments = count_segments(dir)?;
+    meta.derive_slots(segments * sb.slots_per_segment());
+
+    let mut journals = Vec::new();
+    let mut stale = Vec::new();
+    let mut expect = next_gen;
+    for (g, path) in list_journals(dir)? {
+        if g < next_gen {
+            stale.push(path);
+            continue;
+        }
+        if g != expect {
+            return Err(StoreError::Damaged(format!(
+                "journal generation {expect} is missing (found {g})"
+            )));
+        }
+        expect += 1;
+        let data = fs::read(&path)?;
+        match format::decode_journal_header(&data) {
+            Some((hg, id)) if hg == g && id == sb.store_id => {}
+            _ => {
+                return Err(StoreError::Damaged(format!(
+                    "{} has a bad header",
+                    path.display()
+                )));
+            }
+        }
+        let mut off = JOURNAL_HEADER;
+        let mut batch: Vec<Record> = Vec::new();
+        let mut committed_end = off;
+        while let Some((rec, n)) = Record::decode(&data[off..]) {
+            off += n;
+            match rec {
+                Record::Intent { .. } => meta.apply(&rec)?,
+                Record::Commit { seq } => {
+                    for r in batch.drain(..) {
+                        meta.apply(&r)
+                            .map_err(|e| StoreError::Damaged(format!("{}: {e}", path.display())))?;
+                    }
+                    commit_seq = seq;
+                    committed_end = off;
+                }
+                other => batch.push(other),
+            }
+        }
+        journals.push(JournalInfo {
+            generation: g,
+            path,
+            valid_len: committed_end.max(off) as u64,
+            file_len: data.len() as u64,
+            uncommitted: batch.len() as u64,
+        });
+    }
+    if meta.slots_needed() > segments * sb.slots_per_segment() {
+        return Err(StoreError::Damaged(format!(
+            "maps reference slot {} but only {segments} segment files exist",
+            meta.slots_needed() - 1
+        )));
+    }
+    meta.slots.freed.clear();
+    Ok(Loaded {
+        sb,
+        meta,
+        commit_seq,
+        journals,
+        stale_journals: stale,
+        segments,
+    })
+}
+
+/// Byte ranges of a segment file that hold data the maps do not reference: whole free
+/// slots and non-live blocks of used slots. Found with SEEK_DATA/SEEK_HOLE.
+pub fn scan_leaks(
+    file: &File,
+    seg: u32,
+    sb: &Superblock,
+    meta: &Meta,
+) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let chunk = sb.chunk_size as u64;
+    let sps = sb.slots_per_segment() as u64;
+    let bpc = sb.blocks_per_chunk() as u64;
+    let end = sb.segment_bytes;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < end {
+        // SAFETY: lseek on our own descriptor; results checked.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (a, b) = (
+            data as u64 / format::BLOCK as u64,
+            (hole as u64).div_ceil(format::BLOCK as u64),
+        );
+        for blk in a..b.min(end / format::BLOCK as u64) {
+            let slot = (seg as u64 * sps + blk / bpc) as usize;
+            let live = if meta.slots.refcnt.get(slot).copied().unwrap_or(0) > 0 {
+                meta.slots.live[slot]
+            } else {
+                0
+            };
+            if live & (1 << (blk % bpc)) == 0 {
+                let off = blk * format::BLOCK as u64;
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += format::BLOCK as u64,
+                    _ => out.push((off, format::BLOCK as u64)),
+                }
+            }
+        }
+        let _ = chunk;
+        pos = hole as u64;
+    }
+    Ok(out)
+}
+
+pub fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on our own descriptor; result checked.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+    };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

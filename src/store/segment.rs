@@ -1,0 +1,102 @@
+//! Segment files: slot data (`NNNNNNNN.seg`, sparse) and per-block CRC32s beside it
+//! (`NNNNNNNN.crc`, memory-mapped, one little-endian u32 per 4 KiB block).
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use memmap2::MmapMut;
+
+use super::format::{BLOCK, Superblock};
+
+pub struct Segment {
+    data: File,
+    crc_file: File,
+    crc: MmapMut,
+    blocks: usize,
+}
+
+pub fn data_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index:08}.seg"))
+}
+
+pub fn crc_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index:08}.crc"))
+}
+
+impl Segment {
+    /// Open segment `index`, creating (sparse) files if `create`.
+    pub fn open(
+        dir: &Path,
+        index: u32,
+        sb: &Superblock,
+        direct: bool,
+        create: bool,
+    ) -> io::Result<Segment> {
+        let blocks = (sb.segment_bytes / BLOCK as u64) as usize;
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(create);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let data = o.open(data_path(dir, index))?;
+        let crc_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .open(crc_path(dir, index))?;
+        let crc_len = (blocks * 4) as u64;
+        if create {
+            if data.metadata()?.len() < sb.segment_bytes {
+                data.set_len(sb.segment_bytes)?;
+            }
+            if crc_file.metadata()?.len() < crc_len {
+                crc_file.set_len(crc_len)?;
+            }
+        }
+        if data.metadata()?.len() < sb.segment_bytes || crc_file.metadata()?.len() < crc_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("segment {index} is truncated"),
+            ));
+        }
+        // SAFETY: the CRC file is private to this store, which holds the store lock; nothing
+        // else truncates it while mapped.
+        let crc = unsafe { MmapMut::map_mut(&crc_file)? };
+        Ok(Segment {
+            data,
+            crc_file,
+            crc,
+            blocks,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.data.as_raw_fd()
+    }
+
+    pub fn crc_fd(&self) -> RawFd {
+        self.crc_file.as_raw_fd()
+    }
+
+    pub fn file(&self) -> &File {
+        &self.data
+    }
+
+    fn crcs(&self) -> &[AtomicU32] {
+        // SAFETY: the map is page-aligned, `blocks * 4` bytes long, and AtomicU32 has the
+        // size and alignment of u32; all access goes through atomics.
+        unsafe { std::slice::from_raw_parts(self.crc.as_ptr().cast::<AtomicU32>(), self.blocks) }
+    }
+
+    /// Stored CRC of block `b` (segment-relative block index).
+    pub fn crc(&self, b: usize) -> u32 {
+        u32::from_le(self.crcs()[b].load(Ordering::Acquire))
+    }
+
+    pub fn set_crc(&self, b: usize, v: u32) {
+        self.crcs()[b].store(v.to_le(), Ordering::Release);
+    }
+}

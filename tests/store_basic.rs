@@ -1,0 +1,174 @@
+//! Behaviour of the store's public API, byte for byte.
+use bytes::Bytes;
+use cairn::store::{Extent, Store, StoreError, StoreOptions};
+use uuid::Uuid;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, StoreOptions::default())
+        .await
+        .expect("open store")
+}
+
+#[tokio::test]
+async fn write_read_unaligned_and_holes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let id = Uuid::new_v4();
+    s.create_object(id, 1 << 30).await.unwrap();
+    // Unmapped reads are zeros and allocate nothing.
+    assert_eq!(s.read(id, 12345, 70000).await.unwrap(), vec![0u8; 70000]);
+    assert_eq!(s.object_info(id).unwrap().allocated_bytes, 0);
+    // An unaligned write spanning chunks.
+    let data = pattern(7, 200_000);
+    s.write(id, 65_000, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    let back = s.read(id, 60_000, 210_000).await.unwrap();
+    assert_eq!(&back[..5000], &vec![0u8; 5000][..]);
+    assert_eq!(&back[5000..205_000], &data[..]);
+    assert_eq!(&back[205_000..], &vec![0u8; 5000][..]);
+    // Allocation is exact at 4 KiB granularity: blocks 15..=64 (65000/4096=15, 264999/4096=64).
+    assert_eq!(s.object_info(id).unwrap().allocated_bytes, 50 * 4096);
+    // Overwrite in place, partially.
+    s.write(id, 100_000, Bytes::from(vec![0xAB; 10]), false)
+        .await
+        .unwrap();
+    let b = s.read(id, 99_990, 30).await.unwrap();
+    assert_eq!(&b[..10], &data[34_990..35_000]);
+    assert_eq!(&b[10..20], &[0xAB; 10]);
+    assert_eq!(&b[20..], &data[35_010..35_020]);
+    // Out of range.
+    assert!(matches!(
+        s.read(id, (1 << 30) - 10, 11).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.write(id, 1 << 30, Bytes::from_static(b"x"), false).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn clone_is_cow_and_independent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let a = Uuid::new_v4();
+    let b = Uuid::new_v4();
+    s.create_object(a, 16 << 20).await.unwrap();
+    let data = pattern(1, 1 << 20);
+    s.write(a, 0, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let phys = s.stats().physical_bytes;
+    s.clone_object(a, b).await.unwrap();
+    assert_eq!(s.stats().physical_bytes, phys, "clone copies no data");
+    s.write(b, 4096, Bytes::from(vec![9u8; 4096]), false)
+        .await
+        .unwrap();
+    // Copy-up copied one chunk (64 KiB) and no more.
+    assert_eq!(s.stats().physical_bytes, phys + 65536);
+    assert_eq!(s.read(a, 0, 1 << 20).await.unwrap(), data);
+    let rb = s.read(b, 0, 1 << 20).await.unwrap();
+    assert_eq!(&rb[..4096], &data[..4096]);
+    assert_eq!(&rb[4096..8192], &[9u8; 4096]);
+    assert_eq!(&rb[8192..], &data[8192..]);
+    s.delete_object(a).await.unwrap();
+    assert_eq!(s.read(b, 0, 4096).await.unwrap(), &data[..4096]);
+    assert!(matches!(
+        s.read(a, 0, 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.flush().await.unwrap();
+    s.delete_object(b).await.unwrap();
+    assert_eq!(s.stats().physical_bytes, 0);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn discard_zeroes_and_extents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let id = Uuid::new_v4();
+    s.create_object(id, 4 << 20).await.unwrap();
+    s.write(id, 0, Bytes::from(pattern(3, 1 << 20)), false)
+        .await
+        .unwrap();
+    s.discard(id, 8192, 8192, false).await.unwrap();
+    s.write_zeroes(id, 100_000, 5000, false, false)
+        .await
+        .unwrap();
+    s.write_zeroes(id, 200_000, 300_000, true, false)
+        .await
+        .unwrap();
+    let r = s.read(id, 0, 1 << 20).await.unwrap();
+    let mut want = pattern(3, 1 << 20);
+    want[8192..16384].fill(0);
+    want[100_000..105_000].fill(0);
+    want[200_000..500_000].fill(0);
+    assert_eq!(r, want);
+    let ext = s.extents(id, 0, 4 << 20).unwrap();
+    assert_eq!(
+        ext[0],
+        Extent {
+            offset: 0,
+            length: 8192,
+            allocated: true
+        }
+    );
+    assert_eq!(
+        ext[1],
+        Extent {
+            offset: 8192,
+            length: 8192,
+            allocated: false
+        }
+    );
+    assert_eq!(
+        ext.last().unwrap(),
+        &Extent {
+            offset: 1 << 20,
+            length: 3 << 20,
+            allocated: false
+        }
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = Uuid::new_v4();
+    let data = pattern(5, 300_000);
+    {
+        let s = open(tmp.path()).await;
+        s.create_object(id, 1 << 20).await.unwrap();
+        s.write(id, 777, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+        s.close().await.unwrap();
+    }
+    let s = open(tmp.path()).await;
+    assert_eq!(s.read(id, 777, data.len()).await.unwrap(), data);
+    let report = tokio::task::spawn_blocking({
+        let p = tmp.path().to_path_buf();
+        move || cairn::store::fsck(&p, false)
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(report, Err(StoreError::Locked(_))),
+        "fsck refuses an open store"
+    );
+    s.close().await.unwrap();
+    let report = cairn::store::fsck(tmp.path(), false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.leaked_bytes, 0);
+}
