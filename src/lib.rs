@@ -1,4 +1,7 @@
 //! cairn: a storage daemon. The chunk store (`store`) is the heart; NBD, FUSE, the image
 //! cache and the admin API are views of it.
 
+pub mod catalog;
+pub mod config;
+pub mod service;
 pub mod store;
