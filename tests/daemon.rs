@@ -392,3 +392,24 @@ fn second_serve_on_the_same_data_dir_fails_clearly() {
     assert_eq!(r.status, 200);
     assert_eq!(first.stop_with(libc::SIGTERM).code(), Some(0));
 }
+
+/// The exposition check above is only as good as the parser: it must reject broken text.
+#[test]
+fn metrics_parser_rejects_malformed_exposition() {
+    let good = "# TYPE a counter\na_total{x=\"1\"} 3\n# TYPE b gauge\nb 2.5\n# EOF\n";
+    let samples = parse_metrics(good).expect("valid exposition");
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[0].labels.get("x").map(String::as_str), Some("1"));
+    for bad in [
+        "b 1\n",                         // no TYPE
+        "# TYPE b gauge\nb one\n",       // not a number
+        "# TYPE b gauge\nb{x=1} 1\n",    // unquoted label
+        "# TYPE b gauge\nb{x=\"1\" 1\n", // unterminated labels
+        "# TYPE 9b gauge\n",             // bad name
+        "# TYPE b gauge\n# EOF\nb 1\n",  // after EOF
+        "# TYPE b colour\n",             // unknown type
+        "# TYPE b gauge\nb 1 2 3\n",     // trailing junk
+    ] {
+        assert!(parse_metrics(bad).is_err(), "accepted {bad:?}");
+    }
+}

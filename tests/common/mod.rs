@@ -354,10 +354,8 @@ impl Cairn {
         // Bounded readiness poll: the listener is bound before the line is logged, so the
         // first try normally succeeds.
         loop {
-            if let Ok(r) = http_get(&url) {
-                if r.status == 200 {
-                    return;
-                }
+            if http_get(&url).is_ok_and(|r| r.status == 200) {
+                return;
             }
             if let Some(status) = self.try_exit() {
                 panic!(
