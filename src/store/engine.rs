@@ -188,7 +188,13 @@ impl Store {
         if size < old {
             let bs = BLOCK as u64;
             let tail_end = size.div_ceil(bs) * bs;
-            if tail_end > size && tail_end <= old {
+            let tail_allocated = tail_end > size
+                && tail_end <= old
+                && self
+                    .extents(id, size, tail_end - size)?
+                    .iter()
+                    .any(|e| e.allocated);
+            if tail_allocated {
                 let zeros = Bytes::from(vec![0u8; (tail_end - size) as usize]);
                 self.write_locked(id, size, zeros).await?;
             }
@@ -761,7 +767,8 @@ impl Store {
                 Mode::InPlace => (p.old_present & partial, p.slot),
                 Mode::CopyUp { from } => (p.old_present & !full, from),
             };
-            let aligned = !self.inner.direct || (data.as_ptr() as usize + p.data_off) % BLOCK == 0;
+            let aligned =
+                !self.inner.direct || (data.as_ptr() as usize + p.data_off).is_multiple_of(BLOCK);
             let fast = read_mask == 0 && partial == 0 && aligned;
             let buf = if fast {
                 None

@@ -113,7 +113,10 @@ impl Superblock {
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
             return Err(FormatError::Invalid("chunk size"));
         }
-        if segment_bytes == 0 || segment_bytes % chunk_size as u64 != 0 || segment_bytes > 1 << 40 {
+        if segment_bytes == 0
+            || !segment_bytes.is_multiple_of(chunk_size as u64)
+            || segment_bytes > 1 << 40
+        {
             return Err(FormatError::Invalid("segment size"));
         }
         Ok(Superblock {
