@@ -25,8 +25,6 @@ use super::uring::{Op, SharedBuf, Uring, WriteSrc};
 use super::{Extent, ObjectId, ObjectInfo, Result, StoreError, StoreOptions, StoreStats};
 
 const STRIPES: usize = 4096;
-/// Start a fresh journal (with a checkpoint) once the current one passes this size.
-const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Commit on our own once this much metadata is waiting, to bound memory and lost work.
 const AUTO_COMMIT_BYTES: usize = 8 << 20;
 /// Large discards and zeroings are done in pieces of this many chunks.
@@ -55,6 +53,7 @@ struct Inner {
     seg_dir: PathBuf,
     sb: Superblock,
     direct: bool,
+    checkpoint_bytes: u64,
     uring: Uring,
     segments: parking_lot::RwLock<Vec<Arc<Segment>>>,
     seg_grow: tokio::sync::Mutex<()>,
@@ -1083,7 +1082,8 @@ impl Store {
             m.log_records = 0;
             let segs: Vec<u32> = m.dirty_segments.drain().collect();
             let freed = std::mem::take(&mut m.slots.freed);
-            let snapshot = (force_checkpoint || j.len + batch.len() as u64 > CHECKPOINT_BYTES)
+            let snapshot = (force_checkpoint
+                || j.len + batch.len() as u64 > self.inner.checkpoint_bytes)
                 .then(|| m.encode_checkpoint(j.generation + 1, seq));
             (batch, segs, freed, observed, snapshot)
         };
@@ -1306,6 +1306,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         seg_dir,
         sb,
         direct: opts.direct_io,
+        checkpoint_bytes: opts.checkpoint_bytes,
         uring,
         segments: parking_lot::RwLock::new(segments),
         seg_grow: Default::default(),

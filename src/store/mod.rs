@@ -94,6 +94,8 @@ pub struct StoreOptions {
     pub direct_io: bool,
     /// Chunk size for a store created by this open (ignored for an existing store).
     pub chunk_size: u32,
+    /// Start a new journal with a checkpoint once the journal passes this many bytes.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -101,6 +103,7 @@ impl Default for StoreOptions {
         StoreOptions {
             direct_io: false,
             chunk_size: DEFAULT_CHUNK,
+            checkpoint_bytes: 64 << 20,
         }
     }
 }
