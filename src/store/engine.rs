@@ -401,8 +401,28 @@ impl Store {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Quiesce: every data operation holds stripes, so holding them all waits them out.
+        let mut stripes = Vec::with_capacity(STRIPES);
+        for st in &self.inner.stripes {
+            stripes.push(st.write().await);
+        }
         let _c = self.inner.commit.lock().await;
-        self.commit(true).await
+        self.commit(true).await?;
+        // With everything committed and nothing in flight, give back blocks that only a
+        // union of sharers' bitmaps still counted (see docs/store-format.md, "Reclaim").
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64> {
+            let segments = inner.segments.read().clone();
+            let mut m = inner.meta.lock();
+            let total = m.slots.total;
+            let cursor = m.slots.cursor;
+            m.derive_slots(total);
+            m.slots.cursor = cursor;
+            reclaim_leaks(&inner.sb, &m, &segments)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok(())
     }
 
     pub fn stats(&self) -> StoreStats {
