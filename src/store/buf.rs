@@ -30,6 +30,29 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// A buffer whose every byte the caller promises to write (by I/O or [`Self::zero_range`])
+    /// before reading any of it: skips zeroing memory that is about to be overwritten.
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            };
+        }
+        let layout = Layout::from_size_align(len, ALIGN).expect("buffer layout");
+        // SAFETY: layout has non-zero size; contents are written before they are read.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    /// Zero `[start, end)` without forming a reference to possibly uninitialised bytes.
+    pub fn zero_range(&mut self, start: usize, end: usize) {
+        assert!(start <= end && end <= self.len, "zero range out of bounds");
+        // SAFETY: in bounds (asserted) of our allocation.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(start), 0, end - start) }
+    }
+
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.len

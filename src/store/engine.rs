@@ -586,12 +586,13 @@ impl Store {
         }
         let a0 = offset / bs;
         let a1 = end.div_ceil(bs);
-        let buf = SharedBuf::new(AlignedBuf::zeroed(((a1 - a0) * bs) as usize));
-        let mut ops: Vec<Op> = Vec::new();
+        let total = ((a1 - a0) * bs) as usize;
+        // (fd, file offset, buffer offset, length), ascending in the buffer, merged where
+        // both the file and the buffer ranges continue the previous one.
+        let mut reads: Vec<(i32, u64, usize, usize)> = Vec::new();
         // (segment, crc index, object block) per block to verify
         let mut checks: Vec<(Arc<Segment>, usize, u64)> = Vec::new();
         let bpc = self.inner.sb.blocks_per_chunk() as u64;
-        let mut last: Option<(u32, u64, usize)> = None; // (segment index, next file offset, next buf offset)
         for (c, e) in entries {
             let cb0 = c as u64 * bpc;
             let lo = a0.max(cb0) - cb0;
@@ -601,7 +602,6 @@ impl Store {
                 continue;
             }
             let seg = self.seg(e.slot);
-            let segi = e.slot / self.inner.sb.slots_per_segment();
             for (s, n) in runs(want) {
                 let (foff, crc0) = self.locate(e.slot, s);
                 let boff = ((cb0 + s as u64 - a0) * bs) as usize;
@@ -609,27 +609,38 @@ impl Store {
                 for k in 0..n as usize {
                     checks.push((seg.clone(), crc0 + k, cb0 + s as u64 + k as u64));
                 }
-                // Merge with the previous op when both file and buffer ranges continue it.
-                if let (Some((ls, lf, lb)), Some(Op::Read { len: l, .. })) = (last, ops.last_mut())
-                    && ls == segi
-                    && lf == foff
-                    && lb == boff
-                    && (*l as usize + nbytes) <= (1 << 30)
-                {
-                    *l += nbytes as u32;
-                    last = Some((segi, foff + nbytes as u64, boff + nbytes));
-                    continue;
+                match reads.last_mut() {
+                    Some((fd, f, b, l))
+                        if *fd == seg.fd()
+                            && *f + *l as u64 == foff
+                            && *b + *l == boff
+                            && *l + nbytes <= 1 << 30 =>
+                    {
+                        *l += nbytes
+                    }
+                    _ => reads.push((seg.fd(), foff, boff, nbytes)),
                 }
-                ops.push(Op::Read {
-                    fd: seg.fd(),
-                    off: foff,
-                    buf: buf.clone(),
-                    buf_off: boff,
-                    len: nbytes as u32,
-                });
-                last = Some((segi, foff + nbytes as u64, boff + nbytes));
             }
         }
+        // Holes are zeroed here; everything else is filled by the reads.
+        let mut raw = AlignedBuf::for_overwrite(total);
+        let mut cursor = 0;
+        for &(_, _, b, l) in &reads {
+            raw.zero_range(cursor, b);
+            cursor = b + l;
+        }
+        raw.zero_range(cursor, total);
+        let buf = SharedBuf::new(raw);
+        let ops: Vec<Op> = reads
+            .into_iter()
+            .map(|(fd, off, buf_off, len)| Op::Read {
+                fd,
+                off,
+                buf: buf.clone(),
+                buf_off,
+                len: len as u32,
+            })
+            .collect();
         if !ops.is_empty() {
             self.inner.uring.run_all(ops).await?;
         }
