@@ -308,25 +308,24 @@ fn walk(node: &Node, level: u8, base: u64, start: u64, end: u64, f: &mut impl Fn
     let span = 1u64 << (FAN_BITS * (level as u32 - 1));
     match node {
         Node::Inner(children) => {
-            for (i, c) in children.iter().enumerate() {
-                let lo = base + i as u64 * span;
-                if lo >= end {
-                    break;
-                }
-                if lo + span <= start {
-                    continue;
-                }
+            // Only the children that overlap [start, end): no scan from child 0.
+            let first = (start.saturating_sub(base) / span).min(FAN as u64) as usize;
+            let last = (end.saturating_sub(base).div_ceil(span)).min(FAN as u64) as usize;
+            for (i, c) in children.iter().enumerate().take(last).skip(first) {
                 if let Some(c) = c {
-                    walk(c, level - 1, lo, start, end, f);
+                    walk(c, level - 1, base + i as u64 * span, start, end, f);
                 }
             }
         }
         Node::Leaf(entries) => {
-            for (k, e) in entries {
+            let lo = start.saturating_sub(base).min(FAN as u64) as usize;
+            let from = entries.partition_point(|(k, _)| (*k as usize) < lo);
+            for (k, e) in &entries[from..] {
                 let idx = base + *k as u64;
-                if idx >= start && idx < end {
-                    f(idx as u32, *e);
+                if idx >= end {
+                    break;
                 }
+                f(idx as u32, *e);
             }
         }
     }
