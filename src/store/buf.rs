@@ -8,6 +8,67 @@ pub const ALIGN: usize = 4096;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Allocated size: `len` rounded up to a pool size class for large buffers.
+    cap: usize,
+}
+
+/// Buffers of at least this size are recycled. glibc serves such aligned allocations with a
+/// fresh mmap each time (its adaptive threshold settles just below them), so without reuse
+/// every 1 MiB read paid page faults and a TLB shootdown.
+const POOL_MIN: usize = 64 * 1024;
+const POOL_MAX: usize = 32 << 20;
+/// Bytes kept idle in the pool at most.
+const POOL_BYTES: usize = 64 << 20;
+
+struct Pool {
+    /// One free list per power-of-two class from POOL_MIN to POOL_MAX.
+    free: Vec<Vec<usize>>,
+    bytes: usize,
+}
+
+static POOL: parking_lot::Mutex<Pool> = parking_lot::Mutex::new(Pool {
+    free: Vec::new(),
+    bytes: 0,
+});
+
+fn class_of(cap: usize) -> usize {
+    (cap.trailing_zeros() - POOL_MIN.trailing_zeros()) as usize
+}
+
+fn capacity_for(len: usize) -> usize {
+    if (POOL_MIN..=POOL_MAX).contains(&len) {
+        len.next_power_of_two()
+    } else {
+        len
+    }
+}
+
+/// A pooled or fresh allocation of `cap` bytes; `true` if it may hold old contents.
+fn obtain(cap: usize, zeroed: bool) -> (NonNull<u8>, bool) {
+    if (POOL_MIN..=POOL_MAX).contains(&cap) {
+        let mut p = POOL.lock();
+        let class = class_of(cap);
+        if let Some(addr) = p.free.get_mut(class).and_then(Vec::pop) {
+            p.bytes -= cap;
+            return (
+                NonNull::new(addr as *mut u8).expect("pooled pointer is non-null"),
+                true,
+            );
+        }
+    }
+    let layout = Layout::from_size_align(cap, ALIGN).expect("buffer layout");
+    // SAFETY: layout has non-zero size (callers handle len 0).
+    let raw = unsafe {
+        if zeroed {
+            alloc_zeroed(layout)
+        } else {
+            std::alloc::alloc(layout)
+        }
+    };
+    (
+        NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout)),
+        false,
+    )
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -21,13 +82,16 @@ impl AlignedBuf {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
                 len: 0,
+                cap: 0,
             };
         }
-        let layout = Layout::from_size_align(len, ALIGN).expect("buffer layout");
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        let cap = capacity_for(len);
+        let (ptr, dirty) = obtain(cap, true);
+        let mut b = AlignedBuf { ptr, len, cap };
+        if dirty {
+            b.zero_range(0, len);
+        }
+        b
     }
 
     /// A buffer whose every byte the caller promises to write (by I/O or [`Self::zero_range`])
@@ -37,13 +101,12 @@ impl AlignedBuf {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
                 len: 0,
+                cap: 0,
             };
         }
-        let layout = Layout::from_size_align(len, ALIGN).expect("buffer layout");
-        // SAFETY: layout has non-zero size; contents are written before they are read.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        let cap = capacity_for(len);
+        let (ptr, _) = obtain(cap, false);
+        AlignedBuf { ptr, len, cap }
     }
 
     /// Zero `[start, end)` without forming a reference to possibly uninitialised bytes.
@@ -90,10 +153,23 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
-            let layout = Layout::from_size_align(self.len, ALIGN).expect("buffer layout");
-            // SAFETY: allocated in `zeroed` with this exact layout.
-            unsafe { dealloc(self.ptr.as_ptr(), layout) }
+        if self.cap == 0 {
+            return;
         }
+        if (POOL_MIN..=POOL_MAX).contains(&self.cap) {
+            let mut p = POOL.lock();
+            if p.bytes + self.cap <= POOL_BYTES {
+                let class = class_of(self.cap);
+                if p.free.len() <= class {
+                    p.free.resize_with(class + 1, Vec::new);
+                }
+                p.free[class].push(self.ptr.as_ptr() as usize);
+                p.bytes += self.cap;
+                return;
+            }
+        }
+        let layout = Layout::from_size_align(self.cap, ALIGN).expect("buffer layout");
+        // SAFETY: allocated by `obtain` with this exact layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
 }
