@@ -197,7 +197,8 @@ impl Store {
                 let zeros = Bytes::from(vec![0u8; (tail_end - size) as usize]);
                 self.write_locked(id, size, zeros).await?;
             }
-            self.discard_locked(id, tail_end.min(old), old - tail_end.min(old))
+            // Every block past the new end goes, including a partial last block of the old size.
+            self.discard_blocks(id, tail_end / bs, old.div_ceil(bs))
                 .await?;
         }
         self.inner.meta.lock().log(Record::Resize { id, size })?;
@@ -958,13 +959,17 @@ impl Store {
     async fn discard_locked(&self, id: ObjectId, offset: u64, len: u64) -> Result<()> {
         let size = self.object_info(id)?.size;
         check_range(id, size, offset, len)?;
-        let chunk = self.inner.sb.chunk_size as u64;
         let bs = BLOCK as u64;
-        let (a, b) = (offset.div_ceil(bs), (offset + len) / bs);
+        self.discard_blocks(id, offset.div_ceil(bs), (offset + len) / bs)
+            .await
+    }
+
+    /// Discard whole blocks `[a, b)` (block indices; the caller has checked the range).
+    async fn discard_blocks(&self, id: ObjectId, a: u64, b: u64) -> Result<()> {
         if a >= b {
             return Ok(());
         }
-        let bpc = chunk / bs;
+        let bpc = self.inner.sb.blocks_per_chunk() as u64;
         let mut c = a / bpc;
         let c_end = b.div_ceil(bpc);
         while c < c_end {
