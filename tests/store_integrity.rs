@@ -55,18 +55,22 @@ fn flip(path: &Path, offset: u64) {
     f.sync_all().unwrap();
 }
 
-#[tokio::test]
-async fn flipped_data_byte_is_a_checksum_error_and_only_there() {
+/// A closed store holding one 1 MiB object with `data` at offset 0.
+async fn closed_store_with(data: Bytes) -> (tempfile::TempDir, Uuid) {
     let tmp = tempfile::tempdir().unwrap();
     let id = Uuid::new_v4();
-    {
-        let s = Store::open(tmp.path(), StoreOptions::default())
-            .await
-            .unwrap();
-        s.create_object(id, 1 << 20).await.unwrap();
-        s.write(id, 0, blocks(1, 0, 64), false).await.unwrap();
-        s.close().await.unwrap();
-    }
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    s.create_object(id, 1 << 20).await.unwrap();
+    s.write(id, 0, data, false).await.unwrap();
+    s.close().await.unwrap();
+    (tmp, id)
+}
+
+#[tokio::test]
+async fn flipped_data_byte_is_a_checksum_error_and_only_there() {
+    let (tmp, id) = closed_store_with(blocks(1, 0, 64)).await;
     // Block 17 lives somewhere in the segment; damage one byte of it.
     let at = find_block(tmp.path(), &block(1, 17));
     flip(&tmp.path().join("segments/00000000.seg"), at + 1234);
@@ -125,16 +129,7 @@ async fn flipped_data_byte_is_a_checksum_error_and_only_there() {
 
 #[tokio::test]
 async fn flipped_crc_byte_is_a_checksum_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let id = Uuid::new_v4();
-    {
-        let s = Store::open(tmp.path(), StoreOptions::default())
-            .await
-            .unwrap();
-        s.create_object(id, 1 << 20).await.unwrap();
-        s.write(id, 0, blocks(3, 0, 8), false).await.unwrap();
-        s.close().await.unwrap();
-    }
+    let (tmp, id) = closed_store_with(blocks(3, 0, 8)).await;
     let at = find_block(tmp.path(), &block(3, 5));
     // One CRC (4 bytes) per 4 KiB block of the segment.
     flip(

@@ -78,25 +78,16 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     pub fn zeroed(len: usize) -> AlignedBuf {
-        if len == 0 {
-            return AlignedBuf {
-                ptr: NonNull::dangling(),
-                len: 0,
-                cap: 0,
-            };
-        }
-        let cap = capacity_for(len);
-        let (ptr, dirty) = obtain(cap, true);
-        let mut b = AlignedBuf { ptr, len, cap };
-        if dirty {
-            b.zero_range(0, len);
-        }
-        b
+        Self::new(len, true)
     }
 
     /// A buffer whose every byte the caller promises to write (by I/O or [`Self::zero_range`])
     /// before reading any of it: skips zeroing memory that is about to be overwritten.
     pub fn for_overwrite(len: usize) -> AlignedBuf {
+        Self::new(len, false)
+    }
+
+    fn new(len: usize, zeroed: bool) -> AlignedBuf {
         if len == 0 {
             return AlignedBuf {
                 ptr: NonNull::dangling(),
@@ -105,8 +96,12 @@ impl AlignedBuf {
             };
         }
         let cap = capacity_for(len);
-        let (ptr, _) = obtain(cap, false);
-        AlignedBuf { ptr, len, cap }
+        let (ptr, dirty) = obtain(cap, zeroed);
+        let mut b = AlignedBuf { ptr, len, cap };
+        if zeroed && dirty {
+            b.zero_range(0, len);
+        }
+        b
     }
 
     /// Zero `[start, end)` without forming a reference to possibly uninitialised bytes.

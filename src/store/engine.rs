@@ -4,7 +4,6 @@
 //! clone/delete/resize), then chunk stripe locks (shared for reads, exclusive for writes and
 //! discards), then the journal mutex, then the metadata mutex. The metadata mutex is never
 //! held across an await; the commit mutex serialises commits and sits outside the journal.
-use std::collections::HashSet;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::os::fd::AsRawFd;
@@ -123,7 +122,7 @@ impl Store {
         let dir = dir.to_path_buf();
         let inner = tokio::task::spawn_blocking(move || open_sync(&dir, &opts))
             .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            .map_err(join_error)??;
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -422,7 +421,7 @@ impl Store {
             reclaim_leaks(&inner.sb, &m, &segments)
         })
         .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        .map_err(join_error)??;
         Ok(())
     }
 
@@ -564,7 +563,7 @@ impl Store {
                 Ok::<_, std::io::Error>(s)
             })
             .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            .map_err(join_error)??;
             self.inner.segments.write().push(Arc::new(seg));
         }
     }
@@ -1115,7 +1114,6 @@ impl Store {
             let seq = m.commit_seq + 1;
             m.log(Record::Commit { seq })?;
             let batch = std::mem::take(&mut m.log);
-            m.log_records = 0;
             let segs: Vec<u32> = m.dirty_segments.drain().collect();
             let freed = std::mem::take(&mut m.slots.freed);
             let snapshot = (force_checkpoint
@@ -1186,7 +1184,7 @@ impl Store {
                 Ok(f)
             })
             .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            .map_err(join_error)??;
             let len = file.metadata()?.len();
             *j = Journal {
                 file,
@@ -1248,6 +1246,11 @@ fn check_range(id: ObjectId, size: u64, offset: u64, len: u64) -> Result<()> {
     }
 }
 
+/// A blocking task that panicked or was cancelled.
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io(std::io::Error::other(e))
+}
+
 fn map_io(e: std::io::Error) -> StoreError {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace,
@@ -1260,6 +1263,7 @@ fn free_space(dir: &Path) -> u64 {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return 0;
     };
+    // SAFETY: statvfs is plain old data; all-zero is a valid value to be overwritten.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
@@ -1375,13 +1379,7 @@ pub(super) fn heal_dirty_regions(
     let mut healed = 0;
     let sps = sb.slots_per_segment();
     let bpc = sb.blocks_per_chunk();
-    let mut regions: Vec<u32> = meta
-        .marked
-        .iter()
-        .copied()
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let mut regions: Vec<u32> = meta.marked.iter().copied().collect();
     regions.sort_unstable();
     let mut buf = AlignedBuf::zeroed(sb.chunk_size as usize);
     for r in regions {

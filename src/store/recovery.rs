@@ -273,7 +273,6 @@ pub fn scan_leaks(
     meta: &Meta,
 ) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
-    let chunk = sb.chunk_size as u64;
     let sps = sb.slots_per_segment() as u64;
     let bpc = sb.blocks_per_chunk() as u64;
     let end = sb.segment_bytes;
@@ -313,7 +312,6 @@ pub fn scan_leaks(
                 }
             }
         }
-        let _ = chunk;
         pos = hole as u64;
     }
     Ok(out)
