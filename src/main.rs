@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use cairn::{
     catalog::Catalog,
     config::{self, Command, Config, FsckArgs, Layout, LogFormat, LogOptions},
+    control::Settings,
     service::{self, DaemonService},
     store::{self, Store, StoreOptions},
 };
@@ -304,9 +305,24 @@ async fn run(
 ) -> Result<()> {
     prepare_nbd_and_fuse(cfg, layout)?;
 
-    let svc = DaemonService::new(store, catalog);
-    let app = admin_api::router(svc.clone());
     let addr = listener.local_addr().context("reading the bound address")?;
+    let settings = Settings {
+        public_url: cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"))
+            .trim_end_matches('/')
+            .to_owned(),
+        nbd_url: format!("nbd://{}", cfg.nbd),
+        token_ttl: Duration::from_secs(cfg.token_ttl),
+        multiattach_limit: cfg.multiattach_limit,
+    };
+    let svc = DaemonService::new(store, catalog, settings);
+    svc.identity()
+        .bootstrap(layout, cfg.admin_password.as_deref())
+        .await
+        .context("bootstrapping identity")?;
+    let app = admin_api::router(svc.clone());
     info!(addr = %addr, "admin HTTP listening");
 
     let drain = {
