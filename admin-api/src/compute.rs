@@ -1,9 +1,0 @@
-//! Placeholder: the compute family is being written.
-
-use utoipa_axum::router::OpenApiRouter;
-
-use crate::AppState;
-
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-}
