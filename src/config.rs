@@ -122,15 +122,30 @@ pub struct Config {
 
     /// Password of the bootstrap `admin` user, set when the catalog is first created. Without
     /// it a random one is generated. Either way it is written to `<data-dir>/clouds.yaml`.
-    #[arg(long, env = "CAIRN_ADMIN_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CAIRN_ADMIN_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
     pub admin_password: Option<String>,
 
     /// Lifetime of issued tokens.
-    #[arg(long, env = "CAIRN_TOKEN_TTL", value_name = "SECONDS", default_value = "3600")]
+    #[arg(
+        long,
+        env = "CAIRN_TOKEN_TTL",
+        value_name = "SECONDS",
+        default_value = "3600"
+    )]
     pub token_ttl: u64,
 
     /// How many servers a multi-attach volume may be attached to at once (others: 1).
-    #[arg(long, env = "CAIRN_MULTIATTACH_LIMIT", value_name = "N", default_value = "16")]
+    #[arg(
+        long,
+        env = "CAIRN_MULTIATTACH_LIMIT",
+        value_name = "N",
+        default_value = "16"
+    )]
     pub multiattach_limit: u32,
 
     /// Base URL clients use to reach the admin API, for the service catalog and clouds.yaml.
