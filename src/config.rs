@@ -75,6 +75,35 @@ pub enum Command {
     Fsck(FsckArgs),
     /// Print the version, git commit and on-disk format versions.
     Version,
+    /// Volumes of a running daemon (through its Compute API). `cairn volume create --size 10G
+    /// --attach bench` prints the NBD URI of a fresh, attached volume.
+    Volume {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::VolumeCmd,
+    },
+    /// Servers (instances) of a running daemon.
+    Server {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::ServerCmd,
+    },
+    /// Projects of a running daemon (admin).
+    Project {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::ProjectCmd,
+    },
+    /// Users of a running daemon (admin).
+    User {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::UserCmd,
+    },
 }
 
 /// The daemon's configuration.
