@@ -31,13 +31,13 @@ pub fn cairn_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cairn")
 }
 
-/// A `cairn` command with a clean environment: no `CAIRN_*` or `RUST_LOG` leaks in from the
+/// A `cairn` command with a clean environment: no `CAIRN_*`, `OS_*` or `RUST_LOG` leaks in from the
 /// developer's shell, stdin is closed.
 pub fn cairn_cmd() -> Command {
     let mut cmd = Command::new(cairn_bin());
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("CAIRN_") || k == "RUST_LOG" {
+        if k.starts_with("CAIRN_") || k.starts_with("OS_") || k == "RUST_LOG" {
             cmd.env_remove(&key);
         }
     }
