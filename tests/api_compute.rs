@@ -445,7 +445,11 @@ fn servers_and_attachments_with_every_error() {
     let a2 = ok(&r, 202)["volumeAttachment"].clone();
     assert_eq!(a2["device"], "/dev/vdd");
 
-    // The volume view shows it.
+    // The server and volume views show it.
+    assert_eq!(
+        ok(&api.get(&format!("/servers/{sid}")), 200)["server"]["os-extended-volumes:volumes_attached"],
+        json!([{"id": vid}, {"id": vid2}])
+    );
     let shown = ok(&api.get(&format!("/os-volumes/{vid}")), 200)["volume"].clone();
     assert_eq!(shown["status"], "in-use");
     assert_eq!(

@@ -30,7 +30,11 @@ fn server_summary(ctx: &Ctx, s: &Server) -> Value {
 
 /// nova's show view at microversion 2.1, with what a storage daemon can know: no image,
 /// flavor, host or network (empty values of the right types so that clients parse it).
-fn server_view(ctx: &Ctx, s: &Server) -> Value {
+fn server_view(ctx: &Ctx, s: &Server, attached: &[Attachment]) -> Value {
+    let volumes: Vec<Value> = attached
+        .iter()
+        .map(|a| json!({"id": a.volume_id}))
+        .collect();
     let created = time_fmt::seconds_z(s.created_at);
     json!({
         "id": s.id,
@@ -55,9 +59,17 @@ fn server_view(ctx: &Ctx, s: &Server) -> Value {
         "OS-EXT-STS:vm_state": s.status.to_ascii_lowercase(),
         "OS-EXT-STS:task_state": null,
         "OS-EXT-STS:power_state": 1,
-        "os-extended-volumes:volumes_attached": [],
+        "os-extended-volumes:volumes_attached": volumes,
         "security_groups": [{"name": "default"}],
     })
+}
+
+/// The server's attachments, for `os-extended-volumes:volumes_attached`.
+async fn attached(state: &AppState, ctx: &Ctx, s: &Server) -> FaultResult<Vec<Attachment>> {
+    Ok(state
+        .service
+        .list_attachments(&ctx.caller, AttachTarget::Server(s.id.clone()))
+        .await?)
 }
 
 #[utoipa::path(get, path = "/{tenant_id}/servers", tag = "compute",
@@ -77,7 +89,10 @@ pub(super) async fn list_servers_detail(
     ctx: Ctx,
 ) -> FaultResult<Response> {
     let servers = state.service.list_servers(&ctx.caller).await?;
-    let views: Vec<Value> = servers.iter().map(|s| server_view(&ctx, s)).collect();
+    let mut views = Vec::with_capacity(servers.len());
+    for s in &servers {
+        views.push(server_view(&ctx, s, &attached(&state, &ctx, s).await?));
+    }
     Ok(axum::Json(json!({ "servers": views })).into_response())
 }
 
@@ -205,7 +220,8 @@ pub(super) async fn show_server(State(state): State<AppState>, ctx: Ctx) -> Faul
         .service
         .get_server(&ctx.caller, ctx.param("server_id"))
         .await?;
-    Ok(axum::Json(json!({ "server": server_view(&ctx, &server) })).into_response())
+    let view = server_view(&ctx, &server, &attached(&state, &ctx, &server).await?);
+    Ok(axum::Json(json!({ "server": view })).into_response())
 }
 
 #[utoipa::path(delete, path = "/{tenant_id}/servers/{server_id}", tag = "compute",

@@ -819,7 +819,19 @@ async fn servers_and_attachments() {
     )
     .await
     .fault(400, "badRequest");
-    // the volume view shows the attachment
+    // the server and volume views show the attachment
+    let srv = req(
+        &app,
+        "GET",
+        &format!("/v2.1/p1/servers/{SRV_ID}"),
+        Some("reader"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        srv.json()["server"]["os-extended-volumes:volumes_attached"],
+        json!([{"id": VOL_ID}])
+    );
     let v = req(
         &app,
         "GET",
