@@ -181,7 +181,10 @@ fn extensions_and_volume_lifecycle_with_every_error() {
     assert_eq!(r.header("x-compute-request-id"), Some(rid.as_str()));
 
     // A bare minimum volume: nulls and defaults, all 11 keys.
-    let w = create_volume(&api, json!({"volume": {"size": 1}}));
+    let w = create_volume(
+        &api,
+        json!({"volume": {"size": 1, "display_name": null, "volume_type": null}}),
+    );
     let wid = w["id"].as_str().expect("id").to_owned();
     let keys: Vec<&str> = w
         .as_object()

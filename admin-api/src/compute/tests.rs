@@ -635,6 +635,10 @@ async fn create_volume_validation() {
             "badRequest",
         ),
         (
+            r#"{"volume": {"size": 1, "display_name": false}}"#,
+            "badRequest",
+        ),
+        (
             r#"{"volume": {"size": 1, "snapshot_id": "s"}}"#,
             "itemNotFound",
         ),

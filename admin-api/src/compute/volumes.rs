@@ -148,7 +148,9 @@ fn invalid(field: &str, why: &str) -> Fault {
 
 fn opt_string(m: &Map<String, Value>, key: &str) -> FaultResult<Option<String>> {
     match m.get(key) {
-        None => Ok(None),
+        // nova's schema wants a string, but cinder (which nova proxies) takes null as "not
+        // given", and so do clients that serialise unset options.
+        None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.chars().count() <= 255 => Ok(Some(s.clone())),
         Some(Value::String(_)) => Err(invalid(key, "is too long (255 characters at most)")),
         Some(_) => Err(invalid(key, "is not of type 'string'")),
