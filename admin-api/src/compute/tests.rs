@@ -963,3 +963,22 @@ fn openapi_lists_every_prefix() {
     }
     assert!(doc.paths.paths.contains_key("/v2.1"));
 }
+
+#[tokio::test]
+async fn oversized_body_is_an_overlimit_fault() {
+    let (fake, app) = app();
+    let big = format!(
+        r#"{{"volume": {{"size": 1, "display_name": "{}"}}}}"#,
+        "x".repeat(3 << 20)
+    );
+    let r = req(
+        &app,
+        "POST",
+        "/v1.1/p1/os-volumes",
+        Some("member"),
+        Some(&big),
+    )
+    .await;
+    r.fault(413, "overLimit");
+    assert!(fake.created.lock().unwrap().is_empty());
+}
