@@ -917,3 +917,72 @@ fn novaclient_attaches_lists_and_detaches() {
     let shown = ok(&api.get(&format!("/os-volumes/{vid}")), 200)["volume"].clone();
     assert_eq!(shown["status"], "available");
 }
+
+/// The `nova` command line: it discovers the microversion with `GET /v2.1/{project}` (2.35
+/// here), finds the server by name, and attaches, lists and detaches.
+#[test]
+fn nova_cli_discovers_the_version_and_attaches_by_server_name() {
+    let py = venv_python();
+    let nova = py.with_file_name("nova");
+    assert!(
+        nova.exists(),
+        "{} is missing: run scripts/setup-test-deps",
+        nova.display()
+    );
+    let c = daemon();
+    let api = Api::new(&c, token(&c, "admin", PW, "admin"));
+    let vid = create_volume(&api, json!({"volume": {"size": 1}}))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let sid = create_server(&api, "cli-vm");
+    let run = |args: &[&str]| {
+        let out = Command::new(&nova)
+            .args(["--os-compute-api-version", "2.latest"])
+            .args(args)
+            .env("OS_AUTH_URL", c.url("/v3"))
+            .env("OS_USERNAME", "admin")
+            .env("OS_PASSWORD", PW)
+            .env("OS_PROJECT_NAME", "admin")
+            .env("OS_USER_DOMAIN_NAME", "Default")
+            .env("OS_PROJECT_DOMAIN_NAME", "Default")
+            .env_remove("OS_CLOUD")
+            .env_remove("OS_CLIENT_CONFIG_FILE")
+            .output()
+            .expect("run nova");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    let (ok_, out, err) = run(&["--debug", "volume-attach", "cli-vm", &vid, "/dev/vde"]);
+    assert!(ok_, "{out}\n{err}");
+    // Discovery (`GET` of the bare catalog endpoint) found the ceiling, and the attach was
+    // sent at it.
+    let discovery = format!("-X GET {} ", c.url(&format!("/v2.1/{}", api.tenant)));
+    assert!(err.contains(&discovery), "no discovery request:\n{err}");
+    assert!(err.contains("X-OpenStack-Nova-API-Version: 2.35"), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains("| device"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("/dev/vde"), "{out}");
+    let (ok_, out, err) = run(&["volume-attachments", &sid]);
+    assert!(ok_, "{out}\n{err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&sid))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains(&vid) && row.contains("/dev/vde"), "{out}");
+    // A second attach of the same volume: the client reports the 409.
+    let (ok_, _, err) = run(&["volume-attach", &sid, &vid]);
+    assert!(!ok_ && err.contains("HTTP 409"), "{err}");
+    let (ok_, out, err) = run(&["volume-detach", "cli-vm", &vid]);
+    assert!(ok_, "{out}\n{err}");
+    assert_eq!(
+        ok(
+            &api.get(&format!("/servers/{sid}/os-volume_attachments")),
+            200
+        ),
+        json!({"volumeAttachments": []})
+    );
+}
