@@ -274,8 +274,7 @@ pub(crate) fn body_or_fault(
     })
 }
 
-/// Query parameters (repeated keys: the last wins, as webob's `GET.get` does... for lists
-/// nova takes the first; no cairn parameter repeats).
+/// Query parameters; a repeated key keeps its last value.
 pub(crate) fn query(raw: Option<&str>) -> FaultResult<HashMap<String, String>> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
         .map_err(|_| Fault::bad_request("Malformed query string."))?;
