@@ -39,6 +39,10 @@ fn main() -> ExitCode {
             }
             ExitCode::from(fsck(&args))
         }
+        Command::Volume { client, cmd } => client_exit(cairn::client::volume(&client, cmd)),
+        Command::Server { client, cmd } => client_exit(cairn::client::server(&client, cmd)),
+        Command::Project { client, cmd } => client_exit(cairn::client::project(&client, cmd)),
+        Command::User { client, cmd } => client_exit(cairn::client::user(&client, cmd)),
         Command::Serve(cfg) => {
             if let Err(e) = init_logging(&cli.log) {
                 eprintln!("cairn: {e:#}");
@@ -51,6 +55,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn client_exit(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

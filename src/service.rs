@@ -164,31 +164,68 @@ impl AdminService for DaemonService {
         self.identity.list_roles(caller).await
     }
 
-    async fn list_role_assignments(&self, caller: &Caller, project_id: Option<&str>, user_id: Option<&str>) -> ServiceResult<Vec<RoleAssignment>> {
-        self.identity.list_role_assignments(caller, project_id, user_id).await
+    async fn list_role_assignments(
+        &self,
+        caller: &Caller,
+        project_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> ServiceResult<Vec<RoleAssignment>> {
+        self.identity
+            .list_role_assignments(caller, project_id, user_id)
+            .await
     }
 
-    async fn grant_role(&self, caller: &Caller, project_id: &str, user_id: &str, role: &str) -> ServiceResult<()> {
-        self.identity.grant_role(caller, project_id, user_id, role).await
+    async fn grant_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        self.identity
+            .grant_role(caller, project_id, user_id, role)
+            .await
     }
 
-    async fn revoke_role(&self, caller: &Caller, project_id: &str, user_id: &str, role: &str) -> ServiceResult<()> {
-        self.identity.revoke_role(caller, project_id, user_id, role).await
+    async fn revoke_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        self.identity
+            .revoke_role(caller, project_id, user_id, role)
+            .await
     }
 
     async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
         self.volumes.create_volume(caller, new).await
     }
 
-    async fn list_volumes(&self, caller: &Caller, scope: VolumeScope) -> ServiceResult<Vec<Volume>> {
+    async fn list_volumes(
+        &self,
+        caller: &Caller,
+        scope: VolumeScope,
+    ) -> ServiceResult<Vec<Volume>> {
         self.volumes.list_volumes(caller, scope).await
     }
 
-    async fn get_volume(&self, caller: &Caller, id: &str, pdisk_rules: bool) -> ServiceResult<Volume> {
+    async fn get_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<Volume> {
         self.volumes.get_volume(caller, id, pdisk_rules).await
     }
 
-    async fn delete_volume(&self, caller: &Caller, id: &str, pdisk_rules: bool) -> ServiceResult<()> {
+    async fn delete_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<()> {
         self.volumes.delete_volume(caller, id, pdisk_rules).await
     }
 
@@ -212,15 +249,31 @@ impl AdminService for DaemonService {
         self.volumes.attach(caller, req).await
     }
 
-    async fn detach(&self, caller: &Caller, target: AttachTarget, volume_id: &str, hot_only: bool) -> ServiceResult<Attachment> {
-        self.volumes.detach(caller, target, volume_id, hot_only).await
+    async fn detach(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+        volume_id: &str,
+        hot_only: bool,
+    ) -> ServiceResult<Attachment> {
+        self.volumes
+            .detach(caller, target, volume_id, hot_only)
+            .await
     }
 
-    async fn detach_all(&self, caller: &Caller, target: AttachTarget) -> ServiceResult<Vec<Attachment>> {
+    async fn detach_all(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
         self.volumes.detach_all(caller, target).await
     }
 
-    async fn list_attachments(&self, caller: &Caller, target: AttachTarget) -> ServiceResult<Vec<Attachment>> {
+    async fn list_attachments(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
         self.volumes.list_attachments(caller, target).await
     }
 }

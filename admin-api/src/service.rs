@@ -123,20 +123,34 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, new);
         Err(unimplemented())
     }
-    async fn list_volumes(&self, caller: &Caller, scope: VolumeScope) -> ServiceResult<Vec<Volume>> {
+    async fn list_volumes(
+        &self,
+        caller: &Caller,
+        scope: VolumeScope,
+    ) -> ServiceResult<Vec<Volume>> {
         let _ = (caller, scope);
         Err(unimplemented())
     }
     /// A volume the caller may see: its project's (any role), any for an admin. With
     /// `pdisk_rules`, also public disks of other projects, and "may see" follows pdisk
     /// (owner, public, admin).
-    async fn get_volume(&self, caller: &Caller, id: &str, pdisk_rules: bool) -> ServiceResult<Volume> {
+    async fn get_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<Volume> {
         let _ = (caller, id, pdisk_rules);
         Err(unimplemented())
     }
     /// Refused (Conflict) while attached; needs member on the volume's project (pdisk: the
     /// owner or an admin).
-    async fn delete_volume(&self, caller: &Caller, id: &str, pdisk_rules: bool) -> ServiceResult<()> {
+    async fn delete_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<()> {
         let _ = (caller, id, pdisk_rules);
         Err(unimplemented())
     }
@@ -178,7 +192,11 @@ pub trait AdminService: Send + Sync + 'static {
         Err(unimplemented())
     }
     /// Detach everything from the target (pdisk `detach`); returns what was detached.
-    async fn detach_all(&self, caller: &Caller, target: AttachTarget) -> ServiceResult<Vec<Attachment>> {
+    async fn detach_all(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
         let _ = (caller, target);
         Err(unimplemented())
     }

@@ -4,9 +4,8 @@ use time::{OffsetDateTime, format_description::FormatItem, macros::format_descri
 
 const COMPUTE: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]");
-const KEYSTONE: &[FormatItem<'static>] = format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-);
+const KEYSTONE: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 const PDISK: &[FormatItem<'static>] =
     format_description!("[year]/[month]/[day] [hour]:[minute]:[second]");
 const SECONDS_Z: &[FormatItem<'static>] =

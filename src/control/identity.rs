@@ -94,17 +94,34 @@ impl Identity {
         Err(todo_err())
     }
 
-    pub async fn list_role_assignments(&self, caller: &Caller, project_id: Option<&str>, user_id: Option<&str>) -> ServiceResult<Vec<RoleAssignment>> {
+    pub async fn list_role_assignments(
+        &self,
+        caller: &Caller,
+        project_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> ServiceResult<Vec<RoleAssignment>> {
         let _ = (caller, project_id, user_id);
         Err(todo_err())
     }
 
-    pub async fn grant_role(&self, caller: &Caller, project_id: &str, user_id: &str, role: &str) -> ServiceResult<()> {
+    pub async fn grant_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
         let _ = (caller, project_id, user_id, role);
         Err(todo_err())
     }
 
-    pub async fn revoke_role(&self, caller: &Caller, project_id: &str, user_id: &str, role: &str) -> ServiceResult<()> {
+    pub async fn revoke_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
         let _ = (caller, project_id, user_id, role);
         Err(todo_err())
     }

@@ -75,3 +75,6 @@ impl From<TxError> for ServiceError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
