@@ -550,6 +550,7 @@ async fn create_disk(State(state): State<AppState>, headers: HeaderMap, body: Bo
     };
     match state.service.create_volume(&caller, new).await {
         Ok(v) => ok_json(StatusCode::CREATED, &serde_json::json!({ "uuid": v.id })),
+        Err(ServiceError::Forbidden(_)) => bad_request("Not enough rights to create disk"),
         Err(e) => common_error(e),
     }
 }
