@@ -328,7 +328,8 @@ fn vm_of(fields: &Fields) -> Result<(String, String), &'static str> {
 /// Validates a create body; every problem is collected (422 lists them all).
 fn new_volume_of(fields: &Fields) -> Result<NewVolume, Vec<String>> {
     let mut errors = Vec::new();
-    let text = |name: &str| fields.get(name).map(|v| v.clone().unwrap_or_default());
+    // A JSON `null` counts as absent.
+    let text = |name: &str| fields.get(name).and_then(|v| v.clone());
 
     let visibility = match text("visibility").as_deref() {
         Some("private") => Some(Visibility::Private),

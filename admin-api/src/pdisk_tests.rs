@@ -578,6 +578,16 @@ async fn create_validation_collects_every_message_and_changes_nothing() {
         StatusCode::UNPROCESSABLE_ENTITY,
         &["Size must be a valid positive integer"],
     );
+    let r = c
+        .send(
+            "POST",
+            "/api/create",
+            Some("alice"),
+            Some(JSON),
+            r#"{"size": 1, "tag": null, "visibility": "private"}"#,
+        )
+        .await;
+    r.error(StatusCode::UNPROCESSABLE_ENTITY, &["Missing input: tag"]);
     let long = "x".repeat(256);
     let r = c
         .form(
