@@ -747,3 +747,64 @@ fn a_second_user_sees_own_and_public_disks_only() {
     assert_eq!(r.status, 200, "{}", r.body);
     expect_error(&show(&c, bob, &bobs), 400, &["Disk does not exists"]);
 }
+
+#[test]
+fn racing_hotattaches_respect_the_limit_and_never_share_a_target() {
+    let c = std::sync::Arc::new(daemon());
+    // Eight VMs race for one disk with one user slot: exactly one wins.
+    let d = create(&c, ADMIN, &["size=1", "tag=race", "visibility=private"]);
+    let replies: Vec<Reply> = (0..8)
+        .map(|i| {
+            let (c, d) = (c.clone(), d.clone());
+            std::thread::spawn(move || {
+                let vm = format!("vm_id={i}");
+                pd(
+                    &c,
+                    ADMIN,
+                    "POST",
+                    &format!("/hotattach/{d}"),
+                    &["node=race", &vm],
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let wins = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(wins, 1, "{replies:?}");
+    for r in replies.iter().filter(|r| r.status != 200) {
+        expect_error(r, 400, &["Disk has no remaining user slot (limit 1)"]);
+    }
+    assert_eq!(usage(&c, &d), u("1", "1", "0"));
+
+    // Eight disks race onto one VM: eight distinct targets vda..vdh.
+    let disks: Vec<String> = (0..8)
+        .map(|_| create(&c, ADMIN, &["size=1", "tag=t", "visibility=private"]))
+        .collect();
+    let mut targets: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            let (c, d) = (c.clone(), d.clone());
+            std::thread::spawn(move || {
+                pd(
+                    &c,
+                    ADMIN,
+                    "POST",
+                    &format!("/hotattach/{d}"),
+                    &["node=one", "vm_id=1"],
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| {
+            let r = t.join().expect("thread");
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["target"].as_str().expect("target").to_owned()
+        })
+        .collect();
+    targets.sort();
+    let expected: Vec<String> = (b'a'..=b'h').map(|c| format!("vd{}", c as char)).collect();
+    assert_eq!(targets, expected);
+}
