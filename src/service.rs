@@ -112,6 +112,10 @@ impl AdminService for DaemonService {
         }
     }
 
+    fn public_url(&self) -> String {
+        self.identity.settings.public_url.clone()
+    }
+
     async fn issue_token(&self, req: AuthRequest) -> ServiceResult<IssuedToken> {
         self.identity.issue_token(req).await
     }

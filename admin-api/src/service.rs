@@ -21,6 +21,12 @@ pub trait AdminService: Send + Sync + 'static {
     /// A snapshot of the store counters for `/metrics`. Called on every scrape; must be cheap.
     fn store_metrics(&self) -> StoreMetrics;
 
+    /// Base URL of this API as clients reach it, without a trailing `/` (service catalog,
+    /// Keystone `links`). The default suits router tests.
+    fn public_url(&self) -> String {
+        "http://localhost".to_owned()
+    }
+
     // ---- identity -------------------------------------------------------------------------
     // Defaults answer `Internal("not implemented")` so that router tests can use small fakes;
     // the daemon implements every method.
