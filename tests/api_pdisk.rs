@@ -629,8 +629,8 @@ fn a_second_user_sees_own_and_public_disks_only() {
     let c = daemon();
     let dir = c.data_dir().to_str().expect("utf8 path").to_owned();
     let cli = |args: &[&str]| {
-        let mut all = vec!["--data-dir", dir.as_str()];
-        all.extend_from_slice(args);
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--data-dir", dir.as_str()]);
         let (status, stdout, stderr) = run_cairn(&all);
         assert!(status.success(), "cairn {args:?}: {stdout}\n{stderr}");
     };
@@ -729,7 +729,11 @@ fn a_second_user_sees_own_and_public_disks_only() {
 
     // A reader sees but does not create.
     let rita = "rita:rita-pw";
-    assert_eq!(ids(&pd(&c, rita, "GET", "/disks", &[])).len(), 2);
+    // Visibility is per user, not per project: bob's private disk stays his.
+    assert_eq!(
+        ids(&pd(&c, rita, "GET", "/disks", &[])),
+        vec![public.clone()]
+    );
     expect_error(
         &pd(
             &c,
