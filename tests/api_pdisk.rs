@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Cairn, Reply, Serve, run_cairn};
+use common::{Cairn, Reply, Serve, run_cairn, temp_dir};
 use serde_json::{Value, json};
 
 const PW: &str = "pdisk-test-admin-pw";
@@ -811,4 +811,49 @@ fn racing_hotattaches_respect_the_limit_and_never_share_a_target() {
     targets.sort();
     let expected: Vec<String> = (b'a'..=b'h').map(|c| format!("vd{}", c as char)).collect();
     assert_eq!(targets, expected);
+}
+
+#[test]
+fn disks_and_hot_plugs_survive_a_restart() {
+    let tmp = temp_dir();
+    let data = tmp.path().join("data");
+    let mut c = Serve::new()
+        .data_dir(&data)
+        .arg("--admin-password")
+        .arg(PW)
+        .start();
+    let d1 = create(
+        &c,
+        ADMIN,
+        &["size=5", "tag=kept", "visibility=public", "color=red"],
+    );
+    let d2 = create(&c, ADMIN, &["size=1", "tag=second", "visibility=private"]);
+    let r = pd(
+        &c,
+        ADMIN,
+        "POST",
+        &format!("/hotattach/{d1}"),
+        &["node=n", "vm_id=1"],
+    );
+    assert_eq!(r.json()["target"], "vda", "{}", r.body);
+    let before = show(&c, ADMIN, &d1).body;
+    assert!(c.stop_with(libc::SIGTERM).success());
+
+    // The password is bootstrapped once; the restarted daemon keeps it.
+    let c = Serve::new().data_dir(&data).start();
+    assert_eq!(show(&c, ADMIN, &d1).body, before);
+    assert_eq!(show(&c, ADMIN, &d1).json()["color"], "red");
+    assert_eq!(usage(&c, &d1), u("1", "1", "0"));
+    // The VM still holds vda: the next hot-plug gets vdb.
+    let r = pd(
+        &c,
+        ADMIN,
+        "POST",
+        &format!("/hotattach/{d2}"),
+        &["node=n", "vm_id=1"],
+    );
+    assert_eq!(
+        r.body,
+        format!(r#"{{"node":"n","vm_id":"1","target":"vdb","uuid":["{d1}","{d2}"]}}"#)
+    );
 }
