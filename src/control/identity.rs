@@ -216,24 +216,12 @@ fn assigned_roles(conn: &Connection, user_id: &str, project_id: &str) -> Tx<Vec<
     Ok(names.iter().filter_map(|n| Role::parse(n)).collect())
 }
 
-/// Role ids by name, for the token body.
-fn role_ids(conn: &Connection, roles: &[Role]) -> Tx<Vec<Named>> {
-    let mut stmt = conn.prepare_cached("SELECT id, name FROM roles WHERE name = ?1")?;
-    let mut out = Vec::with_capacity(roles.len());
-    for r in roles {
-        if let Some(n) = stmt
-            .query_row([r.as_str()], |row| {
-                Ok(Named {
-                    id: row.get(0)?,
-                    name: row.get(1)?,
-                })
-            })
-            .optional()?
-        {
-            out.push(n);
-        }
-    }
-    Ok(out)
+/// `{id, name}` of each role, for the token body.
+fn role_ids(table: &[Named], roles: &[Role]) -> Vec<Named> {
+    roles
+        .iter()
+        .filter_map(|r| table.iter().find(|n| n.name == r.as_str()).cloned())
+        .collect()
 }
 
 /// A user's password hash and state, for authentication.
@@ -246,11 +234,42 @@ struct Credentials {
 pub struct Identity {
     pub(crate) catalog: Catalog,
     pub(crate) settings: Settings,
+    /// The role table: fixed once bootstrapped (roles are never created or deleted), so token
+    /// validation need not read it.
+    roles: OnceLock<Vec<Named>>,
 }
 
 impl Identity {
     pub fn new(catalog: Catalog, settings: Settings) -> Identity {
-        Identity { catalog, settings }
+        Identity {
+            catalog,
+            settings,
+            roles: OnceLock::new(),
+        }
+    }
+
+    /// The role table, read once.
+    async fn role_table(&self) -> ServiceResult<Vec<Named>> {
+        if let Some(t) = self.roles.get() {
+            return Ok(t.clone());
+        }
+        let table = self
+            .read(|conn| {
+                let mut stmt = conn.prepare_cached("SELECT id, name FROM roles")?;
+                Ok(stmt
+                    .query_map([], |r| {
+                        Ok(Named {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await?;
+        if table.len() == Role::ALL.len() {
+            let _ = self.roles.set(table.clone());
+        }
+        Ok(table)
     }
 
     /// Runs `f` in one IMMEDIATE transaction, committing only on success.
@@ -437,6 +456,7 @@ impl Identity {
             expires_at = expires_at.min(cap);
         }
         let scope = req.scope;
+        let table = self.role_table().await?;
         let info = self
             .tx(move |conn| {
                 let user = find_user_by_id(conn, &user_id)?.ok_or_else(unauthorized)?;
@@ -500,7 +520,7 @@ impl Identity {
                     token_ts(expires_at),
                 ])?;
                 Ok(TokenInfo {
-                    role_ids: role_ids(conn, &roles)?,
+                    role_ids: role_ids(&table, &roles),
                     caller: Caller {
                         user_id: user.id,
                         user_name: user.name,
@@ -578,12 +598,14 @@ impl Identity {
                     return Ok(None);
                 }
                 info.caller.roles = effective_roles(&assigned);
-                info.role_ids = role_ids(conn, &info.caller.roles)?;
                 Ok(Some(info))
             })
             .await?;
         match found {
-            Some(info) if now() < info.expires_at => Ok(info),
+            Some(mut info) if now() < info.expires_at => {
+                info.role_ids = role_ids(&self.role_table().await?, &info.caller.roles);
+                Ok(info)
+            }
             _ => Err(unauthorized()),
         }
     }
