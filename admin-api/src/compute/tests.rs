@@ -456,6 +456,9 @@ async fn unknown_paths_and_methods_are_faults() {
     )
     .await;
     r.fault(405, "badMethod");
+    // A path that is not UTF-8 once decoded: a clear 400, not axum's plain text.
+    let r = req(&app, "GET", "/v1.1/%FF/os-volumes", Some("member"), None).await;
+    r.fault(400, "badRequest");
 }
 
 #[tokio::test]
