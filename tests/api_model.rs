@@ -421,7 +421,8 @@ fn cli_is_a_client_of_the_daemon() {
         .iter()
         .filter_map(|x| x["name"].as_str().map(str::to_owned))
         .collect();
-    assert_eq!(roles, vec!["member".to_owned()]);
+    // Keystone's implied roles: member implies reader.
+    assert_eq!(roles, vec!["member".to_owned(), "reader".to_owned()]);
 
     // Bad input: a clear error, non-zero exit.
     let (status, _, err) = run_cairn(&["volume", "create", "--size", "0G", "--data-dir", &data]);
