@@ -10,12 +10,13 @@ use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
-use tokio::sync::oneshot;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 
 use super::buf::AlignedBuf;
 
@@ -120,22 +121,195 @@ impl WriteSrc {
     }
 }
 
-struct Request {
-    entry: io_uring::squeue::Entry,
-    keep: Keep,
-    done: oneshot::Sender<io::Result<u32>>,
+/// Submission queue entries per ring; a batch larger than this goes in several pieces.
+const SQ_ENTRIES: u32 = 128;
+
+/// One ring of the set. Callers on any thread push and submit under `sq`, so the kernel
+/// performs whatever it can complete at once (page-cache hits) on the caller's own core, and
+/// reap under `table`.
+struct Ring {
+    uring: IoUring,
+    /// Held while pushing entries and submitting them: the SQ then holds only the entries of
+    /// the one caller inside, who submits exactly those.
+    sq: Mutex<()>,
+    table: Mutex<Table>,
+    /// One permit per completion slot: bounds the ops in flight to the CQ's size, so the CQ
+    /// can never overflow. Returned when the completion is reaped.
+    permits: Semaphore,
+    /// A submit failed in a way that leaves entries in the SQ: nothing more goes in.
+    broken: AtomicBool,
 }
 
-const WAKE_TOKEN: u64 = u64::MAX;
+/// Completion slots, indexed by `user_data`.
+struct Table {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    inflight: usize,
+}
 
+#[derive(Default)]
+struct Slot {
+    /// What the operation's memory belongs to: held until its completion is reaped.
+    keep: Option<Keep>,
+    batch: Option<Arc<Batch>>,
+    index: usize,
+    /// Its submitter returned without the completion; the reaper thread must be awake.
+    handed_off: bool,
+}
+
+/// Results of one `submit_wait` call.
+struct Batch {
+    state: Mutex<BatchState>,
+}
+
+struct BatchState {
+    results: Vec<Option<i32>>,
+    remaining: usize,
+    waker: Option<Waker>,
+}
+
+impl Batch {
+    fn new(n: usize) -> Arc<Batch> {
+        Arc::new(Batch {
+            state: Mutex::new(BatchState {
+                results: vec![None; n],
+                remaining: n,
+                waker: None,
+            }),
+        })
+    }
+
+    fn complete(&self, index: usize, res: i32) -> Option<Waker> {
+        let mut s = self.state.lock();
+        if s.results[index].replace(res).is_none() {
+            s.remaining -= 1;
+        }
+        if s.remaining == 0 {
+            s.waker.take()
+        } else {
+            None
+        }
+    }
+
+    fn fail_unsubmitted(&self, indices: impl Iterator<Item = usize>, errno: i32) {
+        let mut s = self.state.lock();
+        for i in indices {
+            if s.results[i].replace(-errno).is_none() {
+                s.remaining -= 1;
+            }
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Vec<io::Result<u32>>> {
+        let mut s = self.state.lock();
+        if s.remaining > 0 {
+            if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        Poll::Ready(
+            s.results
+                .iter()
+                .map(|r| match r {
+                    Some(res) if *res >= 0 => Ok(*res as u32),
+                    Some(res) => Err(io::Error::from_raw_os_error(-res)),
+                    None => Err(io::Error::other("lost completion")),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Ring {
+    fn new(sq_entries: u32, cq_entries: u32, efd: RawFd) -> io::Result<Ring> {
+        let uring = IoUring::builder()
+            .setup_cqsize(cq_entries)
+            .setup_submit_all()
+            .build(sq_entries)?;
+        // Every completion bumps the eventfd; the reaper thread reads it only while some
+        // submitter has handed off an operation, so inline completions cost no wakeup.
+        uring.submitter().register_eventfd(efd)?;
+        let cq = uring.params().cq_entries() as usize;
+        Ok(Ring {
+            uring,
+            sq: Mutex::new(()),
+            table: Mutex::new(Table {
+                slots: (0..cq).map(|_| Slot::default()).collect(),
+                free: (0..cq as u32).rev().collect(),
+                inflight: 0,
+            }),
+            permits: Semaphore::new(cq),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// Consume every posted completion. Each operation's `Keep` is dropped before its result
+    /// is published, so a caller that sees its result may reclaim the buffer. Handed-off
+    /// operations that completed are taken off `handed_off` (under the table lock, like the
+    /// hand-off itself, so the count never goes below zero).
+    fn reap(&self, t: &mut Table, handed_off: &AtomicUsize, wakers: &mut Vec<Waker>) {
+        let mut handed = 0;
+        let mut n = 0;
+        // SAFETY: the table lock is held, so this is the only completion queue view.
+        let cq = unsafe { self.uring.completion_shared() };
+        for cqe in cq {
+            let ud = cqe.user_data() as usize;
+            let Some(slot) = t.slots.get_mut(ud) else {
+                tracing::error!(user_data = ud, "io_uring completion for an unknown slot");
+                continue;
+            };
+            drop(slot.keep.take());
+            let Some(batch) = slot.batch.take() else {
+                tracing::error!(user_data = ud, "io_uring completion for a free slot");
+                continue;
+            };
+            if std::mem::take(&mut slot.handed_off) {
+                handed += 1;
+            }
+            t.free.push(ud as u32);
+            t.inflight -= 1;
+            n += 1;
+            if let Some(w) = batch.complete(slot.index, cqe.result()) {
+                wakers.push(w);
+            }
+        }
+        if handed > 0 {
+            handed_off.fetch_sub(handed, Ordering::SeqCst);
+        }
+        if n > 0 {
+            self.permits.add_permits(n);
+        }
+    }
+}
+
+struct Shared {
+    rings: Box<[Ring]>,
+    /// Registered with every ring: counts posted completions.
+    efd: OwnedFd,
+    /// Operations in flight whose submitter did not see them complete.
+    handed_off: AtomicUsize,
+    /// The reaper is parked (or about to park) and must be unparked for a hand-off.
+    idle: AtomicBool,
+    closing: AtomicBool,
+}
+
+/// The io_uring engine: a few rings (one per CPU) shared by every caller, plus one reaper
+/// thread for completions that do not arrive while their submitter is in the kernel.
+///
+/// A caller pushes its entries into the ring of the CPU it runs on and enters the kernel
+/// itself. Buffered reads that hit the page cache complete during that call, on the
+/// caller's core, and the caller reaps them at once: no thread handoff and no wakeup. What
+/// the kernel finishes later (cache misses, O_DIRECT, fsync, fallocate, buffered writes the
+/// filesystem cannot do without blocking) is reaped by the `cairn-uring` thread, which
+/// sleeps on the rings' eventfd only while such operations exist.
 pub struct Uring {
-    tx: Option<mpsc::Sender<Vec<Request>>>,
-    wake: Arc<OwnedFd>,
-    sleeping: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Uring {
+    /// `entries`: in-flight operations per ring at most (the completion queue size).
     pub fn new(entries: u32) -> io::Result<Uring> {
         // SAFETY: plain syscall; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -143,47 +317,164 @@ impl Uring {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: efd is a fresh descriptor we own.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
-        let ring = IoUring::new(entries)?;
-        let (tx, rx) = mpsc::channel();
-        let sleeping = Arc::new(AtomicBool::new(false));
-        let (w, s) = (wake.clone(), sleeping.clone());
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16));
+        let cq = entries.max(SQ_ENTRIES * 2).next_power_of_two();
+        let rings = (0..n)
+            .map(|_| Ring::new(SQ_ENTRIES, cq, efd.as_raw_fd()))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_boxed_slice();
+        let shared = Arc::new(Shared {
+            rings,
+            efd,
+            handed_off: AtomicUsize::new(0),
+            idle: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        });
+        let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("cairn-uring".into())
-            .spawn(move || ring_thread(ring, rx, w, s))?;
+            .spawn(move || reaper(s))?;
         Ok(Uring {
-            tx: Some(tx),
-            wake,
-            sleeping,
+            shared,
             thread: Some(thread),
         })
     }
 
-    fn poke(&self) {
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }
+    fn ring(&self) -> &Ring {
+        // SAFETY: plain syscall (vDSO).
+        let cpu = unsafe { libc::sched_getcpu() };
+        let rings = &self.shared.rings;
+        &rings[cpu.max(0) as usize % rings.len()]
     }
 
-    /// Submit a batch; each result arrives on its receiver. Short transfers are reported as
-    /// such (use [`run`] to complete them).
-    fn submit(&self, ops: &[Op]) -> Vec<oneshot::Receiver<io::Result<u32>>> {
-        let mut reqs = Vec::with_capacity(ops.len());
-        let mut rxs = Vec::with_capacity(ops.len());
-        for op in ops {
-            let (done, rx) = oneshot::channel();
-            let (entry, keep) = build(op);
-            reqs.push(Request { entry, keep, done });
-            rxs.push(rx);
+    /// Submit a batch and wait for all of it. Short transfers are reported as such (use
+    /// [`Uring::run`] to complete them).
+    async fn submit_wait(&self, ops: &[Op]) -> Vec<io::Result<u32>> {
+        let batch = Batch::new(ops.len());
+        let mut pos = 0;
+        while pos < ops.len() {
+            let ring = self.ring();
+            let n = (ops.len() - pos).min(SQ_ENTRIES as usize);
+            match ring.permits.try_acquire_many(n as u32) {
+                Ok(p) => p.forget(),
+                Err(_) => match ring.permits.acquire_many(n as u32).await {
+                    Ok(p) => p.forget(),
+                    Err(_) => unreachable!("the semaphore is never closed"),
+                },
+            }
+            self.submit_piece(ring, &batch, &ops[pos..pos + n], pos);
+            pos += n;
         }
-        if let Some(tx) = &self.tx {
-            // A send error means the ring thread is gone; receivers then report it.
-            let _ = tx.send(reqs);
+        std::future::poll_fn(|cx| batch.poll(cx)).await
+    }
+
+    /// Push and submit `ops` (results at `first..` in `batch`), then reap. The caller holds a
+    /// permit per op. Synchronous: no await between push and hand-off, so a dropped future
+    /// never leaves an operation unaccounted.
+    fn submit_piece(&self, ring: &Ring, batch: &Arc<Batch>, ops: &[Op], first: usize) {
+        let n = ops.len();
+        let sq_guard = ring.sq.lock();
+        if ring.broken.load(Ordering::Acquire) {
+            drop(sq_guard);
+            ring.permits.add_permits(n);
+            batch.fail_unsubmitted(first..first + n, libc::EIO);
+            return;
         }
-        self.poke();
-        rxs
+        let mut idx: SmallIdx = SmallIdx::new();
+        {
+            let mut t = ring.table.lock();
+            // SAFETY: the sq lock is held, so this is the only submission queue view; it is
+            // empty (every holder submits all it pushed), and `n` <= its capacity.
+            let mut sq = unsafe { ring.uring.submission_shared() };
+            for (k, op) in ops.iter().enumerate() {
+                let (entry, keep) = build(op);
+                let ud = t.free.pop().expect("a permit guarantees a free slot");
+                let slot = &mut t.slots[ud as usize];
+                slot.keep = Some(keep);
+                slot.batch = Some(batch.clone());
+                slot.index = first + k;
+                slot.handed_off = false;
+                t.inflight += 1;
+                idx.push(ud);
+                // SAFETY: the memory `entry` points at is owned by the slot's `Keep`, held
+                // until the completion for `ud` is reaped.
+                unsafe { sq.push(&entry.user_data(ud as u64)) }.expect("the SQ has room");
+            }
+        }
+        // Enter the kernel without the table lock: it may copy a whole page-cache run here,
+        // and reapers must not wait for that.
+        let mut left = n as u32;
+        let mut err = None;
+        while left > 0 {
+            // SAFETY: submits entries we pushed; no wait, no argument.
+            match unsafe {
+                ring.uring
+                    .submitter()
+                    .enter::<libc::sigset_t>(left, 0, 0, None)
+            } {
+                Ok(k) if k > 0 => left -= (k as u32).min(left),
+                Ok(_) => std::thread::yield_now(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    // Kernel resources are short; let completions drain and retry.
+                    let mut w = Vec::new();
+                    ring.reap(&mut ring.table.lock(), &self.shared.handed_off, &mut w);
+                    w.into_iter().for_each(Waker::wake);
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = &err {
+            // Entries may stay in the SQ with their slots: they keep their buffers (and
+            // permits) forever, and the ring takes nothing more.
+            ring.broken.store(true, Ordering::Release);
+            tracing::error!(error = %e, "io_uring submit failed; the ring is out of service");
+        }
+        drop(sq_guard);
+        let s = &self.shared;
+        let mut wakers = Vec::new();
+        let mut t = ring.table.lock();
+        ring.reap(&mut t, &s.handed_off, &mut wakers);
+        let mut handed = 0;
+        for &ud in idx.iter() {
+            let slot = &mut t.slots[ud as usize];
+            if slot.batch.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
+                slot.handed_off = true;
+                handed += 1;
+            }
+        }
+        if handed > 0 {
+            s.handed_off.fetch_add(handed, Ordering::SeqCst);
+        }
+        drop(t);
+        if let Some(e) = err {
+            // Report the failure for what is still outstanding; the slots keep the memory.
+            let indices: Vec<usize> = {
+                let t = ring.table.lock();
+                idx.iter()
+                    .filter_map(|&ud| {
+                        let s = &t.slots[ud as usize];
+                        s.batch
+                            .as_ref()
+                            .is_some_and(|b| Arc::ptr_eq(b, batch))
+                            .then_some(s.index)
+                    })
+                    .collect()
+            };
+            batch.fail_unsubmitted(indices.into_iter(), e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        if handed > 0
+            && s.idle.load(Ordering::SeqCst)
+            && let Some(t) = &self.thread
+        {
+            t.thread().unpark();
+        }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// Run a batch to completion, resubmitting the rest of short reads and writes.
@@ -192,12 +483,9 @@ impl Uring {
         let mut pending: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
         while !pending.is_empty() {
             let batch: Vec<Op> = pending.iter().map(|(_, op)| op.clone()).collect();
-            let rxs = self.submit(&batch);
+            let res = self.submit_wait(&batch).await;
             let mut next = Vec::new();
-            for ((i, op), rx) in pending.into_iter().zip(rxs) {
-                let res = rx
-                    .await
-                    .unwrap_or_else(|_| Err(io::Error::other("io_uring thread stopped")));
+            for ((i, op), res) in pending.into_iter().zip(res) {
                 match (res, &op) {
                     (
                         Ok(n),
@@ -264,13 +552,65 @@ impl Uring {
     }
 }
 
+type SmallIdx = Vec<u32>;
+
 impl Drop for Uring {
     fn drop(&mut self) {
-        self.tx.take();
-        self.sleeping.store(true, Ordering::SeqCst);
-        self.poke();
+        self.shared.closing.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            if self
+                .shared
+                .rings
+                .iter()
+                .any(|r| r.broken.load(Ordering::Acquire))
+            {
+                // Stuck entries may still be submitted one day: leave the thread (and the
+                // memory it guards) alone rather than wait forever.
+                return;
+            }
             let _ = t.join();
+        }
+    }
+}
+
+/// The reaper: collects completions nobody was in the kernel for, and stops once closing
+/// with nothing in flight.
+fn reaper(s: Arc<Shared>) {
+    let mut wakers = Vec::new();
+    loop {
+        let mut inflight = 0;
+        for r in s.rings.iter() {
+            let mut t = r.table.lock();
+            r.reap(&mut t, &s.handed_off, &mut wakers);
+            inflight += t.inflight;
+        }
+        wakers.drain(..).for_each(Waker::wake);
+        let closing = s.closing.load(Ordering::SeqCst);
+        if closing && inflight == 0 {
+            break;
+        }
+        if !closing && s.handed_off.load(Ordering::SeqCst) == 0 {
+            // Announce the nap, then look again: a submitter that hands off after our look
+            // sees `idle` and unparks us (park keeps that token if it comes first).
+            s.idle.store(true, Ordering::SeqCst);
+            if s.handed_off.load(Ordering::SeqCst) == 0 && !s.closing.load(Ordering::SeqCst) {
+                std::thread::park();
+            }
+            s.idle.store(false, Ordering::SeqCst);
+            continue;
+        }
+        // Sleep until the next completion anywhere. The count covers every completion since
+        // the last read, so one posted after the reap above returns at once.
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
+        let r = unsafe { libc::read(s.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                tracing::error!(error = %e, "io_uring eventfd read failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 }
@@ -317,124 +657,4 @@ fn build(op: &Op) -> (io_uring::squeue::Entry, Keep) {
             (e, Keep::None)
         }
     }
-}
-
-struct Inflight {
-    keep: Keep,
-    done: oneshot::Sender<io::Result<u32>>,
-}
-
-fn ring_thread(
-    mut ring: IoUring,
-    rx: mpsc::Receiver<Vec<Request>>,
-    wake: Arc<OwnedFd>,
-    sleeping: Arc<AtomicBool>,
-) {
-    let mut slots: Vec<Option<Inflight>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut inflight = 0usize;
-    let mut backlog: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
-    let mut closing = false;
-    let mut wake_buf = Box::new(0u64);
-    let mut wake_armed = false;
-
-    loop {
-        if !wake_armed && !closing {
-            let e = opcode::Read::new(
-                types::Fd(wake.as_raw_fd()),
-                (&mut *wake_buf as *mut u64).cast(),
-                8,
-            )
-            .build()
-            .user_data(WAKE_TOKEN);
-            // SAFETY: wake_buf lives for the whole thread, longer than the operation.
-            if unsafe { ring.submission().push(&e) }.is_ok() {
-                wake_armed = true;
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(batch) => backlog.extend(batch),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closing = true;
-                    break;
-                }
-            }
-        }
-        while let Some(req) = backlog.pop_front() {
-            let idx = free.pop().unwrap_or_else(|| {
-                slots.push(None);
-                slots.len() - 1
-            });
-            let entry = req.entry.clone().user_data(idx as u64);
-            // SAFETY: the memory behind `entry` is owned by `req.keep`, stored in `slots`
-            // until the completion for `idx` arrives.
-            if unsafe { ring.submission().push(&entry) }.is_err() {
-                free.push(idx);
-                backlog.push_front(req);
-                break;
-            }
-            slots[idx] = Some(Inflight {
-                keep: req.keep,
-                done: req.done,
-            });
-            inflight += 1;
-        }
-        if closing && inflight == 0 && backlog.is_empty() {
-            break;
-        }
-        sleeping.store(true, Ordering::SeqCst);
-        // Re-check after announcing sleep: a sender that saw `sleeping == false` queued
-        // before this point, and try_recv sees it.
-        match rx.try_recv() {
-            Ok(batch) => {
-                sleeping.store(false, Ordering::SeqCst);
-                backlog.extend(batch);
-                continue;
-            }
-            Err(mpsc::TryRecvError::Disconnected) => closing = true,
-            Err(mpsc::TryRecvError::Empty) => {}
-        }
-        let want = if closing && inflight == 0 { 0 } else { 1 };
-        match ring.submit_and_wait(want) {
-            Ok(_) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "io_uring submit failed");
-                // Fail the whole backlog rather than spin.
-                for req in backlog.drain(..) {
-                    let _ = req.done.send(Err(io::Error::new(e.kind(), e.to_string())));
-                }
-            }
-        }
-        sleeping.store(false, Ordering::SeqCst);
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in done {
-            if ud == WAKE_TOKEN {
-                wake_armed = false;
-                continue;
-            }
-            let idx = ud as usize;
-            if let Some(Inflight { keep, done }) = slots.get_mut(idx).and_then(Option::take) {
-                drop(keep);
-                inflight -= 1;
-                free.push(idx);
-                let r = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res as u32)
-                };
-                let _ = done.send(r);
-            }
-        }
-    }
-    // The ring goes first: a still-armed wake read may write into `wake_buf` until then.
-    drop(ring);
-    drop(wake_buf);
 }
