@@ -43,8 +43,47 @@ fn capacity_for(len: usize) -> usize {
     }
 }
 
+/// Small buffers (4 KiB reads above all) are kept per thread: glibc's aligned allocator
+/// splits and coalesces a block for each one, which cost ~5% of a 4 KiB read.
+const LOCAL_MAX: usize = 32 * 1024;
+const LOCAL_PER_CLASS: usize = 32;
+
+struct Local([Vec<usize>; LOCAL_MAX / ALIGN]);
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        for (k, list) in self.0.iter().enumerate() {
+            let layout = Layout::from_size_align((k + 1) * ALIGN, ALIGN).expect("buffer layout");
+            for &addr in list {
+                // SAFETY: allocated by `obtain` with this exact layout and owned by the cache.
+                unsafe { dealloc(addr as *mut u8, layout) }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Local> =
+        std::cell::RefCell::new(Local(std::array::from_fn(|_| Vec::new())));
+}
+
+fn local_class(cap: usize) -> Option<usize> {
+    (cap <= LOCAL_MAX && cap.is_multiple_of(ALIGN)).then(|| cap / ALIGN - 1)
+}
+
 /// A pooled or fresh allocation of `cap` bytes; `true` if it may hold old contents.
 fn obtain(cap: usize, zeroed: bool) -> (NonNull<u8>, bool) {
+    if let Some(class) = local_class(cap)
+        && let Some(addr) = LOCAL
+            .try_with(|l| l.borrow_mut().0[class].pop())
+            .ok()
+            .flatten()
+    {
+        return (
+            NonNull::new(addr as *mut u8).expect("cached pointer is non-null"),
+            true,
+        );
+    }
     if (POOL_MIN..=POOL_MAX).contains(&cap) {
         let mut p = POOL.lock();
         let class = class_of(cap);
@@ -150,6 +189,21 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.cap == 0 {
             return;
+        }
+        if let Some(class) = local_class(self.cap) {
+            let addr = self.ptr.as_ptr() as usize;
+            let kept = LOCAL
+                .try_with(|l| {
+                    let mut l = l.borrow_mut();
+                    let list = &mut l.0[class];
+                    (list.len() < LOCAL_PER_CLASS)
+                        .then(|| list.push(addr))
+                        .is_some()
+                })
+                .unwrap_or(false);
+            if kept {
+                return;
+            }
         }
         if (POOL_MIN..=POOL_MAX).contains(&self.cap) {
             let mut p = POOL.lock();

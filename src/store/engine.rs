@@ -5,7 +5,6 @@
 //! discards), then the journal mutex, then the metadata mutex. The metadata mutex is never
 //! held across an await; the commit mutex serialises commits and sits outside the journal.
 use std::fs::File;
-use std::hash::{Hash, Hasher};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -485,26 +484,35 @@ impl Store {
         c1: u64,
         exclusive: bool,
     ) -> StripeGuards<'_> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        id.hash(&mut h);
-        let base = h.finish();
-        let mut idx: Vec<usize> = (c0..c1.max(c0 + 1))
-            .map(|c| (base ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize % STRIPES)
-            .collect();
+        // A cheap mix of the object id (a random UUID) and the chunk index; no SipHash.
+        let (hi, lo) = id.as_u64_pair();
+        let base = hi ^ lo.rotate_left(29);
+        let stripe = |c: u64| (base ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize % STRIPES;
+        let mut g = StripeGuards {
+            one: None,
+            more: Vec::new(),
+        };
+        let c1 = c1.max(c0 + 1);
+        if c1 == c0 + 1 {
+            // One chunk, one stripe: the common case takes no allocation.
+            g.one = Some(self.lock_stripe(stripe(c0), exclusive).await);
+            return g;
+        }
+        let mut idx: Vec<usize> = (c0..c1).map(stripe).collect();
         idx.sort_unstable();
         idx.dedup();
-        let mut g = StripeGuards {
-            shared: Vec::new(),
-            excl: Vec::new(),
-        };
         for i in idx {
-            if exclusive {
-                g.excl.push(self.inner.stripes[i].write().await);
-            } else {
-                g.shared.push(self.inner.stripes[i].read().await);
-            }
+            g.more.push(self.lock_stripe(i, exclusive).await);
         }
         g
+    }
+
+    async fn lock_stripe(&self, i: usize, exclusive: bool) -> StripeGuard<'_> {
+        if exclusive {
+            StripeGuard::Excl(self.inner.stripes[i].write().await)
+        } else {
+            StripeGuard::Shared(self.inner.stripes[i].read().await)
+        }
     }
 
     async fn after_change(&self, fua: bool) -> Result<()> {
@@ -587,77 +595,90 @@ impl Store {
         let a0 = offset / bs;
         let a1 = end.div_ceil(bs);
         let total = ((a1 - a0) * bs) as usize;
-        // (fd, file offset, buffer offset, length), ascending in the buffer, merged where
-        // both the file and the buffer ranges continue the previous one.
-        let mut reads: Vec<(i32, u64, usize, usize)> = Vec::new();
-        // (segment, crc index, object block) per block to verify
-        let mut checks: Vec<(Arc<Segment>, usize, u64)> = Vec::new();
         let bpc = self.inner.sb.blocks_per_chunk() as u64;
-        for (c, e) in entries {
-            let cb0 = c as u64 * bpc;
-            let lo = a0.max(cb0) - cb0;
-            let hi = a1.min(cb0 + bpc) - cb0;
-            let want = e.present & mask_range(lo, hi);
-            if want == 0 {
-                continue;
-            }
-            let seg = self.seg(e.slot);
-            for (s, n) in runs(want) {
-                let (foff, crc0) = self.locate(e.slot, s);
-                let boff = ((cb0 + s as u64 - a0) * bs) as usize;
-                let nbytes = n as usize * BLOCK;
-                for k in 0..n as usize {
-                    checks.push((seg.clone(), crc0 + k, cb0 + s as u64 + k as u64));
+        let sps = self.inner.sb.slots_per_segment();
+        // Reads merged where both the file and the buffer ranges continue the previous one.
+        // The CRC index of a block is its file offset / BLOCK, so each run is also its own
+        // list of checks: no per-block bookkeeping.
+        let mut reads: Vec<ReadRun> = Vec::new();
+        {
+            let segs = self.inner.segments.read();
+            for (c, e) in entries {
+                let cb0 = c as u64 * bpc;
+                let lo = a0.max(cb0) - cb0;
+                let hi = a1.min(cb0 + bpc) - cb0;
+                let want = e.present & mask_range(lo, hi);
+                if want == 0 {
+                    continue;
                 }
-                match reads.last_mut() {
-                    Some((fd, f, b, l))
-                        if *fd == seg.fd()
-                            && *f + *l as u64 == foff
-                            && *b + *l == boff
-                            && *l + nbytes <= 1 << 30 =>
-                    {
-                        *l += nbytes
+                let seg_index = (e.slot / sps) as usize;
+                for (s, n) in runs(want) {
+                    let (foff, _) = self.locate(e.slot, s);
+                    let boff = ((cb0 + s as u64 - a0) * bs) as usize;
+                    let nbytes = n as usize * BLOCK;
+                    match reads.last_mut() {
+                        Some(r)
+                            if r.seg_index == seg_index
+                                && r.foff + r.len as u64 == foff
+                                && r.boff + r.len == boff
+                                && r.len + nbytes <= 1 << 30 =>
+                        {
+                            r.len += nbytes
+                        }
+                        _ => reads.push(ReadRun {
+                            seg: segs[seg_index].clone(),
+                            seg_index,
+                            foff,
+                            boff,
+                            len: nbytes,
+                        }),
                     }
-                    _ => reads.push((seg.fd(), foff, boff, nbytes)),
                 }
             }
         }
         // Holes are zeroed here; everything else is filled by the reads.
         let mut raw = AlignedBuf::for_overwrite(total);
         let mut cursor = 0;
-        for &(_, _, b, l) in &reads {
-            raw.zero_range(cursor, b);
-            cursor = b + l;
+        for r in &reads {
+            raw.zero_range(cursor, r.boff);
+            cursor = r.boff + r.len;
         }
         raw.zero_range(cursor, total);
         let buf = SharedBuf::new(raw);
-        let ops: Vec<Op> = reads
-            .into_iter()
-            .map(|(fd, off, buf_off, len)| Op::Read {
-                fd,
-                off,
-                buf: buf.clone(),
-                buf_off,
-                len: len as u32,
-            })
-            .collect();
-        if !ops.is_empty() {
+        for r in &reads {
+            r.seg.prefetch_crcs((r.foff / bs) as usize, r.len / BLOCK);
+        }
+        if !reads.is_empty() {
+            let ops: Vec<Op> = reads
+                .iter()
+                .map(|r| Op::Read {
+                    fd: r.seg.fd(),
+                    off: r.foff,
+                    buf: buf.clone(),
+                    buf_off: r.boff,
+                    len: r.len as u32,
+                })
+                .collect();
             self.inner.uring.run_all(ops).await?;
         }
         let buf = SharedBuf::into_inner(buf)
             .ok_or_else(|| StoreError::Io(std::io::Error::other("read buffer still shared")))?;
-        for (seg, ci, blk) in checks {
-            let start = ((blk - a0) * bs) as usize;
-            if crc32fast::hash(&buf[start..start + BLOCK]) != seg.crc(ci) {
-                self.inner
-                    .counters
-                    .checksum_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(object = %id, offset = blk * bs, "checksum mismatch");
-                return Err(StoreError::Checksum {
-                    id,
-                    offset: blk * bs,
-                });
+        for r in &reads {
+            let ci0 = (r.foff / bs) as usize;
+            let data = &buf[r.boff..r.boff + r.len];
+            for (k, block) in data.chunks_exact(BLOCK).enumerate() {
+                if crc32fast::hash(block) != r.seg.crc(ci0 + k) {
+                    let blk = a0 + (r.boff / BLOCK + k) as u64;
+                    self.inner
+                        .counters
+                        .checksum_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(object = %id, offset = blk * bs, "checksum mismatch");
+                    return Err(StoreError::Checksum {
+                        id,
+                        offset: blk * bs,
+                    });
+                }
             }
         }
         let skip = (offset - a0 * bs) as usize;
@@ -786,6 +807,7 @@ impl Store {
             read_mask: u64,
             src: u32,
         }
+        let mut segs = SegCache::new(self);
         let mut stages = Vec::with_capacity(plans.len());
         let mut reads = Vec::new();
         for p in plans {
@@ -806,7 +828,7 @@ impl Store {
                 Some(SharedBuf::new(AlignedBuf::zeroed(chunk)))
             };
             if let Some(b) = &buf {
-                let seg = self.seg(src);
+                let seg = segs.get(src);
                 for (s, n) in runs(read_mask) {
                     let (foff, _) = self.locate(src, s);
                     reads.push(Op::Read {
@@ -827,33 +849,81 @@ impl Store {
         if !reads.is_empty() {
             self.inner.uring.run_all(reads).await?;
         }
-        // Phase 2: assemble, checksum, write.
+        // Phase 2: assemble, checksum, write. With O_DIRECT, whole-block pieces of the
+        // caller's data that land back to back in one segment file (a sequential writer gets
+        // consecutive slots) become one write. Buffered writes stay at most a chunk each: the
+        // page cache sizes its folios by the write, and ext4 walks every buffer head of a
+        // folio on each small write into it, so a 4 KiB random write into a folio that a
+        // 1 MiB write created costs ~7x more (measured: 34 vs 5 us). CRCs are kept per run,
+        // one segment reference each.
+        let max_write = if self.inner.direct { 1 << 30 } else { chunk };
         let mut writes = Vec::new();
-        let mut crc_updates: Vec<(Arc<Segment>, usize, u32)> = Vec::new();
+        // The write being extended from the caller's data: (fd, file offset, data start, len).
+        let mut direct: Option<(i32, u64, usize, usize)> = None;
+        let mut crc_runs: Vec<CrcRun> = Vec::new();
+        let mut crcs: Vec<u32> = Vec::new();
         let chunk64 = chunk as u64;
+        let flush_direct = |writes: &mut Vec<Op>, d: Option<(i32, u64, usize, usize)>| {
+            if let Some((fd, off, start, len)) = d {
+                writes.push(Op::Write {
+                    fd,
+                    off,
+                    data: WriteSrc::Bytes(data.slice(start..start + len)),
+                });
+            }
+        };
+        let push_crcs = |crc_runs: &mut Vec<CrcRun>,
+                         crcs: &mut Vec<u32>,
+                         seg: &Arc<Segment>,
+                         ci: usize,
+                         bytes: &[u8]| {
+            let first = crcs.len();
+            crcs.extend(bytes.chunks(BLOCK).map(crc32fast::hash));
+            match crc_runs.last_mut() {
+                Some(r) if Arc::ptr_eq(&r.seg, seg) && r.ci + (first - r.first) == ci => {}
+                _ => crc_runs.push(CrcRun {
+                    seg: seg.clone(),
+                    ci,
+                    first,
+                }),
+            }
+        };
         for (p, st) in plans.iter().zip(stages) {
-            let seg = self.seg(p.slot);
+            let seg = segs.get(p.slot);
             let touched = mask_range(p.start as u64 / bs, (p.end as u64).div_ceil(bs));
             match st.buf {
                 None => {
                     let b0 = p.start / BLOCK;
-                    let piece = data.slice(p.data_off..p.data_off + (p.end - p.start));
-                    for (k, blk) in piece.chunks(BLOCK).enumerate() {
-                        let (_, ci) = self.locate(p.slot, (b0 + k) as u32);
-                        crc_updates.push((seg.clone(), ci, crc32fast::hash(blk)));
+                    let (foff, ci) = self.locate(p.slot, b0 as u32);
+                    let len = p.end - p.start;
+                    push_crcs(
+                        &mut crc_runs,
+                        &mut crcs,
+                        &seg,
+                        ci,
+                        &data[p.data_off..p.data_off + len],
+                    );
+                    match &mut direct {
+                        Some((fd, off, start, l))
+                            if *fd == seg.fd()
+                                && *off + *l as u64 == foff
+                                && *start + *l == p.data_off
+                                && *l + len <= max_write =>
+                        {
+                            *l += len
+                        }
+                        _ => {
+                            flush_direct(&mut writes, direct.take());
+                            direct = Some((seg.fd(), foff, p.data_off, len));
+                        }
                     }
-                    let (foff, _) = self.locate(p.slot, b0 as u32);
-                    writes.push(Op::Write {
-                        fd: seg.fd(),
-                        off: foff,
-                        data: WriteSrc::Bytes(piece),
-                    });
                 }
                 Some(shared) => {
+                    flush_direct(&mut writes, direct.take());
                     let mut buf = SharedBuf::into_inner(shared).ok_or_else(|| {
                         StoreError::Io(std::io::Error::other("copy buffer still shared"))
                     })?;
-                    let src_seg = self.seg(st.src);
+                    let src_seg = segs.get(st.src);
                     for blk in 0..(chunk64 / bs) as u32 {
                         if st.read_mask & (1 << blk) != 0 {
                             let (_, ci) = self.locate(st.src, blk);
@@ -874,30 +944,31 @@ impl Store {
                     let write_mask = touched | st.read_mask;
                     let buf = Arc::new(buf);
                     for (s, n) in runs(write_mask) {
-                        for blk in s..s + n {
-                            let (_, ci) = self.locate(p.slot, blk);
-                            let b = &buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK];
-                            crc_updates.push((seg.clone(), ci, crc32fast::hash(b)));
-                        }
-                        let (foff, _) = self.locate(p.slot, s);
+                        let (foff, ci) = self.locate(p.slot, s);
+                        let range = s as usize * BLOCK..(s + n) as usize * BLOCK;
+                        push_crcs(&mut crc_runs, &mut crcs, &seg, ci, &buf[range.clone()]);
                         writes.push(Op::Write {
                             fd: seg.fd(),
                             off: foff,
                             data: WriteSrc::Aligned {
                                 buf: buf.clone(),
-                                start: s as usize * BLOCK,
-                                len: n as usize * BLOCK,
+                                start: range.start,
+                                len: range.len(),
                             },
                         });
                     }
                 }
             }
         }
+        flush_direct(&mut writes, direct.take());
         let results = self.inner.uring.run(writes).await;
         // CRCs go in even if some writes failed: a block whose write landed must not read as
         // corrupt. A failed in-place write leaves its blocks undefined, as a failed write may.
-        for (seg, ci, crc) in crc_updates {
-            seg.set_crc(ci, crc);
+        for (k, r) in crc_runs.iter().enumerate() {
+            let end = crc_runs.get(k + 1).map_or(crcs.len(), |n| n.first);
+            for (j, &crc) in crcs[r.first..end].iter().enumerate() {
+                r.seg.set_crc(r.ci + j, crc);
+            }
         }
         for r in results {
             r.map_err(map_io)?;
@@ -1229,9 +1300,57 @@ impl Store {
     }
 }
 
+#[allow(dead_code)] // held, never read
+enum StripeGuard<'a> {
+    Shared(tokio::sync::RwLockReadGuard<'a, ()>),
+    Excl(tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
+/// The segment of a slot, remembering the last one: consecutive chunks mostly share it, and
+/// each lookup otherwise takes the segment table's lock and a reference count (both shared
+/// cache lines between cores).
+struct SegCache<'a> {
+    store: &'a Store,
+    last: Option<(u32, Arc<Segment>)>,
+}
+
+impl<'a> SegCache<'a> {
+    fn new(store: &'a Store) -> Self {
+        SegCache { store, last: None }
+    }
+
+    fn get(&mut self, slot: u32) -> Arc<Segment> {
+        let index = slot / self.store.inner.sb.slots_per_segment();
+        match &self.last {
+            Some((i, seg)) if *i == index => seg.clone(),
+            _ => {
+                let seg = self.store.seg(slot);
+                self.last = Some((index, seg.clone()));
+                seg
+            }
+        }
+    }
+}
+
+/// CRCs `crcs[first..]` (up to the next run's `first`) for blocks `ci..` of `seg`.
+struct CrcRun {
+    seg: Arc<Segment>,
+    ci: usize,
+    first: usize,
+}
+
+/// One merged read: `len` bytes at `foff` of segment `seg_index` into the buffer at `boff`.
+struct ReadRun {
+    seg: Arc<Segment>,
+    seg_index: usize,
+    foff: u64,
+    boff: usize,
+    len: usize,
+}
+
 struct StripeGuards<'a> {
-    shared: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
-    excl: Vec<tokio::sync::RwLockWriteGuard<'a, ()>>,
+    one: Option<StripeGuard<'a>>,
+    more: Vec<StripeGuard<'a>>,
 }
 
 fn check_range(id: ObjectId, size: u64, offset: u64, len: u64) -> Result<()> {

@@ -148,6 +148,12 @@ impl Map {
                 }
                 Node::Leaf(entries) => {
                     let key = child_index(idx, 1) as u8;
+                    // Dense leaves hold key k at position k: try that before searching.
+                    if let Some((k, e)) = entries.get(key as usize)
+                        && *k == key
+                    {
+                        return Some(*e);
+                    }
                     return entries
                         .binary_search_by_key(&key, |(k, _)| *k)
                         .ok()
@@ -319,7 +325,13 @@ fn walk(node: &Node, level: u8, base: u64, start: u64, end: u64, f: &mut impl Fn
         }
         Node::Leaf(entries) => {
             let lo = start.saturating_sub(base).min(FAN as u64) as usize;
-            let from = entries.partition_point(|(k, _)| (*k as usize) < lo);
+            // Keys are distinct and sorted, so if the entry at position `lo` has key `lo`,
+            // every key before it is smaller: a dense leaf needs no search (one cache miss
+            // instead of a binary search's eight).
+            let from = match entries.get(lo) {
+                Some((k, _)) if *k as usize == lo => lo,
+                _ => entries.partition_point(|(k, _)| (*k as usize) < lo),
+            };
             for (k, e) in &entries[from..] {
                 let idx = base + *k as u64;
                 if idx >= end {

@@ -96,6 +96,29 @@ impl Segment {
         u32::from_le(self.crcs()[b].load(Ordering::Acquire))
     }
 
+    /// Start loading the stored CRCs of blocks `b..b + n` into the cache, so that the miss on
+    /// a cold CRC page overlaps the data read instead of following it.
+    pub fn prefetch_crcs(&self, b: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let crcs = self.crcs();
+            let end = (b + n).min(crcs.len());
+            let mut i = b;
+            while i < end {
+                let line_end = (i | 15) + 1;
+                let p = crcs[i].as_ptr().cast::<i8>().cast_const();
+                // SAFETY: a prefetch hint for an address inside our map; it reads nothing.
+                #[allow(unused_unsafe)]
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_T0)
+                };
+                i = line_end; // one 64-byte line holds 16 CRCs (the map is page-aligned)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, n);
+    }
+
     pub fn set_crc(&self, b: usize, v: u32) {
         self.crcs()[b].store(v.to_le(), Ordering::Release);
     }

@@ -109,6 +109,12 @@ impl WriteSrc {
             }
         }
     }
+    fn len(&self) -> usize {
+        match self {
+            WriteSrc::Bytes(b) => b.len(),
+            WriteSrc::Aligned { len, .. } => *len,
+        }
+    }
     fn advance(&self, n: usize) -> WriteSrc {
         match self {
             WriteSrc::Bytes(b) => WriteSrc::Bytes(b.slice(n..)),
@@ -157,13 +163,71 @@ struct Slot {
     handed_off: bool,
 }
 
+/// A vector that keeps up to `N` items inline (most batches are one or two operations).
+#[derive(Clone)]
+enum Small<T: Copy + Default, const N: usize> {
+    Inline([T; N], usize),
+    Heap(Vec<T>),
+}
+
+impl<T: Copy + Default, const N: usize> Small<T, N> {
+    fn new() -> Self {
+        Small::Inline([T::default(); N], 0)
+    }
+    fn filled(v: T, n: usize) -> Self {
+        if n <= N {
+            let mut a = [T::default(); N];
+            a[..n].fill(v);
+            Small::Inline(a, n)
+        } else {
+            Small::Heap(vec![v; n])
+        }
+    }
+    fn push(&mut self, v: T) {
+        match self {
+            Small::Inline(a, n) if *n < N => {
+                a[*n] = v;
+                *n += 1;
+            }
+            Small::Inline(a, n) => {
+                let mut h = a[..*n].to_vec();
+                h.push(v);
+                *self = Small::Heap(h);
+            }
+            Small::Heap(h) => h.push(v),
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::Deref for Small<T, N> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Small::Inline(a, n) => &a[..*n],
+            Small::Heap(h) => h,
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::DerefMut for Small<T, N> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Small::Inline(a, n) => &mut a[..*n],
+            Small::Heap(h) => h,
+        }
+    }
+}
+
+/// Per operation: its result (`res` of the CQE), once known.
+type Results = Small<Option<i32>, 4>;
+
 /// Results of one `submit_wait` call.
 struct Batch {
     state: Mutex<BatchState>,
 }
 
 struct BatchState {
-    results: Vec<Option<i32>>,
+    results: Results,
     remaining: usize,
     waker: Option<Waker>,
 }
@@ -172,7 +236,7 @@ impl Batch {
     fn new(n: usize) -> Arc<Batch> {
         Arc::new(Batch {
             state: Mutex::new(BatchState {
-                results: vec![None; n],
+                results: Small::filled(None, n),
                 remaining: n,
                 waker: None,
             }),
@@ -200,7 +264,7 @@ impl Batch {
         }
     }
 
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<Vec<io::Result<u32>>> {
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Results> {
         let mut s = self.state.lock();
         if s.remaining > 0 {
             if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -208,16 +272,56 @@ impl Batch {
             }
             return Poll::Pending;
         }
-        Poll::Ready(
-            s.results
-                .iter()
-                .map(|r| match r {
-                    Some(res) if *res >= 0 => Ok(*res as u32),
-                    Some(res) => Err(io::Error::from_raw_os_error(-res)),
-                    None => Err(io::Error::other("lost completion")),
-                })
-                .collect(),
-        )
+        Poll::Ready(std::mem::replace(&mut s.results, Small::new()))
+    }
+}
+
+/// What to do after an operation's completion.
+enum Outcome {
+    Done(io::Result<()>),
+    /// A short transfer: the rest, to submit again.
+    Again(Op),
+}
+
+fn outcome(res: Option<i32>, op: &Op) -> Outcome {
+    let n = match res {
+        None => return Outcome::Done(Err(io::Error::other("lost completion"))),
+        Some(r) if r < 0 => return Outcome::Done(Err(io::Error::from_raw_os_error(-r))),
+        Some(r) => r as u32,
+    };
+    match op {
+        Op::Read {
+            fd,
+            off,
+            buf,
+            buf_off,
+            len,
+        } if n < *len => {
+            if n == 0 {
+                return Outcome::Done(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "short read",
+                )));
+            }
+            Outcome::Again(Op::Read {
+                fd: *fd,
+                off: off + n as u64,
+                buf: buf.clone(),
+                buf_off: buf_off + n as usize,
+                len: len - n,
+            })
+        }
+        Op::Write { fd, off, data } if (n as usize) < data.len() => {
+            if n == 0 {
+                return Outcome::Done(Err(io::Error::new(io::ErrorKind::WriteZero, "short write")));
+            }
+            Outcome::Again(Op::Write {
+                fd: *fd,
+                off: off + n as u64,
+                data: data.advance(n as usize),
+            })
+        }
+        _ => Outcome::Done(Ok(())),
     }
 }
 
@@ -350,7 +454,7 @@ impl Uring {
 
     /// Submit a batch and wait for all of it. Short transfers are reported as such (use
     /// [`Uring::run`] to complete them).
-    async fn submit_wait(&self, ops: &[Op]) -> Vec<io::Result<u32>> {
+    async fn submit_wait(&self, ops: &[Op]) -> Results {
         let batch = Batch::new(ops.len());
         let mut pos = 0;
         while pos < ops.len() {
@@ -381,7 +485,7 @@ impl Uring {
             batch.fail_unsubmitted(first..first + n, libc::EIO);
             return;
         }
-        let mut idx: SmallIdx = SmallIdx::new();
+        let mut idx: Small<u32, 8> = Small::new();
         {
             let mut t = ring.table.lock();
             // SAFETY: the sq lock is held, so this is the only submission queue view; it is
@@ -479,80 +583,58 @@ impl Uring {
 
     /// Run a batch to completion, resubmitting the rest of short reads and writes.
     pub async fn run(&self, ops: Vec<Op>) -> Vec<io::Result<()>> {
-        let mut results: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
-        let mut pending: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
-        while !pending.is_empty() {
-            let batch: Vec<Op> = pending.iter().map(|(_, op)| op.clone()).collect();
-            let res = self.submit_wait(&batch).await;
-            let mut next = Vec::new();
-            for ((i, op), res) in pending.into_iter().zip(res) {
-                match (res, &op) {
-                    (
-                        Ok(n),
-                        Op::Read {
-                            fd,
-                            off,
-                            buf,
-                            buf_off,
-                            len,
-                        },
-                    ) if n < *len => {
-                        if n == 0 {
-                            results[i] = Some(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "short read",
-                            )));
-                        } else {
-                            let n64 = n as u64;
-                            next.push((
-                                i,
-                                Op::Read {
-                                    fd: *fd,
-                                    off: off + n64,
-                                    buf: buf.clone(),
-                                    buf_off: buf_off + n as usize,
-                                    len: len - n,
-                                },
-                            ));
-                        }
-                    }
-                    (Ok(n), Op::Write { fd, off, data }) if (n as usize) < data.parts().1 => {
-                        if n == 0 {
-                            results[i] =
-                                Some(Err(io::Error::new(io::ErrorKind::WriteZero, "short write")));
-                        } else {
-                            next.push((
-                                i,
-                                Op::Write {
-                                    fd: *fd,
-                                    off: off + n as u64,
-                                    data: data.advance(n as usize),
-                                },
-                            ));
-                        }
-                    }
-                    (Ok(_), _) => results[i] = Some(Ok(())),
-                    (Err(e), _) => results[i] = Some(Err(e)),
+        let mut out: Vec<io::Result<()>> = Vec::with_capacity(ops.len());
+        let res = self.submit_wait(&ops).await;
+        let mut again: Vec<(usize, Op)> = Vec::new();
+        for (i, (op, r)) in ops.iter().zip(res.iter()).enumerate() {
+            match outcome(*r, op) {
+                Outcome::Done(r) => out.push(r),
+                Outcome::Again(rest) => {
+                    out.push(Ok(()));
+                    again.push((i, rest));
                 }
             }
-            pending = next;
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("lost result"))))
-            .collect()
+        while !again.is_empty() {
+            let ops: Vec<Op> = again.iter().map(|(_, op)| op.clone()).collect();
+            let res = self.submit_wait(&ops).await;
+            let mut next = Vec::new();
+            for ((i, op), r) in again.into_iter().zip(res.iter()) {
+                match outcome(*r, &op) {
+                    Outcome::Done(r) => out[i] = r,
+                    Outcome::Again(rest) => next.push((i, rest)),
+                }
+            }
+            again = next;
+        }
+        out
     }
 
     /// Run a batch and fail with the first error.
     pub async fn run_all(&self, ops: Vec<Op>) -> io::Result<()> {
-        for r in self.run(ops).await {
-            r?;
+        let res = self.submit_wait(&ops).await;
+        let mut again = Vec::new();
+        let mut first_err = None;
+        for (op, r) in ops.iter().zip(res.iter()) {
+            match outcome(*r, op) {
+                Outcome::Done(Ok(())) => {}
+                Outcome::Done(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Outcome::Again(rest) => again.push(rest),
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if !again.is_empty() {
+            for r in self.run(again).await {
+                r?;
+            }
         }
         Ok(())
     }
 }
-
-type SmallIdx = Vec<u32>;
 
 impl Drop for Uring {
     fn drop(&mut self) {
