@@ -75,6 +75,35 @@ pub enum Command {
     Fsck(FsckArgs),
     /// Print the version, git commit and on-disk format versions.
     Version,
+    /// Volumes of a running daemon (through its Compute API). `cairn volume create --size 10G
+    /// --attach bench` prints the NBD URI of a fresh, attached volume.
+    Volume {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::VolumeCmd,
+    },
+    /// Servers (instances) of a running daemon.
+    Server {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::ServerCmd,
+    },
+    /// Projects of a running daemon (admin).
+    Project {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::ProjectCmd,
+    },
+    /// Users of a running daemon (admin).
+    User {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::UserCmd,
+    },
 }
 
 /// The daemon's configuration.
@@ -119,6 +148,39 @@ pub struct Config {
         default_value = DEFAULT_SHUTDOWN_TIMEOUT_SECS
     )]
     pub shutdown_timeout: u64,
+
+    /// Password of the bootstrap `admin` user, set when the catalog is first created. Without
+    /// it a random one is generated. Either way it is written to `<data-dir>/clouds.yaml`.
+    #[arg(
+        long,
+        env = "CAIRN_ADMIN_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
+
+    /// Lifetime of issued tokens.
+    #[arg(
+        long,
+        env = "CAIRN_TOKEN_TTL",
+        value_name = "SECONDS",
+        default_value = "3600"
+    )]
+    pub token_ttl: u64,
+
+    /// How many servers a multi-attach volume may be attached to at once (others: 1).
+    #[arg(
+        long,
+        env = "CAIRN_MULTIATTACH_LIMIT",
+        value_name = "N",
+        default_value = "16"
+    )]
+    pub multiattach_limit: u32,
+
+    /// Base URL clients use to reach the admin API, for the service catalog and clouds.yaml.
+    /// [default: http://<the --http address>]
+    #[arg(long, env = "CAIRN_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

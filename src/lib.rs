@@ -2,6 +2,8 @@
 //! cache and the admin API are views of it.
 
 pub mod catalog;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod service;
 pub mod store;

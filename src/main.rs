@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use cairn::{
     catalog::Catalog,
     config::{self, Command, Config, FsckArgs, Layout, LogFormat, LogOptions},
+    control::Settings,
     service::{self, DaemonService},
     store::{self, Store, StoreOptions},
 };
@@ -38,6 +39,10 @@ fn main() -> ExitCode {
             }
             ExitCode::from(fsck(&args))
         }
+        Command::Volume { client, cmd } => client_exit(cairn::client::volume(&client, cmd)),
+        Command::Server { client, cmd } => client_exit(cairn::client::server(&client, cmd)),
+        Command::Project { client, cmd } => client_exit(cairn::client::project(&client, cmd)),
+        Command::User { client, cmd } => client_exit(cairn::client::user(&client, cmd)),
         Command::Serve(cfg) => {
             if let Err(e) = init_logging(&cli.log) {
                 eprintln!("cairn: {e:#}");
@@ -50,6 +55,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn client_exit(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -304,9 +319,24 @@ async fn run(
 ) -> Result<()> {
     prepare_nbd_and_fuse(cfg, layout)?;
 
-    let svc = DaemonService::new(store, catalog);
-    let app = admin_api::router(svc.clone());
     let addr = listener.local_addr().context("reading the bound address")?;
+    let settings = Settings {
+        public_url: cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"))
+            .trim_end_matches('/')
+            .to_owned(),
+        nbd_url: format!("nbd://{}", cfg.nbd),
+        token_ttl: Duration::from_secs(cfg.token_ttl),
+        multiattach_limit: cfg.multiattach_limit,
+    };
+    let svc = DaemonService::new(store, catalog, settings);
+    svc.identity()
+        .bootstrap(layout, cfg.admin_password.as_deref())
+        .await
+        .context("bootstrapping identity")?;
+    let app = admin_api::router(svc.clone());
     info!(addr = %addr, "admin HTTP listening");
 
     let drain = {

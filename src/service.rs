@@ -9,10 +9,11 @@ use std::{
     time::Duration,
 };
 
-use admin_api::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo};
+use admin_api::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo, model::*};
 
 use crate::{
     catalog::{self, Catalog},
+    control::{Settings, identity::Identity, volumes::Volumes},
     store::{self, Store},
 };
 
@@ -36,16 +37,24 @@ pub fn version_info() -> VersionInfo {
 pub struct DaemonService {
     store: Store,
     catalog: Catalog,
+    identity: Identity,
+    volumes: Volumes,
     shutting_down: AtomicBool,
 }
 
 impl DaemonService {
-    pub fn new(store: Store, catalog: Catalog) -> Arc<Self> {
+    pub fn new(store: Store, catalog: Catalog, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
+            identity: Identity::new(catalog.clone(), settings.clone()),
+            volumes: Volumes::new(catalog.clone(), store.clone(), settings),
             store,
             catalog,
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// From now on `/healthz` answers 503, so load balancers stop sending new work while
@@ -101,5 +110,174 @@ impl AdminService for DaemonService {
             written_bytes: s.written_bytes,
             flushes: s.flushes,
         }
+    }
+
+    fn public_url(&self) -> String {
+        self.identity.settings.public_url.clone()
+    }
+
+    async fn issue_token(&self, req: AuthRequest) -> ServiceResult<IssuedToken> {
+        self.identity.issue_token(req).await
+    }
+
+    async fn validate_token(&self, token: &str) -> ServiceResult<TokenInfo> {
+        self.identity.validate_token(token).await
+    }
+
+    async fn revoke_token(&self, caller: &Caller, token: &str) -> ServiceResult<()> {
+        self.identity.revoke_token(caller, token).await
+    }
+
+    async fn authenticate_basic(&self, user: &str, password: &str) -> ServiceResult<Caller> {
+        self.identity.authenticate_basic(user, password).await
+    }
+
+    async fn list_projects(&self, caller: &Caller) -> ServiceResult<Vec<Project>> {
+        self.identity.list_projects(caller).await
+    }
+
+    async fn get_project(&self, caller: &Caller, id_or_name: &str) -> ServiceResult<Project> {
+        self.identity.get_project(caller, id_or_name).await
+    }
+
+    async fn create_project(&self, caller: &Caller, new: NewProject) -> ServiceResult<Project> {
+        self.identity.create_project(caller, new).await
+    }
+
+    async fn delete_project(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.identity.delete_project(caller, id).await
+    }
+
+    async fn list_users(&self, caller: &Caller) -> ServiceResult<Vec<User>> {
+        self.identity.list_users(caller).await
+    }
+
+    async fn get_user(&self, caller: &Caller, id_or_name: &str) -> ServiceResult<User> {
+        self.identity.get_user(caller, id_or_name).await
+    }
+
+    async fn create_user(&self, caller: &Caller, new: NewUser) -> ServiceResult<User> {
+        self.identity.create_user(caller, new).await
+    }
+
+    async fn delete_user(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.identity.delete_user(caller, id).await
+    }
+
+    async fn list_roles(&self, caller: &Caller) -> ServiceResult<Vec<Named>> {
+        self.identity.list_roles(caller).await
+    }
+
+    async fn list_role_assignments(
+        &self,
+        caller: &Caller,
+        project_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> ServiceResult<Vec<RoleAssignment>> {
+        self.identity
+            .list_role_assignments(caller, project_id, user_id)
+            .await
+    }
+
+    async fn grant_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        self.identity
+            .grant_role(caller, project_id, user_id, role)
+            .await
+    }
+
+    async fn revoke_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        self.identity
+            .revoke_role(caller, project_id, user_id, role)
+            .await
+    }
+
+    async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
+        self.volumes.create_volume(caller, new).await
+    }
+
+    async fn list_volumes(
+        &self,
+        caller: &Caller,
+        scope: VolumeScope,
+    ) -> ServiceResult<Vec<Volume>> {
+        self.volumes.list_volumes(caller, scope).await
+    }
+
+    async fn get_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<Volume> {
+        self.volumes.get_volume(caller, id, pdisk_rules).await
+    }
+
+    async fn delete_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<()> {
+        self.volumes.delete_volume(caller, id, pdisk_rules).await
+    }
+
+    async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {
+        self.volumes.create_server(caller, new).await
+    }
+
+    async fn list_servers(&self, caller: &Caller) -> ServiceResult<Vec<Server>> {
+        self.volumes.list_servers(caller).await
+    }
+
+    async fn get_server(&self, caller: &Caller, id: &str) -> ServiceResult<Server> {
+        self.volumes.get_server(caller, id).await
+    }
+
+    async fn delete_server(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.volumes.delete_server(caller, id).await
+    }
+
+    async fn attach(&self, caller: &Caller, req: AttachRequest) -> ServiceResult<Attachment> {
+        self.volumes.attach(caller, req).await
+    }
+
+    async fn detach(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+        volume_id: &str,
+        hot_only: bool,
+    ) -> ServiceResult<Attachment> {
+        self.volumes
+            .detach(caller, target, volume_id, hot_only)
+            .await
+    }
+
+    async fn detach_all(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        self.volumes.detach_all(caller, target).await
+    }
+
+    async fn list_attachments(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        self.volumes.list_attachments(caller, target).await
     }
 }

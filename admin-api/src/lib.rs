@@ -16,11 +16,19 @@
 use std::sync::Arc;
 
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
+pub mod auth;
+pub mod compute;
 pub mod error;
+pub mod keystone;
 mod metrics;
+pub mod model;
 pub mod ops;
+pub mod pdisk;
 mod service;
+pub mod time_fmt;
 
 pub use service::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo};
 
@@ -31,16 +39,24 @@ pub struct AppState {
     metrics: Arc<metrics::Metrics>,
 }
 
-/// The whole admin API: every family's router merged, a JSON 404 for unknown paths, a JSON 405
-/// for known paths with the wrong method, and request counting for `/metrics`.
+/// The whole admin API: every family's router merged, `/openapi.json` generated from the same
+/// route declarations (so the document cannot miss a route), a JSON 404 for unknown paths, a
+/// JSON 405 for known paths with the wrong method, and request counting for `/metrics`.
 pub fn router(service: Arc<dyn AdminService>) -> Router {
     let state = AppState {
         metrics: Arc::new(metrics::Metrics::new(service.clone())),
         service,
     };
-    Router::new()
-        .merge(ops::router())
-        // Later families: .merge(compute::router()).merge(pdisk::router()) ...
+    let (routes, doc) = api_routes().split_for_parts();
+    let doc = Arc::new(doc);
+    routes
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         // `layer` (not `route_layer`) so that the fallbacks are counted too.
@@ -50,6 +66,27 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
         ))
         .with_state(state)
 }
+
+/// Every documented route with its OpenAPI description.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(ops::router())
+        .merge(keystone::router())
+        .merge(compute::router())
+        .merge(pdisk::router())
+}
+
+/// The OpenAPI document of every route, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(info(
+    title = "cairn admin API",
+    description = "Identity (Keystone v3 subset), Compute volumes (os-volumes), persistent disks (pdisk) and operations endpoints of the cairn storage daemon."
+))]
+struct ApiDoc;
 
 #[cfg(test)]
 mod tests;

@@ -11,26 +11,29 @@
 //!   flushes}_total` (counters). HTTP: `cairn_http_requests_total{method,route,status}`.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
 use serde_json::{Map, Value, json};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{AppState, error::json_error};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/version", get(version))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(version))
+        .routes(routes!(metrics))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "every component is usable"),
+              (status = 503, description = "a component is not usable; reasons in `checks`")))]
 async fn healthz(State(state): State<AppState>) -> Response {
     let health = state.service.health().await;
     let checks: Map<String, Value> = health
@@ -59,10 +62,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/version", tag = "ops",
+    responses((status = 200, description = "name, version, commit and on-disk format versions")))]
 async fn version(State(state): State<AppState>) -> Json<crate::VersionInfo> {
     Json(state.service.version())
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::model::*;
+
 /// What the admin API needs from the daemon. Implemented by `cairn::service`; tests may
 /// implement it with fakes.
 ///
@@ -18,6 +20,205 @@ pub trait AdminService: Send + Sync + 'static {
 
     /// A snapshot of the store counters for `/metrics`. Called on every scrape; must be cheap.
     fn store_metrics(&self) -> StoreMetrics;
+
+    /// Base URL of this API as clients reach it, without a trailing `/` (service catalog,
+    /// Keystone `links`). The default suits router tests.
+    fn public_url(&self) -> String {
+        "http://localhost".to_owned()
+    }
+
+    // ---- identity -------------------------------------------------------------------------
+    // Defaults answer `Internal("not implemented")` so that router tests can use small fakes;
+    // the daemon implements every method.
+
+    /// `POST /v3/auth/tokens`: check the credentials and issue a project-scoped token.
+    async fn issue_token(&self, req: AuthRequest) -> ServiceResult<IssuedToken> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// Resolve a token (`X-Auth-Token`, `X-Subject-Token`); expired or revoked -> Unauthorized.
+    async fn validate_token(&self, token: &str) -> ServiceResult<TokenInfo> {
+        let _ = token;
+        Err(unimplemented())
+    }
+    /// Revoke `token` (`DELETE /v3/auth/tokens`). The caller must own it or be an admin.
+    async fn revoke_token(&self, caller: &Caller, token: &str) -> ServiceResult<()> {
+        let _ = (caller, token);
+        Err(unimplemented())
+    }
+    /// HTTP Basic for pdisk: user name + password, scoped to the user's default project.
+    async fn authenticate_basic(&self, user: &str, password: &str) -> ServiceResult<Caller> {
+        let _ = (user, password);
+        Err(unimplemented())
+    }
+
+    async fn list_projects(&self, caller: &Caller) -> ServiceResult<Vec<Project>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    /// By id or, failing that, by name.
+    async fn get_project(&self, caller: &Caller, id_or_name: &str) -> ServiceResult<Project> {
+        let _ = (caller, id_or_name);
+        Err(unimplemented())
+    }
+    async fn create_project(&self, caller: &Caller, new: NewProject) -> ServiceResult<Project> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    async fn delete_project(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    async fn list_users(&self, caller: &Caller) -> ServiceResult<Vec<User>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    /// By id or, failing that, by name.
+    async fn get_user(&self, caller: &Caller, id_or_name: &str) -> ServiceResult<User> {
+        let _ = (caller, id_or_name);
+        Err(unimplemented())
+    }
+    async fn create_user(&self, caller: &Caller, new: NewUser) -> ServiceResult<User> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    async fn delete_user(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    /// The roles that exist (reader, member, admin) with their ids.
+    async fn list_roles(&self, caller: &Caller) -> ServiceResult<Vec<Named>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    async fn list_role_assignments(
+        &self,
+        caller: &Caller,
+        project_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> ServiceResult<Vec<RoleAssignment>> {
+        let _ = (caller, project_id, user_id);
+        Err(unimplemented())
+    }
+    /// Grant `role` (id or name) to a user on a project. Idempotent.
+    async fn grant_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        let _ = (caller, project_id, user_id, role);
+        Err(unimplemented())
+    }
+    /// NotFound if the user does not hold the role there.
+    async fn revoke_role(
+        &self,
+        caller: &Caller,
+        project_id: &str,
+        user_id: &str,
+        role: &str,
+    ) -> ServiceResult<()> {
+        let _ = (caller, project_id, user_id, role);
+        Err(unimplemented())
+    }
+
+    // ---- volumes, servers, attachments ----------------------------------------------------
+
+    async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    async fn list_volumes(
+        &self,
+        caller: &Caller,
+        scope: VolumeScope,
+    ) -> ServiceResult<Vec<Volume>> {
+        let _ = (caller, scope);
+        Err(unimplemented())
+    }
+    /// A volume the caller may see: its project's (any role), any for an admin. With
+    /// `pdisk_rules`, also public disks of other projects, and "may see" follows pdisk
+    /// (owner, public, admin).
+    async fn get_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<Volume> {
+        let _ = (caller, id, pdisk_rules);
+        Err(unimplemented())
+    }
+    /// Refused (Conflict) while attached; needs member on the volume's project (pdisk: the
+    /// owner or an admin).
+    async fn delete_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<()> {
+        let _ = (caller, id, pdisk_rules);
+        Err(unimplemented())
+    }
+
+    async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    async fn list_servers(&self, caller: &Caller) -> ServiceResult<Vec<Server>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    async fn get_server(&self, caller: &Caller, id: &str) -> ServiceResult<Server> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    /// Detaches every volume of the server, then forgets it.
+    async fn delete_server(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+
+    /// Attach atomically: a volume at its user limit (1 unless multi-attach) -> Conflict, an
+    /// unknown server or volume -> NotFound, pdisk targets past `vdz` -> OverLimit.
+    async fn attach(&self, caller: &Caller, req: AttachRequest) -> ServiceResult<Attachment> {
+        let _ = (caller, req);
+        Err(unimplemented())
+    }
+    /// Detach `volume_id` from the target; NotFound if it is not attached there. With
+    /// `hot_only`, a static (pdisk `attach`) attachment is refused with BadRequest.
+    async fn detach(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+        volume_id: &str,
+        hot_only: bool,
+    ) -> ServiceResult<Attachment> {
+        let _ = (caller, target, volume_id, hot_only);
+        Err(unimplemented())
+    }
+    /// Detach everything from the target (pdisk `detach`); returns what was detached.
+    async fn detach_all(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        let _ = (caller, target);
+        Err(unimplemented())
+    }
+    /// Attachments of one server (Compute) or VM (pdisk), oldest first.
+    async fn list_attachments(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        let _ = (caller, target);
+        Err(unimplemented())
+    }
+}
+
+fn unimplemented() -> ServiceError {
+    ServiceError::Internal("not implemented".into())
 }
 
 /// Health of each component; the daemon is healthy when every component is.

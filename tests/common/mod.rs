@@ -31,13 +31,13 @@ pub fn cairn_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cairn")
 }
 
-/// A `cairn` command with a clean environment: no `CAIRN_*` or `RUST_LOG` leaks in from the
+/// A `cairn` command with a clean environment: no `CAIRN_*`, `OS_*` or `RUST_LOG` leaks in from the
 /// developer's shell, stdin is closed.
 pub fn cairn_cmd() -> Command {
     let mut cmd = Command::new(cairn_bin());
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("CAIRN_") || k == "RUST_LOG" {
+        if k.starts_with("CAIRN_") || k.starts_with("OS_") || k == "RUST_LOG" {
             cmd.env_remove(&key);
         }
     }
@@ -276,9 +276,19 @@ pub struct Reply {
     pub status: u16,
     pub content_type: String,
     pub body: String,
+    /// Response headers, names in lower case.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Reply {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
@@ -296,8 +306,35 @@ fn agent() -> ureq::Agent {
 
 /// `GET url`, any status. `Err` only for transport failures.
 pub fn http_get(url: &str) -> Result<Reply, ureq::Error> {
-    let mut resp = agent().get(url).call()?;
+    http_request("GET", url, &[], None)
+}
+
+/// Any method with headers and an optional `(content type, body)`, any status. `Err` only for
+/// transport failures.
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Result<Reply, ureq::Error> {
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some((ctype, _)) = body {
+        req = req.header("content-type", ctype);
+    }
+    let agent = agent();
+    let mut resp = match body {
+        Some((_, b)) => agent.run(req.body(b.to_owned()).expect("request"))?,
+        None => agent.run(req.body(()).expect("request"))?,
+    };
     let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     let content_type = resp
         .headers()
         .get("content-type")
@@ -309,6 +346,7 @@ pub fn http_get(url: &str) -> Result<Reply, ureq::Error> {
         status,
         content_type,
         body,
+        headers,
     })
 }
 
@@ -331,6 +369,19 @@ impl Cairn {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http())
+    }
+
+    /// `method path` with headers and an optional `(content type, body)`; panics (with the
+    /// daemon's logs) only on transport failure.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &str)>,
+    ) -> Reply {
+        http_request(method, &self.url(path), headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n--- logs ---\n{}", self.logs.text()))
     }
 
     pub fn get(&self, path: &str) -> Reply {

@@ -1,0 +1,403 @@
+//! The one control-plane model every API family is a view of.
+//!
+//! A volume is one record whatever family created it: a pdisk disk, a Compute volume and a
+//! Block Storage volume are translations of [`Volume`]. The daemon owns the rules (permissions,
+//! status transitions, limits); the families own shapes and error formats.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Roles cairn knows, weakest first. A user holds roles per project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Reader,
+    Member,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Reader, Role::Member, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Member => "member",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Who is calling: resolved from a token (or pdisk Basic credentials) by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub user_name: String,
+    pub project_id: String,
+    pub project_name: String,
+    /// Roles on `project_id`.
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.iter().any(|r| *r >= role)
+    }
+    pub fn is_admin(&self) -> bool {
+        self.has(Role::Admin)
+    }
+}
+
+/// A named thing with an id, as Keystone shows users and projects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Named {
+    pub id: String,
+    pub name: String,
+}
+
+/// Everything Keystone's token body needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub caller: Caller,
+    /// Role ids as stored (Keystone shows `{"id", "name"}` per role).
+    pub role_ids: Vec<Named>,
+    pub methods: Vec<String>,
+    pub audit_id: String,
+    pub issued_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+/// A freshly issued token: the secret (sent once, in `X-Subject-Token`) and what it grants.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
+/// How a caller proves who it is to `POST /v3/auth/tokens`.
+#[derive(Debug, Clone)]
+pub enum AuthMethod {
+    Password {
+        /// User by name (with domain name or id) or by id.
+        user: UserRef,
+        password: String,
+    },
+    Token {
+        token: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum UserRef {
+    Id(String),
+    Name { name: String },
+}
+
+/// Project scope of a token request. `None` in [`AuthRequest`] means the user's default project.
+#[derive(Debug, Clone)]
+pub enum ProjectRef {
+    Id(String),
+    Name { name: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthRequest {
+    pub method: AuthMethod,
+    pub scope: Option<ProjectRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub default_project_id: Option<String>,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewProject {
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewUser {
+    pub name: String,
+    pub password: Option<String>,
+    pub default_project_id: Option<String>,
+    pub enabled: bool,
+}
+
+/// One role of one user on one project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoleAssignment {
+    pub user_id: String,
+    pub project_id: String,
+    pub role: Named,
+}
+
+/// Volume lifecycle. Transitions are validated by the daemon ([`VolumeStatus::can_become`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeStatus {
+    Creating,
+    Available,
+    Attaching,
+    InUse,
+    Detaching,
+    Deleting,
+    Error,
+    Uploading,
+}
+
+impl VolumeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeStatus::Creating => "creating",
+            VolumeStatus::Available => "available",
+            VolumeStatus::Attaching => "attaching",
+            VolumeStatus::InUse => "in-use",
+            VolumeStatus::Detaching => "detaching",
+            VolumeStatus::Deleting => "deleting",
+            VolumeStatus::Error => "error",
+            VolumeStatus::Uploading => "uploading",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VolumeStatus> {
+        use VolumeStatus::*;
+        [
+            Creating, Available, Attaching, InUse, Detaching, Deleting, Error, Uploading,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// The transitions a volume may take. Everything else is refused.
+    pub fn can_become(self, to: VolumeStatus) -> bool {
+        use VolumeStatus::*;
+        matches!(
+            (self, to),
+            (Creating, Available)
+                | (Creating, Error)
+                | (Available, Attaching)
+                | (Available, Deleting)
+                | (Available, Uploading)
+                | (Attaching, InUse)
+                | (Attaching, Available)
+                | (Attaching, Error)
+                // another attachment of a multi-attach volume
+                | (InUse, Attaching)
+                | (InUse, Detaching)
+                | (InUse, Uploading)
+                | (Detaching, Available)
+                | (Detaching, InUse)
+                | (Detaching, Error)
+                | (Uploading, Available)
+                | (Uploading, InUse)
+                | (Error, Deleting)
+                | (Deleting, Error)
+        )
+    }
+}
+
+/// pdisk visibility of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    Private,
+    Public,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Private => "private",
+            Visibility::Public => "public",
+        }
+    }
+}
+
+/// pdisk distinguishes disks attached at VM launch from hot-plugged ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachKind {
+    Static,
+    Hot,
+}
+
+impl AttachKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachKind::Static => "static",
+            AttachKind::Hot => "hot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// The attachment's own id (Compute shows the volume id as the attachment `id`).
+    pub id: String,
+    pub volume_id: String,
+    pub server_id: String,
+    /// Device as the client named it (`/dev/vdb`) or as assigned (`vda` for pdisk hotattach).
+    pub device: Option<String>,
+    pub kind: AttachKind,
+    pub attached_at: OffsetDateTime,
+    /// pdisk's VM identity of the server, when it has one.
+    pub node: Option<String>,
+    pub vm_id: Option<String>,
+    /// Where the export is served, e.g. `nbd://127.0.0.1:10809/<volume-id>`.
+    pub nbd_uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    pub project_id: String,
+    /// Creator's user id and name (pdisk `owner`); `None` if that user is gone.
+    pub user_id: Option<String>,
+    pub owner: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub size_gib: u64,
+    pub status: VolumeStatus,
+    pub volume_type: Option<String>,
+    pub availability_zone: String,
+    pub snapshot_id: Option<String>,
+    pub source_volume_id: Option<String>,
+    pub source_image_id: Option<String>,
+    pub bootable: bool,
+    pub multiattach: bool,
+    pub visibility: Visibility,
+    pub tag: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub attachments: Vec<Attachment>,
+    /// How many attachments the volume may have at once (pdisk `X-DiskUser-Limit`).
+    pub user_limit: u32,
+}
+
+impl Volume {
+    /// pdisk `X-DiskUser-Remaining`.
+    pub fn users_remaining(&self) -> i64 {
+        i64::from(self.user_limit) - self.attachments.len() as i64
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewVolume {
+    pub size_gib: u64,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub volume_type: Option<String>,
+    pub availability_zone: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub multiattach: bool,
+    pub visibility: Option<Visibility>,
+    pub tag: Option<String>,
+}
+
+/// Which volumes a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeScope {
+    /// The caller's project (Compute, Block Storage).
+    Project,
+    /// Every project (admin only; Compute `all_tenants`).
+    AllProjects,
+    /// pdisk: the caller's own disks plus public ones; everything for an admin.
+    PdiskVisible,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub id: String,
+    pub project_id: String,
+    pub user_id: Option<String>,
+    pub name: Option<String>,
+    pub node: Option<String>,
+    pub vm_id: Option<String>,
+    pub status: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewServer {
+    pub name: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a family asks when attaching.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub volume_id: String,
+    pub target: AttachTarget,
+    /// A device the client asked for; `None` means "assign one".
+    pub device: Option<String>,
+    pub kind: AttachKind,
+    /// How to name an assigned device.
+    pub naming: DeviceNaming,
+}
+
+#[derive(Debug, Clone)]
+pub enum AttachTarget {
+    /// A Compute server by id.
+    Server(String),
+    /// A pdisk VM by `(node, vm_id)`; registered as a server on first use.
+    Vm { node: String, vm_id: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceNaming {
+    /// `/dev/vdb`, `/dev/vdc`, ... (Compute; `vda` is the root disk).
+    DevPath,
+    /// `vda` .. `vdz` (pdisk hotattach), none after `vdz`.
+    PdiskTarget,
+}
+
+/// Everything that can go wrong in a service call, for each family to put in its own format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    /// No such resource, or the caller may not know it exists.
+    #[error("{0}")]
+    NotFound(String),
+    /// No or bad credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Known caller, not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request is malformed or invalid in itself.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Valid request, but the resource's state forbids it now (e.g. attaching an in-use volume).
+    #[error("{0}")]
+    Conflict(String),
+    /// A limit was reached (too many devices, users, quota).
+    #[error("{0}")]
+    OverLimit(String),
+    /// The daemon failed; details are logged, the client sees a generic message.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -1,0 +1,80 @@
+//! The control plane's rules over the catalog and the store: identity (users, projects, roles,
+//! tokens) and the one volume model (volumes, servers, attachments) every API family shows.
+//!
+//! Each operation is one catalog transaction, so two requests racing on one volume serialise
+//! and see each other's result (no double attach, no lost update).
+
+pub mod identity;
+pub mod volumes;
+
+use admin_api::model::ServiceError;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::catalog::CatalogError;
+
+/// Settings the control plane needs from the daemon's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Base URL of the admin API as clients reach it (service catalog, clouds.yaml).
+    pub public_url: String,
+    /// `nbd://host:port` prefix of export URIs.
+    pub nbd_url: String,
+    pub token_ttl: std::time::Duration,
+    pub multiattach_limit: u32,
+}
+
+/// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).
+pub(crate) fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    // Stored with microseconds; truncate so a value reads back equal to what was returned.
+    t.replace_nanosecond(t.nanosecond() / 1000 * 1000)
+        .unwrap_or(t)
+}
+
+pub(crate) fn ts(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+pub(crate) fn parse_ts(s: &str) -> rusqlite::Result<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A catalog failure is the daemon's fault: log it, tell the client only that it failed.
+pub(crate) fn internal(e: CatalogError) -> ServiceError {
+    tracing::error!(error = %e, "catalog call failed");
+    ServiceError::Internal("internal error; see the daemon log".into())
+}
+
+/// Errors inside a catalog transaction: either the client's (a [`ServiceError`] decided by
+/// the rules) or the database's.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TxError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Catalog(CatalogError::Sqlite(e))
+    }
+}
+
+impl From<TxError> for ServiceError {
+    fn from(e: TxError) -> Self {
+        match e {
+            TxError::Service(s) => s,
+            TxError::Catalog(c) => internal(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

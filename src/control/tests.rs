@@ -1,0 +1,479 @@
+//! The volume model's rules against a real store and catalog in a temp dir.
+
+use std::sync::Arc;
+
+use admin_api::model::*;
+
+use super::{Settings, volumes::Volumes};
+use crate::{
+    catalog::Catalog,
+    store::{Store, StoreOptions},
+};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Store,
+    catalog: Catalog,
+    volumes: Arc<Volumes>,
+}
+
+fn settings() -> Settings {
+    Settings {
+        public_url: "http://127.0.0.1:8776".into(),
+        nbd_url: "nbd://127.0.0.1:10809".into(),
+        token_ttl: std::time::Duration::from_secs(3600),
+        multiattach_limit: 3,
+    }
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store"), StoreOptions::default())
+        .await
+        .unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog.sqlite"))
+        .await
+        .unwrap();
+    catalog
+        .call(|conn| {
+            conn.execute_batch(
+                "INSERT INTO projects (id, name, created_at) VALUES
+                   ('p1', 'one', '2026-01-01T00:00:00Z'), ('p2', 'two', '2026-01-01T00:00:00Z');
+                 INSERT INTO users (id, name, created_at) VALUES
+                   ('u1', 'alice', '2026-01-01T00:00:00Z'), ('u2', 'bob', '2026-01-01T00:00:00Z'),
+                   ('u3', 'root', '2026-01-01T00:00:00Z');",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let volumes = Arc::new(Volumes::new(catalog.clone(), store.clone(), settings()));
+    Env {
+        _dir: dir,
+        store,
+        catalog,
+        volumes,
+    }
+}
+
+fn caller(user: &str, project: &str, roles: &[Role]) -> Caller {
+    Caller {
+        user_id: user.into(),
+        user_name: user.into(),
+        project_id: project.into(),
+        project_name: project.into(),
+        roles: roles.to_vec(),
+    }
+}
+
+fn alice() -> Caller {
+    caller("u1", "p1", &[Role::Member])
+}
+fn bob() -> Caller {
+    caller("u2", "p2", &[Role::Member])
+}
+fn admin() -> Caller {
+    caller("u3", "p2", &[Role::Admin])
+}
+
+fn vol(size: u64) -> NewVolume {
+    NewVolume {
+        size_gib: size,
+        name: Some("v".into()),
+        ..NewVolume::default()
+    }
+}
+
+#[tokio::test]
+async fn create_is_thin_and_delete_frees() {
+    let e = env().await;
+    let v = e.volumes.create_volume(&alice(), vol(10)).await.unwrap();
+    assert_eq!(v.status, VolumeStatus::Available);
+    assert_eq!(v.size_gib, 10);
+    assert_eq!(v.owner.as_deref(), Some("alice"));
+    assert_eq!(v.user_limit, 1);
+    let id: uuid::Uuid = v.id.parse().unwrap();
+    let info = e.store.object_info(id).unwrap();
+    assert_eq!(info.size, 10 << 30);
+    assert_eq!(info.allocated_bytes, 0, "creating allocates nothing");
+    e.volumes
+        .delete_volume(&alice(), &v.id, false)
+        .await
+        .unwrap();
+    assert!(e.store.object_info(id).is_err(), "store object deleted");
+    let err = e
+        .volumes
+        .get_volume(&alice(), &v.id, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn bad_requests_change_nothing() {
+    let e = env().await;
+    let err = e.volumes.create_volume(&alice(), vol(0)).await.unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    let err = e
+        .volumes
+        .create_volume(&alice(), vol(u64::MAX))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    let reader = caller("u1", "p1", &[Role::Reader]);
+    let err = e.volumes.create_volume(&reader, vol(1)).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    assert!(
+        e.volumes
+            .list_volumes(&admin(), VolumeScope::AllProjects)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(e.store.stats().objects, 0);
+    for bad in [
+        "",
+        "nope",
+        "../../etc",
+        "00000000-0000-0000-0000-000000000000",
+    ] {
+        let err = e
+            .volumes
+            .get_volume(&alice(), bad, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::NotFound(_)), "{bad}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn projects_and_pdisk_visibility() {
+    let e = env().await;
+    let private = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let public = e
+        .volumes
+        .create_volume(
+            &alice(),
+            NewVolume {
+                visibility: Some(Visibility::Public),
+                ..vol(1)
+            },
+        )
+        .await
+        .unwrap();
+    // Compute: another project sees nothing of p1, and a lookup says "not found".
+    assert!(
+        e.volumes
+            .list_volumes(&bob(), VolumeScope::Project)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = e
+        .volumes
+        .get_volume(&bob(), &private.id, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)));
+    // pdisk: public disks are visible, private ones are refused for lack of rights.
+    let seen = e
+        .volumes
+        .list_volumes(&bob(), VolumeScope::PdiskVisible)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.iter().map(|v| &v.id).collect::<Vec<_>>(),
+        vec![&public.id]
+    );
+    let err = e
+        .volumes
+        .get_volume(&bob(), &private.id, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)));
+    // Only the owner (or an admin) deletes a pdisk disk, public or not.
+    let err = e
+        .volumes
+        .delete_volume(&bob(), &public.id, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)));
+    assert_eq!(
+        e.volumes
+            .list_volumes(&admin(), VolumeScope::AllProjects)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let err = e
+        .volumes
+        .list_volumes(&alice(), VolumeScope::AllProjects)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)));
+    e.volumes
+        .delete_volume(&admin(), &public.id, true)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn attach_detach_follow_status_and_limits() {
+    let e = env().await;
+    let a = alice();
+    let v = e.volumes.create_volume(&a, vol(1)).await.unwrap();
+    let s1 = e
+        .volumes
+        .create_server(&a, NewServer::default())
+        .await
+        .unwrap();
+    let s2 = e
+        .volumes
+        .create_server(&a, NewServer::default())
+        .await
+        .unwrap();
+    let req = |server: &str| AttachRequest {
+        volume_id: v.id.clone(),
+        target: AttachTarget::Server(server.into()),
+        device: None,
+        kind: AttachKind::Hot,
+        naming: DeviceNaming::DevPath,
+    };
+    let at = e.volumes.attach(&a, req(&s1.id)).await.unwrap();
+    assert_eq!(at.device.as_deref(), Some("/dev/vdb"));
+    assert_eq!(at.nbd_uri, format!("nbd://127.0.0.1:10809/{}", v.id));
+    let got = e.volumes.get_volume(&a, &v.id, false).await.unwrap();
+    assert_eq!(got.status, VolumeStatus::InUse);
+    assert_eq!(got.users_remaining(), 0);
+    // Not multi-attach: a second server is refused, and so is deleting it while in use.
+    let err = e.volumes.attach(&a, req(&s2.id)).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Conflict(_)), "{err:?}");
+    let err = e.volumes.delete_volume(&a, &v.id, false).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Conflict(_)), "{err:?}");
+    // Unknown server / volume.
+    let err = e.volumes.attach(&a, req("not-a-server")).await.unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)));
+    // Another project's server is invisible.
+    let err = e
+        .volumes
+        .attach(&bob(), AttachRequest { ..req(&s1.id) })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+    // Detach from the wrong server: 404; from the right one: available again.
+    let err = e
+        .volumes
+        .detach(&a, AttachTarget::Server(s2.id.clone()), &v.id, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)));
+    e.volumes
+        .detach(&a, AttachTarget::Server(s1.id.clone()), &v.id, false)
+        .await
+        .unwrap();
+    let got = e.volumes.get_volume(&a, &v.id, false).await.unwrap();
+    assert_eq!(got.status, VolumeStatus::Available);
+    assert!(got.attachments.is_empty());
+    // Deleting a server detaches its volumes.
+    e.volumes.attach(&a, req(&s2.id)).await.unwrap();
+    e.volumes.delete_server(&a, &s2.id).await.unwrap();
+    let got = e.volumes.get_volume(&a, &v.id, false).await.unwrap();
+    assert_eq!(got.status, VolumeStatus::Available);
+    assert!(
+        e.volumes
+            .list_servers(&a)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.id != s2.id)
+    );
+}
+
+#[tokio::test]
+async fn pdisk_targets_and_vms() {
+    let e = env().await;
+    let a = alice();
+    let mut ids = Vec::new();
+    for _ in 0..27 {
+        ids.push(e.volumes.create_volume(&a, vol(1)).await.unwrap().id);
+    }
+    let vm = || AttachTarget::Vm {
+        node: "node-1".into(),
+        vm_id: "722".into(),
+    };
+    for (i, id) in ids.iter().enumerate() {
+        let r = e
+            .volumes
+            .attach(
+                &a,
+                AttachRequest {
+                    volume_id: id.clone(),
+                    target: vm(),
+                    device: None,
+                    kind: AttachKind::Hot,
+                    naming: DeviceNaming::PdiskTarget,
+                },
+            )
+            .await;
+        if i < 26 {
+            let at = r.unwrap();
+            assert_eq!(
+                at.device.unwrap(),
+                format!("vd{}", (b'a' + i as u8) as char)
+            );
+            assert_eq!(at.node.as_deref(), Some("node-1"));
+        } else {
+            assert!(matches!(r.unwrap_err(), ServiceError::OverLimit(_)));
+            let v = e.volumes.get_volume(&a, id, true).await.unwrap();
+            assert_eq!(
+                v.status,
+                VolumeStatus::Available,
+                "refused attach changed nothing"
+            );
+        }
+    }
+    // Static attach, then hot-only detach refuses it.
+    let extra = e.volumes.create_volume(&a, vol(1)).await.unwrap();
+    let other_vm = AttachTarget::Vm {
+        node: "node-1".into(),
+        vm_id: "723".into(),
+    };
+    let at = e
+        .volumes
+        .attach(
+            &a,
+            AttachRequest {
+                volume_id: extra.id.clone(),
+                target: other_vm.clone(),
+                device: None,
+                kind: AttachKind::Static,
+                naming: DeviceNaming::PdiskTarget,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(at.device, None);
+    let err = e
+        .volumes
+        .detach(&a, other_vm.clone(), &extra.id, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)));
+    let gone = e.volumes.detach_all(&a, vm()).await.unwrap();
+    assert_eq!(gone.len(), 26);
+    assert!(e.volumes.detach_all(&a, vm()).await.unwrap().is_empty());
+    assert_eq!(
+        e.volumes
+            .list_attachments(&a, other_vm)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn racing_attaches_admit_exactly_the_limit() {
+    let e = env().await;
+    let a = alice();
+    let single = e.volumes.create_volume(&a, vol(1)).await.unwrap();
+    let multi = e
+        .volumes
+        .create_volume(
+            &a,
+            NewVolume {
+                multiattach: true,
+                ..vol(1)
+            },
+        )
+        .await
+        .unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..8 {
+        servers.push(
+            e.volumes
+                .create_server(&a, NewServer::default())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for (v, limit) in [(&single, 1usize), (&multi, 3)] {
+        let mut tasks = Vec::new();
+        for s in &servers {
+            let (vols, a, vid, sid) = (e.volumes.clone(), a.clone(), v.id.clone(), s.clone());
+            tasks.push(tokio::spawn(async move {
+                vols.attach(
+                    &a,
+                    AttachRequest {
+                        volume_id: vid,
+                        target: AttachTarget::Server(sid),
+                        device: None,
+                        kind: AttachKind::Hot,
+                        naming: DeviceNaming::DevPath,
+                    },
+                )
+                .await
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(ServiceError::Conflict(_)) => {}
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(ok, limit);
+        let got = e.volumes.get_volume(&a, &v.id, false).await.unwrap();
+        assert_eq!(got.attachments.len(), limit);
+    }
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let e = env().await;
+    let v = e.volumes.create_volume(&alice(), vol(2)).await.unwrap();
+    let s = e
+        .volumes
+        .create_server(&alice(), NewServer::default())
+        .await
+        .unwrap();
+    e.volumes
+        .attach(
+            &alice(),
+            AttachRequest {
+                volume_id: v.id.clone(),
+                target: AttachTarget::Server(s.id.clone()),
+                device: Some("/dev/vdq".into()),
+                kind: AttachKind::Hot,
+                naming: DeviceNaming::DevPath,
+            },
+        )
+        .await
+        .unwrap();
+    let Env {
+        _dir: dir,
+        store,
+        catalog,
+        volumes,
+    } = e;
+    drop(volumes);
+    store.close().await.unwrap();
+    catalog.close().await.unwrap();
+    let store = Store::open(&dir.path().join("store"), StoreOptions::default())
+        .await
+        .unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog.sqlite"))
+        .await
+        .unwrap();
+    let volumes = Volumes::new(catalog.clone(), store.clone(), settings());
+    let got = volumes.get_volume(&alice(), &v.id, false).await.unwrap();
+    assert_eq!(got.status, VolumeStatus::InUse);
+    assert_eq!(got.attachments[0].device.as_deref(), Some("/dev/vdq"));
+    assert_eq!(
+        store.object_info(v.id.parse().unwrap()).unwrap().size,
+        2 << 30
+    );
+}

@@ -1,0 +1,833 @@
+//! The one volume model: volumes, servers and attachments, with their permission rules and
+//! status transitions. Store objects are created empty (thin: nothing is allocated until
+//! written) and deleted with the volume.
+//!
+//! Every check-then-change runs inside one catalog transaction on the catalog's single
+//! connection, so two requests racing on one volume serialise: the second sees the first's
+//! attachment and is refused, never both accepted.
+
+use std::collections::HashMap;
+
+use admin_api::model::*;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::{Settings, TxError, internal, new_id, now, parse_ts, ts};
+use crate::{
+    catalog::Catalog,
+    store::{Store, StoreError},
+};
+
+const GIB: u64 = 1 << 30;
+
+pub struct Volumes {
+    pub(crate) catalog: Catalog,
+    pub(crate) store: Store,
+    pub(crate) settings: Settings,
+}
+
+type Tx<T> = Result<T, TxError>;
+
+fn not_found(kind: &str, id: &str) -> ServiceError {
+    ServiceError::NotFound(format!("{kind} {id} could not be found."))
+}
+
+fn need(caller: &Caller, role: Role, what: &str) -> ServiceResult<()> {
+    if caller.has(role) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(format!(
+            "Policy doesn't allow {what} to be performed (needs the {} role).",
+            role.as_str()
+        )))
+    }
+}
+
+/// Canonical form of a UUID the client sent, or None if it is not one (then nothing matches).
+fn canonical(id: &str) -> Option<String> {
+    Uuid::parse_str(id).ok().map(|u| u.to_string())
+}
+
+const VOLUME_COLUMNS: &str = "v.id, v.project_id, v.user_id, u.name, v.name, v.description, \
+     v.size_bytes, v.status, v.volume_type, v.availability_zone, v.source_image_id, \
+     v.source_volume_id, v.bootable, v.multiattach, v.visibility, v.tag, v.metadata, \
+     v.created_at, v.updated_at";
+
+fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume> {
+    let status: String = row.get(7)?;
+    let visibility: String = row.get(14)?;
+    let metadata: String = row.get(16)?;
+    let multiattach: bool = row.get(13)?;
+    let size_bytes: i64 = row.get(6)?;
+    Ok(Volume {
+        id: row.get(0)?,
+        project_id: row.get(1)?,
+        user_id: row.get(2)?,
+        owner: row.get(3)?,
+        name: row.get(4)?,
+        description: row.get(5)?,
+        size_gib: u64::try_from(size_bytes).unwrap_or(0) / GIB,
+        status: VolumeStatus::parse(&status).unwrap_or(VolumeStatus::Error),
+        volume_type: row.get(8)?,
+        availability_zone: row.get(9)?,
+        snapshot_id: None,
+        source_image_id: row.get(10)?,
+        source_volume_id: row.get(11)?,
+        bootable: row.get(12)?,
+        multiattach,
+        visibility: if visibility == "public" {
+            Visibility::Public
+        } else {
+            Visibility::Private
+        },
+        tag: row.get(15)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        created_at: parse_ts(&row.get::<_, String>(17)?)?,
+        updated_at: parse_ts(&row.get::<_, String>(18)?)?,
+        attachments: Vec::new(),
+        user_limit: if multiattach { multiattach_limit } else { 1 },
+    })
+}
+
+const ATTACHMENT_COLUMNS: &str =
+    "a.id, a.volume_id, a.server_id, a.device, a.kind, a.attached_at, s.node, s.vm_id";
+
+fn attachment_row(row: &Row<'_>, nbd_url: &str) -> rusqlite::Result<Attachment> {
+    let volume_id: String = row.get(1)?;
+    let kind: String = row.get(4)?;
+    Ok(Attachment {
+        id: row.get(0)?,
+        nbd_uri: format!("{nbd_url}/{volume_id}"),
+        volume_id,
+        server_id: row.get(2)?,
+        device: row.get(3)?,
+        kind: if kind == "static" {
+            AttachKind::Static
+        } else {
+            AttachKind::Hot
+        },
+        attached_at: parse_ts(&row.get::<_, String>(5)?)?,
+        node: row.get(6)?,
+        vm_id: row.get(7)?,
+    })
+}
+
+const SERVER_COLUMNS: &str =
+    "s.id, s.project_id, s.user_id, s.name, s.node, s.vm_id, s.status, s.metadata, s.created_at";
+
+fn server_row(row: &Row<'_>) -> rusqlite::Result<Server> {
+    let metadata: String = row.get(7)?;
+    Ok(Server {
+        id: row.get(0)?,
+        project_id: row.get(1)?,
+        user_id: row.get(2)?,
+        name: row.get(3)?,
+        node: row.get(4)?,
+        vm_id: row.get(5)?,
+        status: row.get(6)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        created_at: parse_ts(&row.get::<_, String>(8)?)?,
+    })
+}
+
+/// Reads one volume (with its attachments) inside a transaction.
+fn load_volume(conn: &Connection, id: &str, settings: &Settings) -> Tx<Option<Volume>> {
+    let sql = format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes v LEFT JOIN users u ON u.id = v.user_id \
+         WHERE v.id = ?1"
+    );
+    let Some(mut v) = conn
+        .query_row(&sql, [id], |r| volume_row(r, settings.multiattach_limit))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    v.attachments = load_attachments(conn, "a.volume_id = ?1", id, settings)?;
+    Ok(Some(v))
+}
+
+fn load_attachments(
+    conn: &Connection,
+    filter: &str,
+    arg: &str,
+    settings: &Settings,
+) -> Tx<Vec<Attachment>> {
+    let sql = format!(
+        "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN servers s ON s.id = a.server_id \
+         WHERE {filter} ORDER BY a.attached_at, a.id"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([arg], |r| attachment_row(r, &settings.nbd_url))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+fn load_server(conn: &Connection, id: &str) -> Tx<Option<Server>> {
+    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers s WHERE s.id = ?1");
+    Ok(conn.query_row(&sql, [id], server_row).optional()?)
+}
+
+fn set_status(conn: &Connection, id: &str, from: VolumeStatus, to: VolumeStatus) -> Tx<()> {
+    if !from.can_become(to) {
+        return Err(ServiceError::Conflict(format!(
+            "Volume {id} cannot go from {} to {}.",
+            from.as_str(),
+            to.as_str()
+        ))
+        .into());
+    }
+    conn.execute(
+        "UPDATE volumes SET status = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, to.as_str(), ts(now())],
+    )?;
+    Ok(())
+}
+
+/// Whether `caller` may see volume `v` under the family's rules.
+fn may_see(caller: &Caller, v: &Volume, pdisk_rules: bool) -> bool {
+    if caller.is_admin() {
+        return true;
+    }
+    if pdisk_rules {
+        v.user_id.as_deref() == Some(caller.user_id.as_str()) || v.visibility == Visibility::Public
+    } else {
+        v.project_id == caller.project_id
+    }
+}
+
+/// Whether `caller` may change volume `v` (delete, attach, detach).
+fn may_change(caller: &Caller, v: &Volume, pdisk_rules: bool) -> bool {
+    if caller.is_admin() {
+        return true;
+    }
+    if !caller.has(Role::Member) {
+        return false;
+    }
+    if pdisk_rules {
+        v.user_id.as_deref() == Some(caller.user_id.as_str())
+    } else {
+        v.project_id == caller.project_id
+    }
+}
+
+/// The next free device name on a server, or None when the naming scheme is exhausted.
+fn next_device(used: &[String], naming: DeviceNaming) -> Option<String> {
+    let (prefix, first) = match naming {
+        DeviceNaming::DevPath => ("/dev/vd", b'b'),
+        DeviceNaming::PdiskTarget => ("vd", b'a'),
+    };
+    (first..=b'z')
+        .map(|c| format!("{prefix}{}", c as char))
+        .find(|d| !used.iter().any(|u| u == d))
+}
+
+/// The server a target names, creating a pdisk VM's record on first use when `create`.
+fn resolve_target(
+    conn: &Connection,
+    caller: &Caller,
+    target: &AttachTarget,
+    create: bool,
+) -> Tx<Option<Server>> {
+    match target {
+        AttachTarget::Server(id) => {
+            let Some(id) = canonical(id) else {
+                return Ok(None);
+            };
+            let server = load_server(conn, &id)?;
+            Ok(server.filter(|s| caller.is_admin() || s.project_id == caller.project_id))
+        }
+        AttachTarget::Vm { node, vm_id } => {
+            let sql = format!(
+                "SELECT {SERVER_COLUMNS} FROM servers s WHERE s.node = ?1 AND s.vm_id = ?2"
+            );
+            if let Some(s) = conn
+                .query_row(&sql, params![node, vm_id], server_row)
+                .optional()?
+            {
+                return Ok(Some(s));
+            }
+            if !create {
+                return Ok(None);
+            }
+            let id = new_id();
+            conn.execute(
+                "INSERT INTO servers (id, project_id, user_id, name, node, vm_id, status, \
+                 created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ACTIVE', ?7)",
+                params![
+                    id,
+                    caller.project_id,
+                    caller.user_id,
+                    format!("{node}/{vm_id}"),
+                    node,
+                    vm_id,
+                    ts(now())
+                ],
+            )?;
+            load_server(conn, &id)
+        }
+    }
+}
+
+/// Removes one attachment and moves the volume on: in-use -> detaching -> available (or
+/// back to in-use while other attachments remain).
+fn remove_attachment(conn: &Connection, a: &Attachment) -> Tx<()> {
+    conn.execute("DELETE FROM attachments WHERE id = ?1", [&a.id])?;
+    let status: String = conn.query_row(
+        "SELECT status FROM volumes WHERE id = ?1",
+        [&a.volume_id],
+        |r| r.get(0),
+    )?;
+    let remaining: i64 = conn.query_row(
+        "SELECT count(*) FROM attachments WHERE volume_id = ?1",
+        [&a.volume_id],
+        |r| r.get(0),
+    )?;
+    let from = VolumeStatus::parse(&status).unwrap_or(VolumeStatus::Error);
+    if from == VolumeStatus::InUse {
+        set_status(conn, &a.volume_id, from, VolumeStatus::Detaching)?;
+        let to = if remaining == 0 {
+            VolumeStatus::Available
+        } else {
+            VolumeStatus::InUse
+        };
+        set_status(conn, &a.volume_id, VolumeStatus::Detaching, to)?;
+    }
+    Ok(())
+}
+
+impl Volumes {
+    pub fn new(catalog: Catalog, store: Store, settings: Settings) -> Volumes {
+        Volumes {
+            catalog,
+            store,
+            settings,
+        }
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction (the write lock is taken before the first read,
+    /// so check-then-change cannot interleave), committing only on success.
+    async fn tx<T, F>(&self, f: F) -> ServiceResult<T>
+    where
+        F: FnOnce(&Connection, &Settings) -> Tx<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let settings = self.settings.clone();
+        let out = self
+            .catalog
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let r = f(&tx, &settings);
+                if r.is_ok() {
+                    tx.commit()?;
+                }
+                Ok(r)
+            })
+            .await
+            .map_err(internal)?;
+        out.map_err(ServiceError::from)
+    }
+
+    pub async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
+        need(caller, Role::Member, "volume:create")?;
+        if new.size_gib == 0 {
+            return Err(ServiceError::BadRequest(
+                "Volume size must be a positive number of GiB.".into(),
+            ));
+        }
+        let size_bytes = new
+            .size_gib
+            .checked_mul(GIB)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .ok_or_else(|| {
+                ServiceError::BadRequest(format!("Volume size {} GiB is too large.", new.size_gib))
+            })?;
+        let id = Uuid::new_v4();
+        let id_s = id.to_string();
+        let metadata = serde_json::to_string(&new.metadata).unwrap_or_else(|_| "{}".into());
+        {
+            let caller = caller.clone();
+            let id_s = id_s.clone();
+            self.tx(move |conn, _| {
+                let t = ts(now());
+                conn.execute(
+                    "INSERT INTO volumes (id, project_id, user_id, name, description, size_bytes, \
+                     status, object_id, volume_type, availability_zone, multiattach, visibility, \
+                     tag, metadata, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'creating', ?1, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
+                    params![
+                        id_s,
+                        caller.project_id,
+                        caller.user_id,
+                        new.name,
+                        new.description,
+                        size_bytes as i64,
+                        new.volume_type,
+                        new.availability_zone.unwrap_or_else(|| "nova".into()),
+                        new.multiattach,
+                        new.visibility.unwrap_or(Visibility::Private).as_str(),
+                        new.tag,
+                        metadata,
+                        t
+                    ],
+                )?;
+                Ok(())
+            })
+            .await?;
+        }
+        // Creating the object allocates nothing: blocks are allocated when written.
+        let created = self.store.create_object(id, size_bytes).await;
+        let to = match &created {
+            Ok(()) => VolumeStatus::Available,
+            Err(e) => {
+                tracing::error!(volume = %id, error = %e, "creating the volume's store object");
+                VolumeStatus::Error
+            }
+        };
+        let v = {
+            let id_s = id_s.clone();
+            self.tx(move |conn, s| {
+                set_status(conn, &id_s, VolumeStatus::Creating, to)?;
+                load_volume(conn, &id_s, s)?
+                    .ok_or_else(|| ServiceError::Internal("volume vanished".into()).into())
+            })
+            .await?
+        };
+        match created {
+            Ok(()) => {
+                tracing::info!(volume = %id, size_gib = v.size_gib, project = %v.project_id, "volume created");
+                Ok(v)
+            }
+            Err(StoreError::Invalid(msg)) => Err(ServiceError::BadRequest(msg)),
+            Err(StoreError::NoSpace) => Err(ServiceError::OverLimit(
+                "No space left in the store for this volume.".into(),
+            )),
+            Err(_) => Err(ServiceError::Internal(
+                "could not create the volume in the store; see the daemon log".into(),
+            )),
+        }
+    }
+
+    pub async fn list_volumes(
+        &self,
+        caller: &Caller,
+        scope: VolumeScope,
+    ) -> ServiceResult<Vec<Volume>> {
+        let (filter, arg): (&str, String) = match scope {
+            VolumeScope::Project => ("v.project_id = ?1", caller.project_id.clone()),
+            VolumeScope::AllProjects => {
+                need(caller, Role::Admin, "volume:get_all_tenants")?;
+                ("?1 = ?1", String::new())
+            }
+            VolumeScope::PdiskVisible if caller.is_admin() => ("?1 = ?1", String::new()),
+            VolumeScope::PdiskVisible => (
+                "(v.user_id = ?1 OR v.visibility = 'public')",
+                caller.user_id.clone(),
+            ),
+        };
+        self.tx(move |conn, s| {
+            let sql = format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes v LEFT JOIN users u ON u.id = v.user_id \
+                 WHERE {filter} ORDER BY v.created_at, v.id"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let mut vols = stmt
+                .query_map([&arg], |r| volume_row(r, s.multiattach_limit))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let asql = format!(
+                "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN servers s ON s.id = a.server_id \
+                 ORDER BY a.attached_at, a.id"
+            );
+            let mut by_volume: HashMap<String, Vec<Attachment>> = HashMap::new();
+            let mut astmt = conn.prepare(&asql)?;
+            for a in astmt.query_map([], |r| attachment_row(r, &s.nbd_url))? {
+                let a = a?;
+                by_volume.entry(a.volume_id.clone()).or_default().push(a);
+            }
+            for v in &mut vols {
+                v.attachments = by_volume.remove(&v.id).unwrap_or_default();
+            }
+            Ok(vols)
+        })
+        .await
+    }
+
+    pub async fn get_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<Volume> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let caller = caller.clone();
+        let shown = id.to_owned();
+        self.tx(move |conn, s| {
+            let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+            if may_see(&caller, &v, pdisk_rules) {
+                Ok(v)
+            } else if pdisk_rules {
+                Err(ServiceError::Forbidden("Not enough rights to see this volume.".into()).into())
+            } else {
+                Err(not_found("Volume", &shown).into())
+            }
+        })
+        .await
+    }
+
+    pub async fn delete_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pdisk_rules: bool,
+    ) -> ServiceResult<()> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let caller = caller.clone();
+        let shown = id.to_owned();
+        let key2 = key.clone();
+        self.tx(move |conn, s| {
+            let v = load_volume(conn, &key2, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+            if !may_see(&caller, &v, pdisk_rules) {
+                return Err(if pdisk_rules {
+                    ServiceError::Forbidden("Not enough rights to delete this volume.".into())
+                } else {
+                    not_found("Volume", &shown)
+                }
+                .into());
+            }
+            if !may_change(&caller, &v, pdisk_rules) {
+                return Err(ServiceError::Forbidden(
+                    "Not enough rights to delete this volume.".into(),
+                )
+                .into());
+            }
+            if !v.attachments.is_empty() {
+                return Err(ServiceError::Conflict(format!(
+                    "Volume {shown} is in use ({} attachment(s)); detach it first.",
+                    v.attachments.len()
+                ))
+                .into());
+            }
+            if !v.status.can_become(VolumeStatus::Deleting) {
+                return Err(ServiceError::Conflict(format!(
+                    "Volume {shown} is {}; it can be deleted when available or in error.",
+                    v.status.as_str()
+                ))
+                .into());
+            }
+            set_status(conn, &key2, v.status, VolumeStatus::Deleting)?;
+            Ok(())
+        })
+        .await?;
+        let object = Uuid::parse_str(&key).map_err(|_| not_found("Volume", id))?;
+        match self.store.delete_object(object).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::error!(volume = %key, error = %e, "deleting the volume's store object");
+                let k = key.clone();
+                self.tx(move |conn, _| {
+                    set_status(conn, &k, VolumeStatus::Deleting, VolumeStatus::Error)
+                })
+                .await?;
+                return Err(ServiceError::Internal(
+                    "could not delete the volume's data; it is now in error".into(),
+                ));
+            }
+        }
+        self.tx(move |conn, _| {
+            conn.execute("DELETE FROM volumes WHERE id = ?1", [&key])?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(volume = %id, "volume deleted");
+        Ok(())
+    }
+
+    pub async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {
+        need(caller, Role::Member, "server:create")?;
+        let caller = caller.clone();
+        let metadata = serde_json::to_string(&new.metadata).unwrap_or_else(|_| "{}".into());
+        self.tx(move |conn, _| {
+            let id = new_id();
+            conn.execute(
+                "INSERT INTO servers (id, project_id, user_id, name, status, metadata, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'ACTIVE', ?5, ?6)",
+                params![
+                    id,
+                    caller.project_id,
+                    caller.user_id,
+                    new.name,
+                    metadata,
+                    ts(now())
+                ],
+            )?;
+            load_server(conn, &id)?
+                .ok_or_else(|| ServiceError::Internal("server vanished".into()).into())
+        })
+        .await
+    }
+
+    pub async fn list_servers(&self, caller: &Caller) -> ServiceResult<Vec<Server>> {
+        let project = caller.project_id.clone();
+        self.tx(move |conn, _| {
+            let sql = format!(
+                "SELECT {SERVER_COLUMNS} FROM servers s WHERE s.project_id = ?1 \
+                 ORDER BY s.created_at, s.id"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            Ok(stmt
+                .query_map([project], server_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub async fn get_server(&self, caller: &Caller, id: &str) -> ServiceResult<Server> {
+        let caller = caller.clone();
+        let id = id.to_owned();
+        self.tx(move |conn, _| {
+            resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
+                .ok_or_else(|| not_found("Server", &id).into())
+        })
+        .await
+    }
+
+    pub async fn delete_server(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        need(caller, Role::Member, "server:delete")?;
+        let caller = caller.clone();
+        let id = id.to_owned();
+        self.tx(move |conn, s| {
+            let server = resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
+                .ok_or_else(|| not_found("Server", &id))?;
+            for a in load_attachments(conn, "a.server_id = ?1", &server.id, s)? {
+                remove_attachment(conn, &a)?;
+            }
+            conn.execute("DELETE FROM servers WHERE id = ?1", [&server.id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn attach(&self, caller: &Caller, req: AttachRequest) -> ServiceResult<Attachment> {
+        let caller = caller.clone();
+        let pdisk_rules = matches!(req.target, AttachTarget::Vm { .. });
+        let result = self
+            .tx(move |conn, s| {
+                let shown = req.volume_id.clone();
+                let key = canonical(&req.volume_id).ok_or_else(|| not_found("Volume", &shown))?;
+                let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+                if !may_see(&caller, &v, pdisk_rules) {
+                    return Err(if pdisk_rules {
+                        ServiceError::Forbidden("Not enough rights to attach this volume.".into())
+                    } else {
+                        not_found("Volume", &shown)
+                    }
+                    .into());
+                }
+                // pdisk lets anyone who sees a disk (public ones too) attach it; Compute needs
+                // member on the volume's project.
+                let allowed = caller.is_admin()
+                    || (caller.has(Role::Member)
+                        && (pdisk_rules || v.project_id == caller.project_id));
+                if !allowed {
+                    return Err(ServiceError::Forbidden(
+                        "Not enough rights to attach this volume.".into(),
+                    )
+                    .into());
+                }
+                let server = resolve_target(conn, &caller, &req.target, true)?.ok_or_else(|| {
+                    match &req.target {
+                        AttachTarget::Server(id) => not_found("Server", id),
+                        AttachTarget::Vm { node, vm_id } => not_found("VM", &format!("{node}/{vm_id}")),
+                    }
+                })?;
+                if v.attachments.iter().any(|a| a.server_id == server.id) {
+                    return Err(ServiceError::Conflict(format!(
+                        "Volume {shown} is already attached to server {}.",
+                        server.id
+                    ))
+                    .into());
+                }
+                if v.attachments.len() as u64 >= u64::from(v.user_limit) {
+                    return Err(ServiceError::Conflict(if v.multiattach {
+                        format!(
+                            "Volume {shown} has no free attachment slot: it is attached {} time(s), its limit is {}.",
+                            v.attachments.len(),
+                            v.user_limit
+                        )
+                    } else {
+                        format!("Volume {shown} is in use and is not a multi-attach volume.")
+                    })
+                    .into());
+                }
+                if !v.status.can_become(VolumeStatus::Attaching) {
+                    return Err(ServiceError::BadRequest(format!(
+                        "Invalid volume: volume {shown} is {}; it must be available to attach.",
+                        v.status.as_str()
+                    ))
+                    .into());
+                }
+                let used: Vec<String> =
+                    load_attachments(conn, "a.server_id = ?1", &server.id, s)?
+                        .into_iter()
+                        .filter_map(|a| a.device)
+                        .collect();
+                let device = match (&req.device, req.kind) {
+                    (Some(d), _) => {
+                        if used.iter().any(|u| u == d) {
+                            return Err(ServiceError::Conflict(format!(
+                                "Device {d} is already in use on server {}.",
+                                server.id
+                            ))
+                            .into());
+                        }
+                        Some(d.clone())
+                    }
+                    (None, AttachKind::Static) => None,
+                    (None, AttachKind::Hot) => Some(next_device(&used, req.naming).ok_or_else(|| {
+                        ServiceError::OverLimit(match req.naming {
+                            DeviceNaming::PdiskTarget => {
+                                "Target limit reached. Restart instance to attach new disk".into()
+                            }
+                            DeviceNaming::DevPath => format!(
+                                "Server {} has no free device name left (vdb..vdz are taken).",
+                                server.id
+                            ),
+                        })
+                    })?),
+                };
+                set_status(conn, &key, v.status, VolumeStatus::Attaching)?;
+                let id = new_id();
+                conn.execute(
+                    "INSERT INTO attachments (id, volume_id, server_id, device, kind, attached_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, key, server.id, device, req.kind.as_str(), ts(now())],
+                )?;
+                // The export is served from the attachment on (NBD reads the catalog).
+                set_status(conn, &key, VolumeStatus::Attaching, VolumeStatus::InUse)?;
+                let a = load_attachments(conn, "a.id = ?1", &id, s)?
+                    .pop()
+                    .ok_or_else(|| ServiceError::Internal("attachment vanished".into()))?;
+                Ok(a)
+            })
+            .await?;
+        tracing::info!(volume = %result.volume_id, server = %result.server_id, device = ?result.device, "volume attached");
+        Ok(result)
+    }
+
+    pub async fn detach(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+        volume_id: &str,
+        hot_only: bool,
+    ) -> ServiceResult<Attachment> {
+        let caller = caller.clone();
+        let shown = volume_id.to_owned();
+        let pdisk_rules = matches!(target, AttachTarget::Vm { .. });
+        let a = self
+            .tx(move |conn, s| {
+                let key = canonical(&shown).ok_or_else(|| not_found("Volume", &shown))?;
+                let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+                if !may_see(&caller, &v, pdisk_rules) {
+                    return Err(if pdisk_rules {
+                        ServiceError::Forbidden("Not enough rights to detach this volume.".into())
+                    } else {
+                        not_found("Volume", &shown)
+                    }
+                    .into());
+                }
+                if !(caller.is_admin() || caller.has(Role::Member)) {
+                    return Err(ServiceError::Forbidden(
+                        "Not enough rights to detach this volume.".into(),
+                    )
+                    .into());
+                }
+                let server = resolve_target(conn, &caller, &target, false)?;
+                let a = server
+                    .and_then(|srv| {
+                        v.attachments
+                            .iter()
+                            .find(|a| a.server_id == srv.id)
+                            .cloned()
+                    })
+                    .ok_or_else(|| {
+                        ServiceError::NotFound(format!(
+                            "Volume {shown} is not attached to that server."
+                        ))
+                    })?;
+                if hot_only && a.kind == AttachKind::Static {
+                    return Err(
+                        ServiceError::BadRequest("Disk have not been hot-plugged".into()).into(),
+                    );
+                }
+                remove_attachment(conn, &a)?;
+                Ok(a)
+            })
+            .await?;
+        tracing::info!(volume = %a.volume_id, server = %a.server_id, "volume detached");
+        Ok(a)
+    }
+
+    pub async fn detach_all(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        need(caller, Role::Member, "volume:detach")?;
+        let caller = caller.clone();
+        self.tx(move |conn, s| {
+            let Some(server) = resolve_target(conn, &caller, &target, false)? else {
+                return Ok(Vec::new());
+            };
+            let all = load_attachments(conn, "a.server_id = ?1", &server.id, s)?;
+            for a in &all {
+                remove_attachment(conn, a)?;
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    pub async fn list_attachments(
+        &self,
+        caller: &Caller,
+        target: AttachTarget,
+    ) -> ServiceResult<Vec<Attachment>> {
+        let caller = caller.clone();
+        self.tx(move |conn, s| {
+            let server = resolve_target(conn, &caller, &target, false)?;
+            match (server, &target) {
+                (Some(srv), _) => load_attachments(conn, "a.server_id = ?1", &srv.id, s),
+                (None, AttachTarget::Vm { .. }) => Ok(Vec::new()),
+                (None, AttachTarget::Server(id)) => Err(not_found("Server", id).into()),
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert_eq!(
+            next_device(&[], DeviceNaming::DevPath).as_deref(),
+            Some("/dev/vdb")
+        );
+        assert_eq!(
+            next_device(&[], DeviceNaming::PdiskTarget).as_deref(),
+            Some("vda")
+        );
+        let used = vec!["vda".to_owned(), "vdc".to_owned()];
+        assert_eq!(
+            next_device(&used, DeviceNaming::PdiskTarget).as_deref(),
+            Some("vdb")
+        );
+        let all: Vec<String> = (b'a'..=b'z').map(|c| format!("vd{}", c as char)).collect();
+        assert_eq!(next_device(&all, DeviceNaming::PdiskTarget), None);
+    }
+}
