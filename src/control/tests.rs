@@ -477,3 +477,35 @@ async fn state_survives_reopen() {
         2 << 30
     );
 }
+
+/// Deleting a project that still owns a volume is a 409 Conflict (never a 500), changes
+/// nothing, and works once the volume is gone. The project is some user's default project, so
+/// the delete cascades first (SQLite then reports the RESTRICT as a trigger constraint).
+#[tokio::test]
+async fn deleting_a_project_that_owns_volumes_is_a_conflict() {
+    let e = env().await;
+    e.catalog
+        .call(|conn| {
+            conn.execute(
+                "UPDATE users SET default_project_id = 'p1' WHERE id = 'u1'",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let identity = super::identity::Identity::new(e.catalog.clone(), settings());
+    let v = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let err = identity.delete_project(&admin(), "p1").await.unwrap_err();
+    assert!(matches!(err, ServiceError::Conflict(_)), "{err:?}");
+    // Nothing changed: the project, the user's default project and the volume are there.
+    assert_eq!(identity.get_project(&admin(), "p1").await.unwrap().id, "p1");
+    let u = identity.get_user(&admin(), "u1").await.unwrap();
+    assert_eq!(u.default_project_id.as_deref(), Some("p1"));
+    e.volumes.get_volume(&alice(), &v.id, false).await.unwrap();
+    e.volumes
+        .delete_volume(&alice(), &v.id, false)
+        .await
+        .unwrap();
+    identity.delete_project(&admin(), "p1").await.unwrap();
+}
