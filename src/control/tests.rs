@@ -120,6 +120,14 @@ async fn bad_requests_change_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    // Addressable in bytes, but past the store's largest object: refused by the store,
+    // and no volume is left behind (not even one in error).
+    let err = e
+        .volumes
+        .create_volume(&alice(), vol((i64::MAX as u64) >> 30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
     let reader = caller("u1", "p1", &[Role::Reader]);
     let err = e.volumes.create_volume(&reader, vol(1)).await.unwrap_err();
     assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");

@@ -375,6 +375,17 @@ impl Volumes {
         }
         // Creating the object allocates nothing: blocks are allocated when written.
         let created = self.store.create_object(id, size_bytes).await;
+        // The store refused the request itself (a size past its largest object) before
+        // logging anything: the record goes too, so that a refused call changes nothing.
+        if let Err(StoreError::Invalid(msg)) = created {
+            let id_s = id_s.clone();
+            self.tx(move |conn, _| {
+                conn.execute("DELETE FROM volumes WHERE id = ?1", [&id_s])?;
+                Ok(())
+            })
+            .await?;
+            return Err(ServiceError::BadRequest(msg));
+        }
         let to = match &created {
             Ok(()) => VolumeStatus::Available,
             Err(e) => {
@@ -396,7 +407,6 @@ impl Volumes {
                 tracing::info!(volume = %id, size_gib = v.size_gib, project = %v.project_id, "volume created");
                 Ok(v)
             }
-            Err(StoreError::Invalid(msg)) => Err(ServiceError::BadRequest(msg)),
             Err(StoreError::NoSpace) => Err(ServiceError::OverLimit(
                 "No space left in the store for this volume.".into(),
             )),
