@@ -517,3 +517,60 @@ async fn deleting_a_project_that_owns_volumes_is_a_conflict() {
         .unwrap();
     identity.delete_project(&admin(), "p1").await.unwrap();
 }
+
+/// A pdisk VM belongs to the project that registered it: a member of another project cannot
+/// attach to it (even a public disk), detach from it, or list its disks; nothing changes.
+#[tokio::test]
+async fn pdisk_vms_of_another_project_are_off_limits() {
+    let e = env().await;
+    let private = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let public = e
+        .volumes
+        .create_volume(
+            &bob(),
+            NewVolume {
+                visibility: Some(Visibility::Public),
+                ..vol(1)
+            },
+        )
+        .await
+        .unwrap();
+    let vm = || AttachTarget::Vm {
+        node: "n1".into(),
+        vm_id: "7".into(),
+    };
+    let req = |volume: &Volume| AttachRequest {
+        volume_id: volume.id.clone(),
+        target: vm(),
+        device: None,
+        kind: AttachKind::Hot,
+        naming: DeviceNaming::PdiskTarget,
+    };
+    e.volumes.attach(&alice(), req(&private)).await.unwrap();
+
+    let err = e.volumes.attach(&bob(), req(&public)).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    let err = e.volumes.detach_all(&bob(), vm()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    let err = e.volumes.list_attachments(&bob(), vm()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    // bob's public disk attached to the VM by alice: bob still cannot detach it from her VM.
+    e.volumes.attach(&alice(), req(&public)).await.unwrap();
+    let err = e
+        .volumes
+        .detach(&bob(), vm(), &public.id, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+
+    let on_vm = e.volumes.list_attachments(&alice(), vm()).await.unwrap();
+    assert_eq!(on_vm.len(), 2, "{on_vm:?}");
+    let got = e
+        .volumes
+        .get_volume(&alice(), &private.id, true)
+        .await
+        .unwrap();
+    assert_eq!(got.status, VolumeStatus::InUse);
+    // An admin (pdisk's service user) may act on any VM.
+    assert_eq!(e.volumes.detach_all(&admin(), vm()).await.unwrap().len(), 2);
+}

@@ -243,6 +243,14 @@ fn resolve_target(
                 .query_row(&sql, params![node, vm_id], server_row)
                 .optional()?
             {
+                // A VM is a server of the project that registered it: another project's
+                // members may neither attach to it, nor detach from it, nor list its disks.
+                if !caller.is_admin() && s.project_id != caller.project_id {
+                    return Err(ServiceError::Forbidden(format!(
+                        "VM {node}/{vm_id} belongs to another project."
+                    ))
+                    .into());
+                }
                 return Ok(Some(s));
             }
             if !create {
