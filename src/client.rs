@@ -99,8 +99,16 @@ pub enum UserCmd {
     /// Create a user with a password and a role on a project.
     Create {
         name: String,
+        /// The password (visible to other local users in `ps`; prefer --password-stdin).
+        #[arg(
+            long,
+            required_unless_present = "password_stdin",
+            conflicts_with = "password_stdin"
+        )]
+        password: Option<String>,
+        /// Read the password from the first line of standard input.
         #[arg(long)]
-        password: String,
+        password_stdin: bool,
         /// Project (name or id): the user's default project, where the role is granted.
         #[arg(long)]
         project: String,
@@ -110,6 +118,22 @@ pub enum UserCmd {
     List,
     Delete {
         user: String,
+    },
+    /// Grant a role on a project to a user.
+    Grant {
+        user: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long, value_parser = ["reader", "member", "admin"])]
+        role: String,
+    },
+    /// Revoke a role on a project from a user.
+    Revoke {
+        user: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long, value_parser = ["reader", "member", "admin"])]
+        role: String,
     },
 }
 
@@ -346,6 +370,31 @@ impl Session {
         Ok(by("id").or_else(|| by("name")))
     }
 
+    /// A volume id from an id or a unique display name.
+    fn volume_id(&self, name_or_id: &str) -> Result<String> {
+        let list = self.compute("GET", "/os-volumes/detail", None, &[200])?;
+        let vols = list["volumes"].as_array().cloned().unwrap_or_default();
+        if let Some(v) = vols.iter().find(|v| {
+            v["id"]
+                .as_str()
+                .is_some_and(|id| id.eq_ignore_ascii_case(name_or_id))
+        }) {
+            return Ok(s(&v["id"]));
+        }
+        let named: Vec<&Value> = vols
+            .iter()
+            .filter(|v| v["displayName"] == name_or_id)
+            .collect();
+        match named.as_slice() {
+            [one] => Ok(s(&one["id"])),
+            [] => bail!("no volume with id or name {name_or_id:?}"),
+            _ => bail!(
+                "{} volumes are named {name_or_id:?}: use the id",
+                named.len()
+            ),
+        }
+    }
+
     fn keystone_id(&self, kind: &str, name_or_id: &str) -> Result<String> {
         let list = self.keystone("GET", &format!("/{kind}"), None, &[200])?;
         list[kind]
@@ -506,10 +555,12 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
             })
         }
         VolumeCmd::Show { volume } => {
+            let volume = sess.volume_id(&volume)?;
             let v = sess.compute("GET", &format!("/os-volumes/{volume}"), None, &[200])?;
             out(args, &v["volume"], print_volume)
         }
         VolumeCmd::Delete { volume } => {
+            let volume = sess.volume_id(&volume)?;
             sess.compute(
                 "DELETE",
                 &format!("/os-volumes/{volume}"),
@@ -526,6 +577,7 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
             server,
             device,
         } => {
+            let volume = sess.volume_id(&volume)?;
             let server_id = sess
                 .server_id(&server)?
                 .ok_or_else(|| anyhow!("no server named {server:?}"))?;
@@ -538,6 +590,7 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
             out(args, &a["volumeAttachment"], print_attachment)
         }
         VolumeCmd::Detach { volume, server } => {
+            let volume = sess.volume_id(&volume)?;
             let server_id = sess
                 .server_id(&server)?
                 .ok_or_else(|| anyhow!("no server named {server:?}"))?;
@@ -640,9 +693,24 @@ pub fn user(args: &ClientArgs, cmd: UserCmd) -> Result<()> {
         UserCmd::Create {
             name,
             password,
+            password_stdin,
             project,
             role,
         } => {
+            let password = match password {
+                Some(p) if !password_stdin => p,
+                _ => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("reading the password from stdin")?;
+                    let p = line.trim_end_matches(['\n', '\r']).to_owned();
+                    if p.is_empty() {
+                        bail!("empty password on stdin");
+                    }
+                    p
+                }
+            };
             let project_id = sess.keystone_id("projects", &project)?;
             let v = sess.keystone(
                 "POST",
@@ -683,6 +751,16 @@ pub fn user(args: &ClientArgs, cmd: UserCmd) -> Result<()> {
                 print_table(&["id", "name", "default project"], rows);
             })
         }
+        UserCmd::Grant {
+            user,
+            project,
+            role,
+        } => grant(&sess, args, "PUT", &user, &project, &role),
+        UserCmd::Revoke {
+            user,
+            project,
+            role,
+        } => grant(&sess, args, "DELETE", &user, &project, &role),
         UserCmd::Delete { user } => {
             let id = sess.keystone_id("users", &user)?;
             sess.keystone("DELETE", &format!("/users/{id}"), None, &[204])?;
@@ -692,6 +770,35 @@ pub fn user(args: &ClientArgs, cmd: UserCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// PUT (grant) or DELETE (revoke) one role assignment.
+fn grant(
+    sess: &Session,
+    args: &ClientArgs,
+    method: &str,
+    user: &str,
+    project: &str,
+    role: &str,
+) -> Result<()> {
+    let user_id = sess.keystone_id("users", user)?;
+    let project_id = sess.keystone_id("projects", project)?;
+    let role_id = sess.keystone_id("roles", role)?;
+    sess.keystone(
+        method,
+        &format!("/projects/{project_id}/users/{user_id}/roles/{role_id}"),
+        None,
+        &[200, 201, 204],
+    )?;
+    if !args.json {
+        let verb = if method == "PUT" {
+            "granted"
+        } else {
+            "revoked"
+        };
+        println!("{verb} {role} on {project} to {user}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -473,6 +473,11 @@ fn servers_and_attachments_with_every_error() {
         ok(&api.get(&format!("{att}/{vid}")), 200),
         json!({"volumeAttachment": a})
     );
+    // A UUID is the same id in any case, as attach and detach already treat it.
+    assert_eq!(
+        ok(&api.get(&format!("{att}/{}", vid.to_uppercase())), 200),
+        json!({"volumeAttachment": a})
+    );
 
     // Attach errors: each changes nothing.
     let other = create_server(&api, "vm2");

@@ -727,6 +727,32 @@ fn a_second_user_sees_own_and_public_disks_only() {
     assert_eq!(r.json()["target"], "vda");
     assert_eq!(usage(&c, &public), u("1", "1", "0"));
 
+    // A VM belongs to the project that registered it: bob (project p2) may not attach his
+    // disk to the admin's VM, nor detach the admin's disks from it, nor learn their ids.
+    let admins_vm = ["node=a", "vm_id=1"];
+    let r = pd(
+        &c,
+        ADMIN,
+        "POST",
+        &format!("/hotattach/{private}"),
+        &admins_vm,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    expect_error(
+        &pd(&c, bob, "POST", &format!("/hotattach/{bobs}"), &admins_vm),
+        400,
+        &["Not enough rights to attach disk"],
+    );
+    expect_error(
+        &pd(&c, bob, "POST", "/detach", &admins_vm),
+        400,
+        &["Not enough rights to detach disks"],
+    );
+    assert_eq!(usage(&c, &private), u("1", "1", "0"));
+    assert_eq!(usage(&c, &bobs), u("0", "1", "1"));
+    let r = pd(&c, ADMIN, "POST", "/detach", &admins_vm);
+    assert_eq!(r.status, 200, "{}", r.body);
+
     // A reader sees but does not create.
     let rita = "rita:rita-pw";
     // Visibility is per user, not per project: bob's private disk stays his.

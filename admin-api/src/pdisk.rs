@@ -300,6 +300,8 @@ async fn read_fields(headers: &HeaderMap, body: Body) -> Result<Fields, Response
 
 /// `node` and `vm_id` of an action body, with the original's checks: fewer than two fields
 /// is "Missing input", any other field "Unknown input".
+const MAX_VM_FIELD: usize = 255;
+
 fn vm_of(fields: &Fields) -> Result<(String, String), &'static str> {
     if fields.0.len() < 2 {
         return Err("Missing input");
@@ -320,6 +322,10 @@ fn vm_of(fields: &Fields) -> Result<(String, String), &'static str> {
             .map(str::to_owned)
     };
     match (value("node"), value("vm_id")) {
+        // Bounded like Compute's server names, since the VM shows there as `node/vm_id`.
+        (Some(node), Some(vm_id)) if node.len() > MAX_VM_FIELD || vm_id.len() > MAX_VM_FIELD => {
+            Err("Input too long: node and vm_id are at most 255 bytes")
+        }
         (Some(node), Some(vm_id)) => Ok((node, vm_id)),
         _ => Err("Missing input"),
     }

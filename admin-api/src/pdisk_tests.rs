@@ -914,6 +914,13 @@ async fn action_input_and_target_errors() {
     c.form(&hot, "alice", "node=n&vm_id=1&x=2")
         .await
         .error(StatusCode::BAD_REQUEST, &["Unknown input"]);
+    let long = "n".repeat(256);
+    c.form(&hot, "alice", &format!("node={long}&vm_id=1"))
+        .await
+        .error(
+            StatusCode::BAD_REQUEST,
+            &["Input too long: node and vm_id are at most 255 bytes"],
+        );
     c.form(&hot, "alice", "node=n&vmid=1")
         .await
         .error(StatusCode::BAD_REQUEST, &["Unknown input"]);

@@ -713,8 +713,11 @@ impl Identity {
             match conn.execute("DELETE FROM projects WHERE id = ?1", [&p.id]) {
                 Ok(_) => Ok(()),
                 // Volumes, servers, images and filesystems keep their project (RESTRICT).
+                // SQLite reports a RESTRICT reached while cascading (role assignments, tokens)
+                // as SQLITE_CONSTRAINT_TRIGGER, not _FOREIGNKEY: any constraint failure of this
+                // delete is a foreign key one.
                 Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
                     Err(ServiceError::Conflict(format!(
                         "Project {} still owns volumes, servers, images or filesystems; \

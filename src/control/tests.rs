@@ -120,6 +120,14 @@ async fn bad_requests_change_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    // Addressable in bytes, but past the store's largest object: refused by the store,
+    // and no volume is left behind (not even one in error).
+    let err = e
+        .volumes
+        .create_volume(&alice(), vol((i64::MAX as u64) >> 30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
     let reader = caller("u1", "p1", &[Role::Reader]);
     let err = e.volumes.create_volume(&reader, vol(1)).await.unwrap_err();
     assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
@@ -476,4 +484,93 @@ async fn state_survives_reopen() {
         store.object_info(v.id.parse().unwrap()).unwrap().size,
         2 << 30
     );
+}
+
+/// Deleting a project that still owns a volume is a 409 Conflict (never a 500), changes
+/// nothing, and works once the volume is gone. The project is some user's default project, so
+/// the delete cascades first (SQLite then reports the RESTRICT as a trigger constraint).
+#[tokio::test]
+async fn deleting_a_project_that_owns_volumes_is_a_conflict() {
+    let e = env().await;
+    e.catalog
+        .call(|conn| {
+            conn.execute(
+                "UPDATE users SET default_project_id = 'p1' WHERE id = 'u1'",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let identity = super::identity::Identity::new(e.catalog.clone(), settings());
+    let v = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let err = identity.delete_project(&admin(), "p1").await.unwrap_err();
+    assert!(matches!(err, ServiceError::Conflict(_)), "{err:?}");
+    // Nothing changed: the project, the user's default project and the volume are there.
+    assert_eq!(identity.get_project(&admin(), "p1").await.unwrap().id, "p1");
+    let u = identity.get_user(&admin(), "u1").await.unwrap();
+    assert_eq!(u.default_project_id.as_deref(), Some("p1"));
+    e.volumes.get_volume(&alice(), &v.id, false).await.unwrap();
+    e.volumes
+        .delete_volume(&alice(), &v.id, false)
+        .await
+        .unwrap();
+    identity.delete_project(&admin(), "p1").await.unwrap();
+}
+
+/// A pdisk VM belongs to the project that registered it: a member of another project cannot
+/// attach to it (even a public disk), detach from it, or list its disks; nothing changes.
+#[tokio::test]
+async fn pdisk_vms_of_another_project_are_off_limits() {
+    let e = env().await;
+    let private = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let public = e
+        .volumes
+        .create_volume(
+            &bob(),
+            NewVolume {
+                visibility: Some(Visibility::Public),
+                ..vol(1)
+            },
+        )
+        .await
+        .unwrap();
+    let vm = || AttachTarget::Vm {
+        node: "n1".into(),
+        vm_id: "7".into(),
+    };
+    let req = |volume: &Volume| AttachRequest {
+        volume_id: volume.id.clone(),
+        target: vm(),
+        device: None,
+        kind: AttachKind::Hot,
+        naming: DeviceNaming::PdiskTarget,
+    };
+    e.volumes.attach(&alice(), req(&private)).await.unwrap();
+
+    let err = e.volumes.attach(&bob(), req(&public)).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    let err = e.volumes.detach_all(&bob(), vm()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    let err = e.volumes.list_attachments(&bob(), vm()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    // bob's public disk attached to the VM by alice: bob still cannot detach it from her VM.
+    e.volumes.attach(&alice(), req(&public)).await.unwrap();
+    let err = e
+        .volumes
+        .detach(&bob(), vm(), &public.id, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+
+    let on_vm = e.volumes.list_attachments(&alice(), vm()).await.unwrap();
+    assert_eq!(on_vm.len(), 2, "{on_vm:?}");
+    let got = e
+        .volumes
+        .get_volume(&alice(), &private.id, true)
+        .await
+        .unwrap();
+    assert_eq!(got.status, VolumeStatus::InUse);
+    // An admin (pdisk's service user) may act on any VM.
+    assert_eq!(e.volumes.detach_all(&admin(), vm()).await.unwrap().len(), 2);
 }

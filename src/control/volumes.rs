@@ -243,6 +243,14 @@ fn resolve_target(
                 .query_row(&sql, params![node, vm_id], server_row)
                 .optional()?
             {
+                // A VM is a server of the project that registered it: another project's
+                // members may neither attach to it, nor detach from it, nor list its disks.
+                if !caller.is_admin() && s.project_id != caller.project_id {
+                    return Err(ServiceError::Forbidden(format!(
+                        "VM {node}/{vm_id} belongs to another project."
+                    ))
+                    .into());
+                }
                 return Ok(Some(s));
             }
             if !create {
@@ -375,6 +383,17 @@ impl Volumes {
         }
         // Creating the object allocates nothing: blocks are allocated when written.
         let created = self.store.create_object(id, size_bytes).await;
+        // The store refused the request itself (a size past its largest object) before
+        // logging anything: the record goes too, so that a refused call changes nothing.
+        if let Err(StoreError::Invalid(msg)) = created {
+            let id_s = id_s.clone();
+            self.tx(move |conn, _| {
+                conn.execute("DELETE FROM volumes WHERE id = ?1", [&id_s])?;
+                Ok(())
+            })
+            .await?;
+            return Err(ServiceError::BadRequest(msg));
+        }
         let to = match &created {
             Ok(()) => VolumeStatus::Available,
             Err(e) => {
@@ -396,7 +415,6 @@ impl Volumes {
                 tracing::info!(volume = %id, size_gib = v.size_gib, project = %v.project_id, "volume created");
                 Ok(v)
             }
-            Err(StoreError::Invalid(msg)) => Err(ServiceError::BadRequest(msg)),
             Err(StoreError::NoSpace) => Err(ServiceError::OverLimit(
                 "No space left in the store for this volume.".into(),
             )),

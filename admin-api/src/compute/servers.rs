@@ -382,11 +382,15 @@ pub(super) async fn show_attachment(
         .service
         .list_attachments(&ctx.caller, AttachTarget::Server(server.clone()))
         .await?;
-    let a = list.iter().find(|a| a.volume_id == volume).ok_or_else(|| {
-        Fault::not_found(format!(
-            "volume_id not found: {volume} is not attached to server {server}"
-        ))
-    })?;
+    // Ids compare as UUIDs (the service accepts any case elsewhere).
+    let a = list
+        .iter()
+        .find(|a| a.volume_id.eq_ignore_ascii_case(volume))
+        .ok_or_else(|| {
+            Fault::not_found(format!(
+                "volume_id not found: {volume} is not attached to server {server}"
+            ))
+        })?;
     Ok(axum::Json(json!({ "volumeAttachment": attachment_view(a) })).into_response())
 }
 
