@@ -5,5 +5,6 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod nbd;
 pub mod service;
 pub mod store;
