@@ -67,8 +67,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: the store, the catalog and the admin HTTP API (NBD and FUSE arrive
-    /// later). SIGINT or SIGTERM shut it down cleanly; a second signal exits at once.
+    /// Run the daemon: the store, the catalog, the admin HTTP API and the NBD server (FUSE
+    /// arrives later). SIGINT or SIGTERM shut it down cleanly; a second signal exits at once.
     Serve(Config),
     /// Check the store in a data dir (the daemon must not be running on it). Exit status:
     /// 0 clean, 1 problems found (even if repaired), 2 the check could not run.

@@ -9,6 +9,7 @@ use cairn::{
     catalog::Catalog,
     config::{self, Command, Config, FsckArgs, Layout, LogFormat, LogOptions},
     control::Settings,
+    nbd::{CatalogExports, NbdConfig, NbdServer},
     service::{self, DaemonService},
     store::{self, Store, StoreOptions},
 };
@@ -317,7 +318,14 @@ async fn run(
     catalog: Catalog,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    prepare_nbd_and_fuse(cfg, layout)?;
+    prepare_nbd_and_fuse(layout)?;
+    let nbd = NbdServer::start(
+        NbdConfig::new(cfg.nbd, layout.nbd_socket.clone()),
+        store.clone(),
+        std::sync::Arc::new(CatalogExports::new(catalog.clone())),
+    )
+    .await
+    .context("starting the NBD server")?;
 
     let addr = listener.local_addr().context("reading the bound address")?;
     let settings = Settings {
@@ -361,12 +369,14 @@ async fn run(
         ),
     }
     info!("admin HTTP stopped");
+    // Connections answer what they have read, then close; the store is closed after this.
+    nbd.shutdown(grace).await;
     Ok(())
 }
 
-/// NBD and FUSE are served by later work; for now their settings are checked and their
-/// directories made, so that a bad setting fails today rather than on upgrade.
-fn prepare_nbd_and_fuse(cfg: &Config, layout: &Layout) -> Result<()> {
+/// Checks the NBD socket's directory; FUSE is served by later work: for now its settings are
+/// checked and its directory made, so that a bad setting fails today rather than on upgrade.
+fn prepare_nbd_and_fuse(layout: &Layout) -> Result<()> {
     let socket_dir = layout
         .nbd_socket
         .parent()
@@ -377,12 +387,6 @@ fn prepare_nbd_and_fuse(cfg: &Config, layout: &Layout) -> Result<()> {
             layout.nbd_socket.display()
         );
     }
-    info!(
-        tcp = %cfg.nbd,
-        socket = %layout.nbd_socket.display(),
-        "NBD server: configured; it arrives in a later release (not listening yet)"
-    );
-
     std::fs::create_dir_all(&layout.mount_dir)
         .with_context(|| format!("creating the mount dir {}", layout.mount_dir.display()))?;
     if Path::new("/dev/fuse").exists() {

@@ -1,5 +1,12 @@
 //! NBD: cairn volumes served over the Network Block Device protocol.
 //!
-//! `proto` is the pure wire codec (no I/O); the server is built on it.
+//! `proto` is the pure wire codec (no I/O); `server` runs the listeners and `conn` one
+//! connection on top of it; `exports` says which volumes are offered (attached ones).
 
+mod conn;
+pub mod exports;
 pub mod proto;
+pub mod server;
+
+pub use exports::CatalogExports;
+pub use server::{Export, ExportSource, NbdConfig, NbdServer};

@@ -1,0 +1,499 @@
+//! One NBD connection: the fixed-newstyle handshake, then the transmission phase.
+//!
+//! Transmission runs as a reader (this task) and a writer task. The reader decodes requests
+//! and spawns one task per request; each task sends its finished reply (header + data, the
+//! data being the store's `Bytes`, never copied) to the writer, which writes replies in
+//! completion order with vectored writes, batching what is ready. Back-pressure: a request
+//! takes permits for its bytes (payload or read length) from a per-connection semaphore before
+//! its payload is read or its task spawned, and gives them back once its reply is written.
+
+use std::{io, io::IoSlice, sync::Arc};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+};
+use tracing::{debug, warn};
+
+use super::proto::*;
+use super::server::{Export, Shared};
+use crate::store::{ObjectId, StoreError};
+
+/// Preferred block size advertised in NBD_INFO_BLOCK_SIZE.
+const PREFERRED_BLOCK: u32 = 4096;
+/// Largest READ/WRITE payload (advertised maximum).
+const MAX_PAYLOAD: u32 = NBD_DEFAULT_MAX_PAYLOAD;
+/// Replies gathered into one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// Negotiated state of the handshake.
+#[derive(Default)]
+struct Negotiated {
+    structured: bool,
+}
+
+/// What the transmission phase needs; shared by the request tasks.
+struct Session {
+    shared: Arc<Shared>,
+    object: ObjectId,
+    size: u64,
+    tflags: u16,
+    structured: bool,
+}
+
+/// A reply ready to be written: a fixed header, then an optional body. The permit goes back
+/// when the reply has been written.
+struct Outgoing {
+    head: Option<HeaderBuf>,
+    body: Bytes,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+pub(crate) async fn serve<R, W>(shared: Arc<Shared>, mut r: R, mut w: W, peer: String)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let timeout = shared.cfg.handshake_timeout;
+    let hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)).await;
+    let (export, neg) = match hs {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, "NBD handshake ended: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "NBD handshake timed out after {timeout:?}");
+            return;
+        }
+    };
+    let size = match shared.store.object_info(export.object) {
+        Ok(i) => i.size,
+        Err(e) => {
+            warn!(%peer, export = %export.name, "NBD export vanished: {e}");
+            return;
+        }
+    };
+    debug!(%peer, export = %export.name, "NBD transmission");
+    let session = Arc::new(Session {
+        tflags: transmission_flags(&export, &neg),
+        object: export.object,
+        size,
+        structured: neg.structured,
+        shared,
+    });
+    transmission(session, r, w, buf, &peer).await;
+}
+
+fn transmission_flags(export: &Export, neg: &Negotiated) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+    // Flush is store-wide and a FUA write is durable before its reply: both are visible to
+    // every connection by the time they are answered.
+    f |= NBD_FLAG_CAN_MULTI_CONN;
+    if export.read_only {
+        f |= NBD_FLAG_READ_ONLY;
+    }
+    if neg.structured {
+        // Reads are always answered with a single data chunk.
+        f |= NBD_FLAG_SEND_DF;
+    }
+    f
+}
+
+/// Reads more bytes into `buf`; EOF is an error (the peer left mid-message).
+async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<()> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    if r.read_buf(buf).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn send_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: Opt,
+    reply: &OptionReply,
+) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    reply
+        .encode(opt, &mut out)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    w.write_all(&out).await
+}
+
+/// The handshake. `Ok(None)`: the client aborted or was refused (connection to be closed).
+async fn handshake<R, W>(
+    shared: &Shared,
+    r: &mut R,
+    w: &mut W,
+    buf: &mut BytesMut,
+) -> io::Result<Option<(Export, Negotiated)>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let offered = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+    w.write_all(&encode_greeting(offered)).await?;
+    let client = loop {
+        match decode_client_flags(buf, offered).map_err(invalid)? {
+            Some(c) => break c,
+            None => fill(r, buf).await?,
+        }
+    };
+    let mut dec = OptionDecoder::default();
+    let mut neg = Negotiated::default();
+    loop {
+        if *shared.shutdown.borrow() {
+            return Ok(None);
+        }
+        let Some(ev) = dec.decode(buf).map_err(invalid)? else {
+            fill(r, buf).await?;
+            continue;
+        };
+        let req = match ev {
+            OptionEvent::Request(req) => req,
+            OptionEvent::Rejected { opt, error } => {
+                if opt == Opt::ExportName {
+                    return Err(invalid(error));
+                }
+                send_reply(w, opt, &error.reply()).await?;
+                continue;
+            }
+        };
+        let opt = req.opt();
+        match req {
+            OptionRequest::Abort => {
+                // The client may already have closed; the ACK is best effort.
+                let _ = send_reply(w, opt, &OptionReply::Ack).await;
+                return Ok(None);
+            }
+            OptionRequest::ExportName(name) => {
+                // Cannot be answered with an error: an unknown export closes the connection.
+                let Some(export) = lookup(shared, &name).await? else {
+                    debug!(export = %name, "NBD_OPT_EXPORT_NAME of an unknown export");
+                    return Ok(None);
+                };
+                let size = export_size(shared, &export)?;
+                let mut out = BytesMut::new();
+                encode_export_name_reply(
+                    &mut out,
+                    size,
+                    transmission_flags(&export, &neg),
+                    client.no_zeroes,
+                );
+                w.write_all(&out).await?;
+                return Ok(Some((export, neg)));
+            }
+            OptionRequest::Info(info) | OptionRequest::Go(info) => {
+                let Some(export) = lookup(shared, &info.name).await? else {
+                    let msg = format!(
+                        "no export {:?}: the name must be the UUID of an attached volume",
+                        info.name
+                    );
+                    send_reply(w, opt, &OptionReply::error(RepError::UnknownExport, msg)).await?;
+                    continue;
+                };
+                let size = export_size(shared, &export)?;
+                let mut replies = vec![OptionReply::Info(Info::Export {
+                    size,
+                    flags: transmission_flags(&export, &neg),
+                })];
+                for t in &info.requests {
+                    match t {
+                        InfoType::Name => {
+                            replies.push(OptionReply::Info(Info::Name(export.name.clone())))
+                        }
+                        InfoType::Description => replies.push(OptionReply::Info(
+                            Info::Description(export.description.clone()),
+                        )),
+                        _ => {}
+                    }
+                }
+                // The defaults, said explicitly (the maximum is what the reader accepts).
+                replies.push(OptionReply::Info(Info::BlockSize {
+                    min: 1,
+                    preferred: PREFERRED_BLOCK,
+                    max: MAX_PAYLOAD,
+                }));
+                replies.push(OptionReply::Ack);
+                for rep in &replies {
+                    send_reply(w, opt, rep).await?;
+                }
+                if opt == Opt::Go {
+                    return Ok(Some((export, neg)));
+                }
+            }
+            OptionRequest::List => {
+                let exports = shared.source.list().await.map_err(io::Error::other)?;
+                for e in exports {
+                    let rep = OptionReply::Server {
+                        name: e.name,
+                        description: e.description,
+                    };
+                    send_reply(w, opt, &rep).await?;
+                }
+                send_reply(w, opt, &OptionReply::Ack).await?;
+            }
+            OptionRequest::StructuredReply => {
+                neg.structured = true;
+                send_reply(w, opt, &OptionReply::Ack).await?;
+            }
+            OptionRequest::StartTls => {
+                let rep = OptionReply::error(RepError::Policy, "TLS is not supported");
+                send_reply(w, opt, &rep).await?;
+            }
+            other => {
+                let rep = OptionReply::error(
+                    RepError::Unsup,
+                    format!("option {} is not supported", other.opt()),
+                );
+                send_reply(w, opt, &rep).await?;
+            }
+        }
+    }
+}
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+async fn lookup(shared: &Shared, name: &str) -> io::Result<Option<Export>> {
+    shared.source.lookup(name).await.map_err(io::Error::other)
+}
+
+fn export_size(shared: &Shared, export: &Export) -> io::Result<u64> {
+    shared
+        .store
+        .object_info(export.object)
+        .map(|i| i.size)
+        .map_err(io::Error::other)
+}
+
+async fn transmission<R, W>(session: Arc<Session>, mut r: R, w: W, mut buf: BytesMut, peer: &str)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(writer(w, rx));
+    let cfg = &session.shared.cfg;
+    let max_bytes = cfg.max_inflight_bytes.max(MAX_PAYLOAD as usize);
+    // Permits are bytes in flight; every request also costs one count permit.
+    let bytes = Arc::new(Semaphore::new(max_bytes));
+    let count = Arc::new(Semaphore::new(cfg.max_requests.max(128)));
+    let mut stop = session.shared.shutdown.clone();
+    let result: io::Result<()> = async {
+        loop {
+            let req = loop {
+                match decode_request(&mut buf, HeaderMode::Compact, u64::from(MAX_PAYLOAD))
+                    .map_err(invalid)?
+                {
+                    Some(req) => break req,
+                    None => tokio::select! {
+                        r = fill(&mut r, &mut buf) => r?,
+                        () = super::server::stopped(&mut stop) => return Ok(()),
+                    },
+                }
+            };
+            if req.command == Command::Disc {
+                return Ok(());
+            }
+            let payload_len = req.payload_len(HeaderMode::Compact) as usize;
+            let cost = match req.command {
+                Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
+                _ => payload_len,
+            } as u32;
+            let Ok(count_permit) = count.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let Ok(bytes_permit) = bytes.clone().acquire_many_owned(cost).await else {
+                return Ok(());
+            };
+            while buf.len() < payload_len {
+                buf.reserve(payload_len - buf.len());
+                if r.read_buf(&mut buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            let payload = buf.split_to(payload_len).freeze();
+            let session = session.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (head, body) = session.handle(req, payload).await;
+                let _ = tx.send(Outgoing {
+                    head,
+                    body,
+                    _permits: (count_permit, bytes_permit),
+                });
+            });
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            debug!(%peer, "NBD client closed the connection");
+        } else {
+            warn!(%peer, "NBD connection: {e}");
+        }
+    }
+    // In-flight requests finish and are answered; the writer ends with the last sender.
+    drop(tx);
+    match writer.await {
+        Ok(Err(e)) => debug!(%peer, "NBD writer: {e}"),
+        Err(e) => warn!(%peer, "NBD writer task: {e}"),
+        Ok(Ok(())) => {}
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> io::Result<()> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for o in &batch {
+            if let Some(h) = &o.head {
+                slices.push(IoSlice::new(h));
+            }
+            if !o.body.is_empty() {
+                slices.push(IoSlice::new(&o.body));
+            }
+        }
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = w.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        drop(slices);
+        batch.clear();
+    }
+    w.shutdown().await
+}
+
+fn store_errno(e: &StoreError) -> Errno {
+    match Errno::from_errno(e.errno()) {
+        // ENOTSUP is reserved for FAST_ZERO.
+        Errno::NotSup => Errno::Io,
+        other => other,
+    }
+}
+
+impl Session {
+    /// Runs one request; returns the reply (header, body).
+    async fn handle(&self, req: Request, payload: Bytes) -> (Option<HeaderBuf>, Bytes) {
+        match self.execute(req, payload).await {
+            Ok(data) => self.success(&req, data),
+            Err((errno, msg)) => {
+                if errno == Errno::Io {
+                    warn!(command = %req.command, offset = req.offset, "NBD request failed: {msg}");
+                }
+                self.failure(&req, errno, &msg)
+            }
+        }
+    }
+
+    fn success(&self, req: &Request, data: Option<Bytes>) -> (Option<HeaderBuf>, Bytes) {
+        match data {
+            Some(data) if self.structured && !data.is_empty() => {
+                let to = req.reply_to(HeaderMode::Compact);
+                match to.offset_data(true, req.offset, data.len() as u32) {
+                    Ok(h) => (Some(h), data),
+                    Err(e) => self.failure(req, Errno::Inval, &e.to_string()),
+                }
+            }
+            Some(_) if self.structured => {
+                (Some(req.reply_to(HeaderMode::Compact).none()), Bytes::new())
+            }
+            Some(data) => (Some(simple_reply(req.cookie, None)), data),
+            None => (Some(simple_reply(req.cookie, None)), Bytes::new()),
+        }
+    }
+
+    fn failure(&self, req: &Request, errno: Errno, msg: &str) -> (Option<HeaderBuf>, Bytes) {
+        if self.structured {
+            let mut out = BytesMut::new();
+            req.reply_to(HeaderMode::Compact)
+                .error(&mut out, true, errno, msg);
+            // The error chunk is complete in `out`.
+            (None, out.freeze())
+        } else {
+            (Some(simple_reply(req.cookie, Some(errno))), Bytes::new())
+        }
+    }
+
+    fn check_range(&self, req: &Request, past_end: Errno) -> Result<(), (Errno, String)> {
+        match req.offset.checked_add(req.length) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err((
+                past_end,
+                format!(
+                    "range {}+{} is beyond the end of the export ({} bytes)",
+                    req.offset, req.length, self.size
+                ),
+            )),
+        }
+    }
+
+    /// `Ok(Some(data))` only for READ.
+    async fn execute(
+        &self,
+        req: Request,
+        payload: Bytes,
+    ) -> Result<Option<Bytes>, (Errno, String)> {
+        if let Err(e) = req.validate(HeaderMode::Compact, self.tflags) {
+            return Err((e.errno(), e.to_string()));
+        }
+        let store = &self.shared.store;
+        let serr = |e: StoreError| (store_errno(&e), e.to_string());
+        let fua = req.has_flags(NBD_CMD_FLAG_FUA);
+        match req.command {
+            Command::Read => {
+                if req.length > u64::from(MAX_PAYLOAD) {
+                    return Err((Errno::Inval, "read longer than the maximum payload".into()));
+                }
+                self.check_range(&req, Errno::Inval)?;
+                if req.length == 0 {
+                    return Ok(Some(Bytes::new()));
+                }
+                let data = store
+                    .read(self.object, req.offset, req.length as usize)
+                    .await
+                    .map_err(serr)?;
+                Ok(Some(data))
+            }
+            Command::Write => {
+                self.check_range(&req, Errno::NoSpc)?;
+                if !payload.is_empty() {
+                    store
+                        .write(self.object, req.offset, payload, fua)
+                        .await
+                        .map_err(serr)?;
+                } else if fua {
+                    store.flush().await.map_err(serr)?;
+                }
+                Ok(None)
+            }
+            Command::Flush => {
+                store.flush().await.map_err(serr)?;
+                Ok(None)
+            }
+            other => Err((Errno::Inval, format!("{other} is not supported"))),
+        }
+    }
+}
