@@ -276,3 +276,113 @@ fn stale_socket_is_replaced_and_removed_on_shutdown() {
     assert!(!sock.exists(), "socket left behind");
     assert!(c.logs.contains("NBD stopped"), "{}", c.logs.text());
 }
+
+#[test]
+fn trim_zero_and_block_status() {
+    let n = Nbd::start();
+    let (id, uri) = n.attached_volume("vm1");
+    let unix = n.unix_uri(&id);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 2M",
+            "-c",
+            "write -P 0x6b 8M 1M",
+            &uri,
+        ],
+    );
+    // Allocated where written, holes (reading as zeroes) elsewhere.
+    let map = ok("nbdinfo", &["--map", &unix]);
+    let lines: Vec<&str> = map.lines().map(str::trim).collect();
+    assert!(
+        lines[0].starts_with("0") && lines[0].contains("2097152") && lines[0].contains("data"),
+        "{map}"
+    );
+    assert!(lines[1].contains("hole,zero"), "{map}");
+    assert!(map.contains("8388608") && map.contains("1048576"), "{map}");
+
+    // discard and write -z: zeroes read back, the rest is untouched.
+    let out = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 0 1M",
+            "-c",
+            "write -z 1M 4k",
+            "-c",
+            "write -z -u 8M 1M",
+            "-c",
+            "read -P 0 0 1M",
+            "-c",
+            "read -P 0 1M 4k",
+            "-c",
+            "read -P 0x5a 1052672 1044480",
+            "-c",
+            "read -P 0 8M 1M",
+            &unix,
+        ],
+    );
+    assert!(!out.contains("failed") && !out.contains("Pattern"), "{out}");
+    let map = ok("nbdinfo", &["--map", &unix]);
+    assert!(
+        map.lines().next().is_some_and(|l| l.contains("hole,zero")),
+        "{map}"
+    );
+}
+
+/// Protocol corners through libnbd's Python binding (nbdsh's module).
+#[test]
+fn protocol_corners_with_libnbd() {
+    let n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let script = format!(
+        r#"
+import nbd
+sock = {sock:?}
+def conn():
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.set_strict_mode(0)  # let bad requests reach the server
+    h.set_export_name({id:?})
+    h.connect_unix(sock)
+    return h
+a, b = conn(), conn()
+assert a.get_structured_replies_negotiated()
+assert a.can_meta_context("base:allocation")
+assert a.can_multi_conn() and a.can_fua() and a.can_trim() and a.can_zero() and a.can_fast_zero()
+# FUA write on one connection, flush, read on the other.
+a.pwrite(b"\x42" * 65536, 4096, nbd.CMD_FLAG_FUA)
+a.flush()
+assert b.pread(65536, 4096) == b"\x42" * 65536
+# Block status: data then hole|zero.
+seen = []
+def cb(meta, off, entries, err):
+    seen.extend(entries)
+b.block_status(1 << 20, 0, cb)
+assert seen[0] == 4096 and seen[1] == nbd.STATE_HOLE | nbd.STATE_ZERO, seen
+assert seen[2] == 65536 and seen[3] == 0, seen
+# Errors keep the connection alive.
+size = a.get_size()
+for f, want in [(lambda: a.pread(4096, size), "EINVAL"),
+                (lambda: a.pwrite(b"x" * 4096, size - 1), "ENOSPC"),
+                (lambda: a.zero(4096, 0, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO), "ENOTSUP")]:
+    try:
+        f()
+        raise SystemExit("no error")
+    except nbd.Error as e:
+        assert e.errno == want, (e.errno, want, e.string)
+assert a.pread(4096, 4096) == b"\x42" * 4096
+a.shutdown(); b.shutdown()
+print("OK")
+"#,
+        sock = n.socket().display().to_string(),
+        id = id,
+    );
+    let out = ok("/usr/bin/python3", &["-c", &script]);
+    assert!(out.contains("OK"), "{out}");
+}

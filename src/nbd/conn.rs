@@ -31,7 +31,14 @@ const MAX_BATCH: usize = 64;
 #[derive(Default)]
 struct Negotiated {
     structured: bool,
+    /// `base:allocation` selected by SET_META_CONTEXT.
+    base_allocation: bool,
 }
+
+/// The id under which `base:allocation` is reported.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Largest range one BLOCK_STATUS reply describes (the spec lets it cover less than asked).
+const MAX_BLOCK_STATUS: u64 = 1 << 30;
 
 /// What the transmission phase needs; shared by the request tasks.
 struct Session {
@@ -40,6 +47,15 @@ struct Session {
     size: u64,
     tflags: u16,
     structured: bool,
+    base_allocation: bool,
+}
+
+/// What a successful request answers.
+enum Done {
+    Ack,
+    Data(Bytes),
+    /// Complete chunks, already encoded.
+    Chunks(Bytes),
 }
 
 /// A reply ready to be written: a fixed header, then an optional body. The permit goes back
@@ -83,6 +99,7 @@ where
         object: export.object,
         size,
         structured: neg.structured,
+        base_allocation: neg.base_allocation,
         shared,
     });
     transmission(session, r, w, buf, &peer).await;
@@ -93,8 +110,11 @@ fn transmission_flags(export: &Export, neg: &Negotiated) -> u16 {
     // Flush is store-wide and a FUA write is durable before its reply: both are visible to
     // every connection by the time they are answered.
     f |= NBD_FLAG_CAN_MULTI_CONN;
+    f |= NBD_FLAG_SEND_CACHE;
     if export.read_only {
         f |= NBD_FLAG_READ_ONLY;
+    } else {
+        f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     }
     if neg.structured {
         // Reads are always answered with a single data chunk.
@@ -241,6 +261,39 @@ where
             }
             OptionRequest::StructuredReply => {
                 neg.structured = true;
+                send_reply(w, opt, &OptionReply::Ack).await?;
+            }
+            OptionRequest::ListMetaContext(m) | OptionRequest::SetMetaContext(m) => {
+                let set = opt == Opt::SetMetaContext;
+                if set {
+                    // SET replaces the selection, even when it then fails.
+                    neg.base_allocation = false;
+                }
+                if !neg.structured {
+                    let msg = "meta contexts need NBD_OPT_STRUCTURED_REPLY first";
+                    send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
+                    continue;
+                }
+                if lookup(shared, &m.name).await?.is_none() {
+                    let msg = format!("no export {:?}", m.name);
+                    send_reply(w, opt, &OptionReply::error(RepError::UnknownExport, msg)).await?;
+                    continue;
+                }
+                // LIST with no query, or the `base:` wildcard, lists everything.
+                let matches = |q: &String| q == BASE_ALLOCATION || (!set && q == "base:");
+                let found = if set {
+                    m.queries.iter().any(matches)
+                } else {
+                    m.queries.is_empty() || m.queries.iter().any(matches)
+                };
+                if found {
+                    let rep = OptionReply::MetaContext {
+                        id: if set { BASE_ALLOCATION_ID } else { 0 },
+                        name: BASE_ALLOCATION.to_owned(),
+                    };
+                    send_reply(w, opt, &rep).await?;
+                    neg.base_allocation |= set;
+                }
                 send_reply(w, opt, &OptionReply::Ack).await?;
             }
             OptionRequest::StartTls => {
@@ -398,7 +451,9 @@ impl Session {
     /// Runs one request; returns the reply (header, body).
     async fn handle(&self, req: Request, payload: Bytes) -> (Option<HeaderBuf>, Bytes) {
         match self.execute(req, payload).await {
-            Ok(data) => self.success(&req, data),
+            Ok(Done::Chunks(c)) => (None, c),
+            Ok(Done::Data(d)) => self.success(&req, Some(d)),
+            Ok(Done::Ack) => self.success(&req, None),
             Err((errno, msg)) => {
                 if errno == Errno::Io {
                     warn!(command = %req.command, offset = req.offset, "NBD request failed: {msg}");
@@ -437,6 +492,45 @@ impl Session {
         }
     }
 
+    fn block_status(&self, req: &Request) -> Result<Done, (Errno, String)> {
+        if !self.base_allocation {
+            return Err((Errno::Inval, "no meta context selected".into()));
+        }
+        if req.length == 0 {
+            return Err((Errno::Inval, "block status of length 0".into()));
+        }
+        self.check_range(req, Errno::Inval)?;
+        let len = req.length.min(MAX_BLOCK_STATUS);
+        let extents = self
+            .shared
+            .store
+            .extents(self.object, req.offset, len)
+            .map_err(|e| (store_errno(&e), e.to_string()))?;
+        let take = if req.has_flags(NBD_CMD_FLAG_REQ_ONE) {
+            1
+        } else {
+            NBD_MAX_EXTENTS
+        };
+        let descs: Vec<Extent> = extents
+            .iter()
+            .filter(|e| e.length > 0)
+            .take(take)
+            .map(|e| Extent {
+                length: e.length,
+                flags: if e.allocated {
+                    0
+                } else {
+                    u64::from(NBD_STATE_HOLE | NBD_STATE_ZERO)
+                },
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        req.reply_to(HeaderMode::Compact)
+            .block_status(&mut out, true, BASE_ALLOCATION_ID, &descs)
+            .map_err(|e| (Errno::Inval, e.to_string()))?;
+        Ok(Done::Chunks(out.freeze()))
+    }
+
     fn check_range(&self, req: &Request, past_end: Errno) -> Result<(), (Errno, String)> {
         match req.offset.checked_add(req.length) {
             Some(end) if end <= self.size => Ok(()),
@@ -450,12 +544,7 @@ impl Session {
         }
     }
 
-    /// `Ok(Some(data))` only for READ.
-    async fn execute(
-        &self,
-        req: Request,
-        payload: Bytes,
-    ) -> Result<Option<Bytes>, (Errno, String)> {
+    async fn execute(&self, req: Request, payload: Bytes) -> Result<Done, (Errno, String)> {
         if let Err(e) = req.validate(HeaderMode::Compact, self.tflags) {
             return Err((e.errno(), e.to_string()));
         }
@@ -469,13 +558,13 @@ impl Session {
                 }
                 self.check_range(&req, Errno::Inval)?;
                 if req.length == 0 {
-                    return Ok(Some(Bytes::new()));
+                    return Ok(Done::Data(Bytes::new()));
                 }
                 let data = store
                     .read(self.object, req.offset, req.length as usize)
                     .await
                     .map_err(serr)?;
-                Ok(Some(data))
+                Ok(Done::Data(data))
             }
             Command::Write => {
                 self.check_range(&req, Errno::NoSpc)?;
@@ -487,12 +576,43 @@ impl Session {
                 } else if fua {
                     store.flush().await.map_err(serr)?;
                 }
-                Ok(None)
+                Ok(Done::Ack)
             }
             Command::Flush => {
                 store.flush().await.map_err(serr)?;
-                Ok(None)
+                Ok(Done::Ack)
             }
+            Command::Trim => {
+                self.check_range(&req, Errno::Inval)?;
+                if req.length > 0 {
+                    store
+                        .discard(self.object, req.offset, req.length, fua)
+                        .await
+                        .map_err(serr)?;
+                }
+                Ok(Done::Ack)
+            }
+            Command::WriteZeroes => {
+                self.check_range(&req, Errno::NoSpc)?;
+                let no_hole = req.has_flags(NBD_CMD_FLAG_NO_HOLE);
+                if no_hole && req.has_flags(NBD_CMD_FLAG_FAST_ZERO) {
+                    // Allocated zeroes are written like data: not faster than a write.
+                    return Err((Errno::NotSup, "fast zero without holes".into()));
+                }
+                if req.length > 0 {
+                    store
+                        .write_zeroes(self.object, req.offset, req.length, !no_hole, fua)
+                        .await
+                        .map_err(serr)?;
+                }
+                Ok(Done::Ack)
+            }
+            Command::Cache => {
+                // Nothing to prefetch: reads go to the store, whose cache is the page cache.
+                self.check_range(&req, Errno::Inval)?;
+                Ok(Done::Ack)
+            }
+            Command::BlockStatus => self.block_status(&req),
             other => Err((Errno::Inval, format!("{other} is not supported"))),
         }
     }
