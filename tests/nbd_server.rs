@@ -18,6 +18,7 @@ impl Nbd {
         let c = Serve::new()
             .arg("--admin-password")
             .arg("nbd-test-pw")
+            .env("RUST_LOG", "info,cairn::nbd=debug")
             .start();
         let data = c.data_dir().to_str().expect("utf8 path").to_owned();
         Nbd { c, data }
@@ -130,6 +131,16 @@ fn qemu_io_patterns_over_tcp_and_unix() {
         ],
     );
     assert!(!out.contains("failed"), "{out}");
+    // qemu (>= 8.2) negotiates extended headers; libnbd 1.14 (nbdsh, nbdinfo) does not, so
+    // both header modes are covered.
+    let line = n.c.logs.wait_for(std::time::Duration::from_secs(10), |l| {
+        l.contains("NBD transmission") && l.contains("extended=true")
+    });
+    assert!(
+        line.is_some(),
+        "qemu did not use extended headers:\n{}",
+        n.c.logs.text()
+    );
     // Another connection, another transport: the data is there, the rest reads as zeroes.
     let out = ok(
         "qemu-io",
@@ -377,7 +388,22 @@ for f, want in [(lambda: a.pread(4096, size), "EINVAL"),
     except nbd.Error as e:
         assert e.errno == want, (e.errno, want, e.string)
 assert a.pread(4096, 4096) == b"\x42" * 4096
-a.shutdown(); b.shutdown()
+# Simple replies only (as the Linux kernel client): data and errors stay correct.
+c = nbd.NBD()
+c.set_request_structured_replies(False)
+c.set_strict_mode(0)
+c.set_export_name({id:?})
+c.connect_unix(sock)
+assert not c.get_structured_replies_negotiated()
+c.pwrite(b"\x17" * 8192, 1 << 20)
+assert c.pread(8192, 1 << 20) == b"\x17" * 8192
+try:
+    c.pread(4096, size)
+    raise SystemExit("no error")
+except nbd.Error as e:
+    assert e.errno == "EINVAL", e.errno
+assert c.pread(4096, 4096) == b"\x42" * 4096
+a.shutdown(); b.shutdown(); c.shutdown()
 print("OK")
 "#,
         sock = n.socket().display().to_string(),

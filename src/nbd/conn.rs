@@ -30,7 +30,9 @@ const MAX_BATCH: usize = 64;
 /// Negotiated state of the handshake.
 #[derive(Default)]
 struct Negotiated {
+    /// Structured replies (implied by extended headers).
     structured: bool,
+    mode: HeaderMode,
     /// `base:allocation` selected by SET_META_CONTEXT.
     base_allocation: bool,
 }
@@ -47,6 +49,7 @@ struct Session {
     size: u64,
     tflags: u16,
     structured: bool,
+    mode: HeaderMode,
     base_allocation: bool,
 }
 
@@ -73,7 +76,12 @@ where
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let timeout = shared.cfg.handshake_timeout;
-    let hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)).await;
+    let mut stop = shared.shutdown.clone();
+    let hs = tokio::select! {
+        hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)) => hs,
+        // A client idling in the handshake does not hold up shutdown.
+        () = super::server::stopped(&mut stop) => return,
+    };
     let (export, neg) = match hs {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
@@ -93,12 +101,19 @@ where
             return;
         }
     };
-    debug!(%peer, export = %export.name, "NBD transmission");
+    debug!(
+        %peer,
+        export = %export.name,
+        structured = neg.structured,
+        extended = neg.mode == HeaderMode::Extended,
+        "NBD transmission"
+    );
     let session = Arc::new(Session {
         tflags: transmission_flags(&export, &neg),
         object: export.object,
         size,
         structured: neg.structured,
+        mode: neg.mode,
         base_allocation: neg.base_allocation,
         shared,
     });
@@ -192,6 +207,11 @@ where
                 let _ = send_reply(w, opt, &OptionReply::Ack).await;
                 return Ok(None);
             }
+            OptionRequest::ExportName(_) if neg.mode == HeaderMode::Extended => {
+                // Forbidden after extended headers, and it cannot be answered: disconnect.
+                debug!("NBD_OPT_EXPORT_NAME after extended headers");
+                return Ok(None);
+            }
             OptionRequest::ExportName(name) => {
                 // Cannot be answered with an error: an unknown export closes the connection.
                 let Some(export) = lookup(shared, &name).await? else {
@@ -259,7 +279,20 @@ where
                 }
                 send_reply(w, opt, &OptionReply::Ack).await?;
             }
+            OptionRequest::StructuredReply if neg.structured => {
+                let msg = "structured replies are already negotiated";
+                send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
+            }
             OptionRequest::StructuredReply => {
+                neg.structured = true;
+                send_reply(w, opt, &OptionReply::Ack).await?;
+            }
+            OptionRequest::ExtendedHeaders if neg.mode == HeaderMode::Extended => {
+                let msg = "extended headers are already negotiated";
+                send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
+            }
+            OptionRequest::ExtendedHeaders => {
+                neg.mode = HeaderMode::Extended;
                 neg.structured = true;
                 send_reply(w, opt, &OptionReply::Ack).await?;
             }
@@ -340,12 +373,11 @@ where
     let bytes = Arc::new(Semaphore::new(max_bytes));
     let count = Arc::new(Semaphore::new(cfg.max_requests.max(128)));
     let mut stop = session.shared.shutdown.clone();
+    let mode = session.mode;
     let result: io::Result<()> = async {
         loop {
             let req = loop {
-                match decode_request(&mut buf, HeaderMode::Compact, u64::from(MAX_PAYLOAD))
-                    .map_err(invalid)?
-                {
+                match decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
                     Some(req) => break req,
                     None => tokio::select! {
                         r = fill(&mut r, &mut buf) => r?,
@@ -356,7 +388,8 @@ where
             if req.command == Command::Disc {
                 return Ok(());
             }
-            let payload_len = req.payload_len(HeaderMode::Compact) as usize;
+            let req = normalize(req, mode);
+            let payload_len = req.payload_len(mode) as usize;
             let cost = match req.command {
                 Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
                 _ => payload_len,
@@ -439,6 +472,15 @@ async fn writer<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
+/// In extended mode a WRITE's length is its payload length whether or not the client set
+/// `NBD_CMD_FLAG_PAYLOAD_LEN` (qemu 10 does not; qemu-nbd accepts both), so treat it as set.
+fn normalize(mut req: Request, mode: HeaderMode) -> Request {
+    if mode == HeaderMode::Extended && req.command == Command::Write {
+        req.flags |= NBD_CMD_FLAG_PAYLOAD_LEN;
+    }
+    req
+}
+
 fn store_errno(e: &StoreError) -> Errno {
     match Errno::from_errno(e.errno()) {
         // ENOTSUP is reserved for FAST_ZERO.
@@ -466,14 +508,16 @@ impl Session {
     fn success(&self, req: &Request, data: Option<Bytes>) -> (Option<HeaderBuf>, Bytes) {
         match data {
             Some(data) if self.structured && !data.is_empty() => {
-                let to = req.reply_to(HeaderMode::Compact);
+                let to = req.reply_to(self.mode);
                 match to.offset_data(true, req.offset, data.len() as u32) {
                     Ok(h) => (Some(h), data),
                     Err(e) => self.failure(req, Errno::Inval, &e.to_string()),
                 }
             }
-            Some(_) if self.structured => {
-                (Some(req.reply_to(HeaderMode::Compact).none()), Bytes::new())
+            // Extended headers allow no simple replies; with structured ones a READ must be
+            // answered in chunks, other commands may be answered simply.
+            _ if self.mode == HeaderMode::Extended || (self.structured && data.is_some()) => {
+                (Some(req.reply_to(self.mode).none()), Bytes::new())
             }
             Some(data) => (Some(simple_reply(req.cookie, None)), data),
             None => (Some(simple_reply(req.cookie, None)), Bytes::new()),
@@ -483,8 +527,7 @@ impl Session {
     fn failure(&self, req: &Request, errno: Errno, msg: &str) -> (Option<HeaderBuf>, Bytes) {
         if self.structured {
             let mut out = BytesMut::new();
-            req.reply_to(HeaderMode::Compact)
-                .error(&mut out, true, errno, msg);
+            req.reply_to(self.mode).error(&mut out, true, errno, msg);
             // The error chunk is complete in `out`.
             (None, out.freeze())
         } else {
@@ -525,7 +568,7 @@ impl Session {
             })
             .collect();
         let mut out = BytesMut::new();
-        req.reply_to(HeaderMode::Compact)
+        req.reply_to(self.mode)
             .block_status(&mut out, true, BASE_ALLOCATION_ID, &descs)
             .map_err(|e| (Errno::Inval, e.to_string()))?;
         Ok(Done::Chunks(out.freeze()))
@@ -545,7 +588,7 @@ impl Session {
     }
 
     async fn execute(&self, req: Request, payload: Bytes) -> Result<Done, (Errno, String)> {
-        if let Err(e) = req.validate(HeaderMode::Compact, self.tflags) {
+        if let Err(e) = req.validate(self.mode, self.tflags) {
             return Err((e.errno(), e.to_string()));
         }
         let store = &self.shared.store;
