@@ -9,7 +9,7 @@ use cairn::{
     catalog::Catalog,
     config::{self, Command, Config, FsckArgs, Layout, LogFormat, LogOptions},
     control::Settings,
-    nbd::{CatalogExports, NbdConfig, NbdServer},
+    nbd::{CatalogExports, NbdConfig, NbdListeners},
     service::{self, DaemonService},
     store::{self, Store, StoreOptions},
 };
@@ -319,13 +319,9 @@ async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     prepare_nbd_and_fuse(layout)?;
-    let nbd = NbdServer::start(
-        NbdConfig::new(cfg.nbd, layout.nbd_socket.clone()),
-        store.clone(),
-        std::sync::Arc::new(CatalogExports::new(catalog.clone())),
-    )
-    .await
-    .context("starting the NBD server")?;
+    let nbd = NbdListeners::bind(NbdConfig::new(cfg.nbd, layout.nbd_socket.clone()))
+        .await
+        .context("starting the NBD server")?;
 
     let addr = listener.local_addr().context("reading the bound address")?;
     let settings = Settings {
@@ -335,11 +331,14 @@ async fn run(
             .unwrap_or_else(|| format!("http://{addr}"))
             .trim_end_matches('/')
             .to_owned(),
-        nbd_url: format!("nbd://{}", cfg.nbd),
+        // The bound address, so that `--nbd 127.0.0.1:0` yields usable URIs.
+        nbd_url: format!("nbd://{}", nbd.tcp_addr()),
         token_ttl: Duration::from_secs(cfg.token_ttl),
         multiattach_limit: cfg.multiattach_limit,
     };
-    let svc = DaemonService::new(store, catalog, settings);
+    let svc = DaemonService::new(store.clone(), catalog.clone(), settings);
+    let exports = CatalogExports::new(catalog, Some(svc.volume_changes()));
+    let nbd = nbd.serve(store, std::sync::Arc::new(exports));
     svc.identity()
         .bootstrap(layout, cfg.admin_password.as_deref())
         .await

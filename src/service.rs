@@ -57,6 +57,11 @@ impl DaemonService {
         &self.identity
     }
 
+    /// Changes whenever volumes or attachments change (see [`Volumes::subscribe`]).
+    pub fn volume_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.volumes.subscribe()
+    }
+
     /// From now on `/healthz` answers 503, so load balancers stop sending new work while
     /// in-flight requests drain.
     pub fn begin_shutdown(&self) {

@@ -412,3 +412,68 @@ print("OK")
     let out = ok("/usr/bin/python3", &["-c", &script]);
     assert!(out.contains("OK"), "{out}");
 }
+
+/// Detaching a volume ends its export: open connections are closed, others stay.
+#[test]
+fn detach_closes_the_exports_connections() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let (other, _) = n.attached_volume("vm2");
+    // One connection to each export; wait for a line on stdin between the two phases.
+    let script = format!(
+        r#"
+import nbd, sys
+def conn(name):
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix({sock:?})
+    return h
+a, b = conn({id:?}), conn({other:?})
+a.pwrite(b"\x01" * 4096, 0)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    a.pread(4096, 0)
+    print("still open", flush=True)
+except nbd.Error as e:
+    print("closed", flush=True)
+b.pwrite(b"\x02" * 4096, 0)
+assert b.pread(4096, 0) == b"\x02" * 4096
+print("other ok", flush=True)
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+
+    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
+    let ended = n.c.logs.wait_for(std::time::Duration::from_secs(30), |l| {
+        l.contains("NBD export ended") && l.contains(&id)
+    });
+    assert!(ended.is_some(), "{}", n.c.logs.text());
+
+    py.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let mut rest = String::new();
+    for l in out.lines() {
+        rest.push_str(&l.expect("line"));
+        rest.push('\n');
+    }
+    let status = py.wait().expect("wait");
+    assert!(status.success(), "{rest}");
+    assert_eq!(rest, "closed\nother ok\n");
+}

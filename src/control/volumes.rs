@@ -24,6 +24,9 @@ pub struct Volumes {
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
     pub(crate) settings: Settings,
+    /// Bumped after every committed change, so the NBD server can end the exports of volumes
+    /// that were detached or deleted.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 type Tx<T> = Result<T, TxError>;
@@ -308,7 +311,13 @@ impl Volumes {
             catalog,
             store,
             settings,
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a volume transaction commits.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Runs `f` in one IMMEDIATE transaction (the write lock is taken before the first read,
@@ -331,6 +340,9 @@ impl Volumes {
             })
             .await
             .map_err(internal)?;
+        if out.is_ok() {
+            self.changes.send_modify(|n| *n += 1);
+        }
         out.map_err(ServiceError::from)
     }
 

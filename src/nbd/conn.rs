@@ -12,9 +12,9 @@ use std::{io, io::IoSlice, sync::Arc};
 use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::proto::*;
 use super::server::{Export, Shared};
@@ -45,6 +45,8 @@ const MAX_BLOCK_STATUS: u64 = 1 << 30;
 /// What the transmission phase needs; shared by the request tasks.
 struct Session {
     shared: Arc<Shared>,
+    /// The export name, to look it up again when exports change.
+    name: String,
     object: ObjectId,
     size: u64,
     tflags: u16,
@@ -111,6 +113,7 @@ where
     let session = Arc::new(Session {
         tflags: transmission_flags(&export, &neg),
         object: export.object,
+        name: export.name.clone(),
         size,
         structured: neg.structured,
         mode: neg.mode,
@@ -372,16 +375,22 @@ where
     // Permits are bytes in flight; every request also costs one count permit.
     let bytes = Arc::new(Semaphore::new(max_bytes));
     let count = Arc::new(Semaphore::new(cfg.max_requests.max(128)));
-    let mut stop = session.shared.shutdown.clone();
+    // Turns true when the server stops or the export goes away: read no more requests,
+    // answer those read, close.
+    let (closing_tx, mut closing) = watch::channel(false);
+    let watcher = tokio::spawn(watch_export(session.clone(), closing_tx));
     let mode = session.mode;
     let result: io::Result<()> = async {
         loop {
             let req = loop {
+                if *closing.borrow() {
+                    return Ok(());
+                }
                 match decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
                     Some(req) => break req,
                     None => tokio::select! {
                         r = fill(&mut r, &mut buf) => r?,
-                        () = super::server::stopped(&mut stop) => return Ok(()),
+                        () = super::server::stopped(&mut closing) => return Ok(()),
                     },
                 }
             };
@@ -427,6 +436,7 @@ where
             warn!(%peer, "NBD connection: {e}");
         }
     }
+    watcher.abort();
     // In-flight requests finish and are answered; the writer ends with the last sender.
     drop(tx);
     match writer.await {
@@ -470,6 +480,38 @@ async fn writer<W: AsyncWrite + Unpin>(
         batch.clear();
     }
     w.shutdown().await
+}
+
+/// Sets `closing` when the server shuts down or the session's export is no longer offered
+/// (its volume was detached or deleted).
+async fn watch_export(session: Arc<Session>, closing: watch::Sender<bool>) {
+    let mut stop = session.shared.shutdown.clone();
+    let changes = session.shared.source.changes();
+    let gone = async {
+        let Some(mut changes) = changes else {
+            return std::future::pending().await;
+        };
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            match session.shared.source.lookup(&session.name).await {
+                Ok(Some(e)) if e.object == session.object => {}
+                Ok(_) => return,
+                // The catalog is unreachable (shutting down): keep serving until told.
+                Err(e) => debug!(export = %session.name, "NBD export lookup: {e}"),
+            }
+        }
+    };
+    let ended = tokio::select! {
+        () = super::server::stopped(&mut stop) => false,
+        () = gone => true,
+    };
+    let _ = closing.send(true);
+    // Logged once the connection reads no more requests.
+    if ended {
+        info!(export = %session.name, "NBD export ended (volume detached or deleted): closing its connection");
+    }
 }
 
 /// In extended mode a WRITE's length is its payload length whether or not the client set

@@ -1,6 +1,7 @@
 //! The daemon's [`ExportSource`]: a volume is an export (named by its UUID) while it has at
 //! least one attachment; read-only when every attachment is.
 
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::server::{Export, ExportSource};
@@ -8,11 +9,13 @@ use crate::catalog::Catalog;
 
 pub struct CatalogExports {
     catalog: Catalog,
+    changes: Option<watch::Receiver<u64>>,
 }
 
 impl CatalogExports {
-    pub fn new(catalog: Catalog) -> Self {
-        CatalogExports { catalog }
+    /// `changes` ticks when attachments may have changed (the volume service's counter).
+    pub fn new(catalog: Catalog, changes: Option<watch::Receiver<u64>>) -> Self {
+        CatalogExports { catalog, changes }
     }
 }
 
@@ -45,6 +48,10 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Export>> {
 
 #[async_trait::async_trait]
 impl ExportSource for CatalogExports {
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        self.changes.clone()
+    }
+
     async fn lookup(&self, name: &str) -> Result<Option<Export>, String> {
         // Only UUIDs name exports; anything else is unknown without asking the catalog.
         let Ok(id) = Uuid::parse_str(name) else {

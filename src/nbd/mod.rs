@@ -9,4 +9,4 @@ pub mod proto;
 pub mod server;
 
 pub use exports::CatalogExports;
-pub use server::{Export, ExportSource, NbdConfig, NbdServer};
+pub use server::{Export, ExportSource, NbdConfig, NbdListeners, NbdServer};

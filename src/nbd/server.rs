@@ -42,6 +42,11 @@ pub trait ExportSource: Send + Sync + 'static {
     async fn lookup(&self, name: &str) -> Result<Option<Export>, String>;
     /// Every export offered now.
     async fn list(&self) -> Result<Vec<Export>, String>;
+    /// Ticks when exports may have gone away; connections then look their export up again
+    /// and close if it is no longer offered. `None`: exports never go away.
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Server settings.
@@ -89,13 +94,17 @@ pub struct NbdServer {
     accept: Vec<JoinHandle<()>>,
 }
 
-impl NbdServer {
-    /// Binds both listeners (removing a stale socket file first) and starts accepting.
-    pub async fn start(
-        cfg: NbdConfig,
-        store: Store,
-        source: Arc<dyn ExportSource>,
-    ) -> io::Result<NbdServer> {
+/// Bound listeners, not accepting yet (so the bound address is known before the exports are).
+pub struct NbdListeners {
+    cfg: NbdConfig,
+    tcp: TcpListener,
+    tcp_addr: SocketAddr,
+    unix: UnixListener,
+}
+
+impl NbdListeners {
+    /// Binds both listeners, removing a stale socket file first.
+    pub async fn bind(cfg: NbdConfig) -> io::Result<NbdListeners> {
         let tcp = TcpListener::bind(cfg.tcp).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -110,6 +119,26 @@ impl NbdServer {
                 format!("binding the NBD socket {}: {e}", cfg.socket.display()),
             )
         })?;
+        Ok(NbdListeners {
+            cfg,
+            tcp,
+            tcp_addr,
+            unix,
+        })
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// Starts accepting.
+    pub fn serve(self, store: Store, source: Arc<dyn ExportSource>) -> NbdServer {
+        let NbdListeners {
+            cfg,
+            tcp,
+            tcp_addr,
+            unix,
+        } = self;
         let socket = cfg.socket.clone();
         let (stop, shutdown) = watch::channel(false);
         let (done_tx, done_rx) = mpsc::channel(1);
@@ -124,14 +153,25 @@ impl NbdServer {
             tokio::spawn(accept_unix(unix, shared, done_tx.clone())),
         ];
         info!(tcp = %tcp_addr, socket = %socket.display(), "NBD server listening");
-        Ok(NbdServer {
+        NbdServer {
             tcp_addr,
             socket,
             stop,
             done_rx,
             done_tx: Some(done_tx),
             accept,
-        })
+        }
+    }
+}
+
+impl NbdServer {
+    /// Binds and starts accepting.
+    pub async fn start(
+        cfg: NbdConfig,
+        store: Store,
+        source: Arc<dyn ExportSource>,
+    ) -> io::Result<NbdServer> {
+        Ok(NbdListeners::bind(cfg).await?.serve(store, source))
     }
 
     pub fn tcp_addr(&self) -> SocketAddr {
