@@ -549,6 +549,8 @@ fn nbdcopy_and_fio_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file in the working directory.
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
