@@ -1,0 +1,248 @@
+//! The NBD server against a hand-driven client built on `cairn::nbd::proto`: handshake
+//! corners (unknown options, STARTTLS, LIST, GO) and transmission without structured replies
+//! (the Linux kernel client's mode), including requests the server must refuse while the
+//! connection goes on, and a payload too large to read, which ends it.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use cairn::nbd::proto::*;
+use common::{Serve, run_cairn};
+
+struct Client {
+    s: UnixStream,
+    buf: BytesMut,
+}
+
+impl Client {
+    fn more(&mut self) -> usize {
+        let mut tmp = [0u8; 65536];
+        let n = self.s.read(&mut tmp).expect("read (timed out?)");
+        self.buf.extend_from_slice(&tmp[..n]);
+        n
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).expect("write");
+    }
+
+    fn option(&mut self, req: &OptionRequest) {
+        let mut out = BytesMut::new();
+        req.encode(&mut out).expect("encode option");
+        self.send(&out);
+    }
+
+    fn reply(&mut self) -> (Opt, OptionReply) {
+        loop {
+            if let Some(r) = OptionReply::decode(&mut self.buf, 1 << 20).expect("option reply") {
+                return r;
+            }
+            assert!(self.more() > 0, "server closed during the handshake");
+        }
+    }
+
+    fn request(&mut self, command: Command, cookie: u64, offset: u64, length: u64, data: &[u8]) {
+        let req = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        self.send(&req.encode(HeaderMode::Compact).expect("encode request"));
+        self.send(data);
+    }
+
+    /// A simple reply: (cookie, error).
+    fn simple(&mut self) -> (u64, u32) {
+        loop {
+            if let Some(r) =
+                decode_reply(&mut self.buf, HeaderMode::Compact, 1 << 20).expect("reply")
+            {
+                match r {
+                    Reply::Simple { cookie, error } => return (cookie, error),
+                    other => panic!("structured reply without negotiation: {other:?}"),
+                }
+            }
+            assert!(self.more() > 0, "server closed the connection");
+        }
+    }
+
+    fn data(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.more() > 0, "server closed mid-data");
+        }
+        self.buf.split_to(n).to_vec()
+    }
+}
+
+#[test]
+fn handshake_corners_and_simple_replies() {
+    let c = Serve::new().arg("--admin-password").arg("pw").start();
+    let data = c.data_dir().to_str().expect("utf8").to_owned();
+    let (ok, out, err) = run_cairn(&[
+        "volume",
+        "create",
+        "--size",
+        "1G",
+        "--attach",
+        "vm",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(ok.success(), "{err}");
+    let id = out.trim().rsplit('/').next().expect("uuid").to_owned();
+
+    let s = UnixStream::connect(c.data_dir().join("nbd.sock")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut cl = Client {
+        s,
+        buf: BytesMut::new(),
+    };
+    let flags = loop {
+        if let Some(f) = decode_greeting(&mut cl.buf).expect("greeting") {
+            break f;
+        }
+        cl.more();
+    };
+    assert_eq!(flags, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    let cf = ClientFlags {
+        fixed_newstyle: true,
+        no_zeroes: true,
+    };
+    cl.send(&cf.encode());
+
+    // Unknown option: NBD_REP_ERR_UNSUP, and negotiation goes on.
+    let mut out = BytesMut::new();
+    encode_option_raw(&mut out, 0x4242, b"whatever").expect("raw option");
+    cl.send(&out);
+    let (opt, rep) = cl.reply();
+    assert_eq!(opt, Opt::Unknown(0x4242));
+    assert!(
+        matches!(
+            rep,
+            OptionReply::Error {
+                error: RepError::Unsup,
+                ..
+            }
+        ),
+        "{rep:?}"
+    );
+
+    cl.option(&OptionRequest::StartTls);
+    let (_, rep) = cl.reply();
+    assert!(
+        matches!(
+            rep,
+            OptionReply::Error {
+                error: RepError::Policy,
+                ..
+            }
+        ),
+        "{rep:?}"
+    );
+
+    // Malformed LIST (it takes no data): NBD_REP_ERR_INVALID, still negotiating.
+    let mut out = BytesMut::new();
+    encode_option_raw(&mut out, NBD_OPT_LIST, b"x").expect("raw option");
+    cl.send(&out);
+    let (_, rep) = cl.reply();
+    assert!(
+        matches!(
+            rep,
+            OptionReply::Error {
+                error: RepError::Invalid,
+                ..
+            }
+        ),
+        "{rep:?}"
+    );
+
+    cl.option(&OptionRequest::List);
+    let mut names = Vec::new();
+    loop {
+        match cl.reply() {
+            (Opt::List, OptionReply::Server { name, .. }) => names.push(name),
+            (Opt::List, OptionReply::Ack) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(names, vec![id.clone()]);
+
+    // Unknown export in GO: an error, not a dropped connection.
+    cl.option(&OptionRequest::Go(InfoRequest {
+        name: "nope".into(),
+        requests: vec![],
+    }));
+    let (_, rep) = cl.reply();
+    assert!(
+        matches!(
+            rep,
+            OptionReply::Error {
+                error: RepError::UnknownExport,
+                ..
+            }
+        ),
+        "{rep:?}"
+    );
+
+    cl.option(&OptionRequest::Go(InfoRequest {
+        name: id.clone(),
+        requests: vec![InfoType::Name, InfoType::BlockSize],
+    }));
+    let mut size = None;
+    loop {
+        match cl.reply() {
+            (Opt::Go, OptionReply::Info(Info::Export { size: s, flags })) => {
+                assert_ne!(flags & NBD_FLAG_CAN_MULTI_CONN, 0);
+                assert_eq!(flags & NBD_FLAG_SEND_DF, 0, "DF without structured replies");
+                size = Some(s);
+            }
+            (Opt::Go, OptionReply::Info(_)) => {}
+            (Opt::Go, OptionReply::Ack) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let size = size.expect("NBD_INFO_EXPORT");
+    assert_eq!(size, 1 << 30);
+
+    // Transmission, simple replies only.
+    cl.request(Command::Unknown(42), 1, 0, 0, &[]);
+    assert_eq!(cl.simple(), (1, NBD_EINVAL));
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    cl.request(Command::Write, 2, 12288, 8192, &pattern);
+    assert_eq!(cl.simple(), (2, 0));
+    cl.request(Command::Read, 3, 12288, 8192, &[]);
+    assert_eq!(cl.simple(), (3, 0));
+    assert_eq!(cl.data(8192), pattern);
+    cl.request(Command::Read, 4, size - 4096, 8192, &[]);
+    assert_eq!(cl.simple(), (4, NBD_EINVAL));
+    // Refused write: its payload is consumed, the next request parses.
+    cl.request(Command::Write, 5, size - 1, 4096, &[0xee; 4096]);
+    assert_eq!(cl.simple(), (5, NBD_ENOSPC));
+    // Reads longer than the advertised maximum are refused without being attempted.
+    cl.request(Command::Read, 6, 0, 64 << 20, &[]);
+    assert_eq!(cl.simple(), (6, NBD_EINVAL));
+    cl.request(Command::Flush, 7, 0, 0, &[]);
+    assert_eq!(cl.simple(), (7, 0));
+    cl.request(Command::Read, 8, 12288, 4096, &[]);
+    assert_eq!(cl.simple(), (8, 0));
+    assert_eq!(cl.data(4096), &pattern[..4096]);
+
+    // A payload above the 32 MiB limit is not read: the server ends the connection.
+    cl.request(Command::Write, 9, 0, 64 << 20, &[]);
+    let mut tmp = [0u8; 4096];
+    match cl.s.read(&mut tmp) {
+        Ok(0) => {}
+        Ok(_) => panic!("no reply expected"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected EOF, got {e}"),
+    }
+}
