@@ -556,3 +556,59 @@ fn nbdcopy_and_fio_verify() {
     );
     assert!(!out.is_empty());
 }
+
+/// SIGTERM with NBD clients connected (one mid-handshake, one in transmission): the daemon
+/// closes them and exits cleanly, without waiting for the handshake deadline.
+#[test]
+fn shutdown_closes_open_connections() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let mut n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let script = format!(
+        r#"
+import nbd, socket, sys
+idle = socket.socket(socket.AF_UNIX)
+idle.connect({sock:?})
+idle.recv(18)  # the greeting; then say nothing
+h = nbd.NBD()
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+h.pwrite(b"\x01" * 4096, 0)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(4096, 0)
+    print("still open", flush=True)
+except nbd.Error:
+    print("closed", flush=True)
+print("idle eof" if idle.recv(1) == b"" else "idle data", flush=True)
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+
+    let status = n.c.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status:?}\n{}", n.c.logs.text());
+    assert!(n.c.logs.contains("NBD stopped"), "{}", n.c.logs.text());
+    assert!(!n.socket().exists());
+
+    py.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let rest: Vec<String> = out.lines().map(|l| l.expect("line")).collect();
+    assert!(py.wait().expect("wait").success(), "{rest:?}");
+    assert_eq!(rest, ["closed", "idle eof"]);
+}
