@@ -24,7 +24,7 @@ use argon2::{
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -278,19 +278,7 @@ impl Identity {
         F: FnOnce(&Connection) -> Tx<T> + Send + 'static,
         T: Send + 'static,
     {
-        let out = self
-            .catalog
-            .call(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let r = f(&tx);
-                if r.is_ok() {
-                    tx.commit()?;
-                }
-                Ok(r)
-            })
-            .await
-            .map_err(internal)?;
-        out.map_err(ServiceError::from)
+        super::immediate(&self.catalog, f).await
     }
 
     /// A read outside any explicit transaction (one statement is atomic by itself).

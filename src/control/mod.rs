@@ -51,6 +51,30 @@ pub(crate) fn internal(e: CatalogError) -> ServiceError {
     ServiceError::Internal("internal error; see the daemon log".into())
 }
 
+/// Runs `f` in one IMMEDIATE transaction (the write lock is taken before the first read, so
+/// check-then-change cannot interleave with another writer), committing only on success.
+pub(crate) async fn immediate<T, F>(
+    catalog: &crate::catalog::Catalog,
+    f: F,
+) -> Result<T, ServiceError>
+where
+    F: FnOnce(&rusqlite::Connection) -> Result<T, TxError> + Send + 'static,
+    T: Send + 'static,
+{
+    let out = catalog
+        .call(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let r = f(&tx);
+            if r.is_ok() {
+                tx.commit()?;
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(internal)?;
+    out.map_err(ServiceError::from)
+}
+
 /// Errors inside a catalog transaction: either the client's (a [`ServiceError`] decided by
 /// the rules) or the database's.
 #[derive(Debug, thiserror::Error)]

@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 
 use admin_api::model::*;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
-use super::{Settings, TxError, internal, new_id, now, parse_ts, ts};
+use super::{Settings, TxError, new_id, now, parse_ts, ts};
 use crate::{
     catalog::Catalog,
     store::{Store, StoreError},
@@ -328,22 +328,11 @@ impl Volumes {
         T: Send + 'static,
     {
         let settings = self.settings.clone();
-        let out = self
-            .catalog
-            .call(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let r = f(&tx, &settings);
-                if r.is_ok() {
-                    tx.commit()?;
-                }
-                Ok(r)
-            })
-            .await
-            .map_err(internal)?;
+        let out = super::immediate(&self.catalog, move |conn| f(conn, &settings)).await;
         if out.is_ok() {
             self.changes.send_modify(|n| *n += 1);
         }
-        out.map_err(ServiceError::from)
+        out
     }
 
     pub async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
