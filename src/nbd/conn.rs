@@ -397,7 +397,6 @@ where
             if req.command == Command::Disc {
                 return Ok(());
             }
-            let req = normalize(req, mode);
             let payload_len = req.payload_len(mode) as usize;
             let cost = match req.command {
                 Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
@@ -512,15 +511,6 @@ async fn watch_export(session: Arc<Session>, closing: watch::Sender<bool>) {
     if ended {
         info!(export = %session.name, "NBD export ended (volume detached or deleted): closing its connection");
     }
-}
-
-/// In extended mode a WRITE's length is its payload length whether or not the client set
-/// `NBD_CMD_FLAG_PAYLOAD_LEN` (qemu 10 does not; qemu-nbd accepts both), so treat it as set.
-fn normalize(mut req: Request, mode: HeaderMode) -> Request {
-    if mode == HeaderMode::Extended && req.command == Command::Write {
-        req.flags |= NBD_CMD_FLAG_PAYLOAD_LEN;
-    }
-    req
 }
 
 fn store_errno(e: &StoreError) -> Errno {

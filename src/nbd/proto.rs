@@ -544,8 +544,6 @@ pub enum InvalidRequest {
     NotAdvertised(Command),
     #[error("command flags {flags:#x} are not valid for {command} on this connection")]
     BadFlags { command: Command, flags: u16 },
-    #[error("{0} with extended headers requires NBD_CMD_FLAG_PAYLOAD_LEN")]
-    MissingPayloadLen(Command),
     #[error("{0} does not take a payload here")]
     UnexpectedPayload(Command),
     #[error("{0} on a read-only export")]
@@ -1620,16 +1618,16 @@ impl Request {
         self.flags & flags == flags
     }
 
-    /// Bytes of payload that follow this header on the wire. Compact: the length of a WRITE.
-    /// Extended: the length when `NBD_CMD_FLAG_PAYLOAD_LEN` is set, for any command (the
-    /// server consumes it even when it then fails the request).
+    /// Bytes of payload that follow this header on the wire. A WRITE's length is always its
+    /// payload length, with or without `NBD_CMD_FLAG_PAYLOAD_LEN` (the extension requires the
+    /// flag, but qemu 10 omits it and qemu-nbd accepts both). In extended mode any other
+    /// command carries a payload only with the flag (the server consumes it even when it then
+    /// fails the request).
     pub const fn payload_len(&self, mode: HeaderMode) -> u64 {
-        match mode {
-            HeaderMode::Compact => match self.command {
-                Command::Write => self.length,
-                _ => 0,
-            },
-            HeaderMode::Extended => {
+        match (mode, self.command) {
+            (_, Command::Write) => self.length,
+            (HeaderMode::Compact, _) => 0,
+            (HeaderMode::Extended, _) => {
                 if self.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0 {
                     self.length
                 } else {
@@ -1724,12 +1722,6 @@ impl Request {
                 command: cmd,
                 flags: bad,
             });
-        }
-        if mode == HeaderMode::Extended
-            && cmd == Command::Write
-            && self.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0
-        {
-            return Err(InvalidRequest::MissingPayloadLen(cmd));
         }
 
         let writes = matches!(
@@ -2910,8 +2902,19 @@ mod tests {
         );
         let big = w(HeaderMode::Extended, NBD_CMD_FLAG_PAYLOAD_LEN, 1 << 40);
         assert!(decode_request(&mut bm(&big), HeaderMode::Extended, max).is_err());
-        // Without PAYLOAD_LEN the length is an effect length: no payload, no limit.
-        let eff = w(HeaderMode::Extended, 0, 1 << 40);
+        // A WRITE's length is a payload length even without the flag (qemu 10 omits it).
+        let unflagged = w(HeaderMode::Extended, 0, 1 << 40);
+        assert!(decode_request(&mut bm(&unflagged), HeaderMode::Extended, max).is_err());
+        // Other commands without PAYLOAD_LEN carry an effect length: no payload, no limit.
+        let eff = Request {
+            flags: 0,
+            command: Command::WriteZeroes,
+            cookie: 1,
+            offset: 0,
+            length: 1 << 40,
+        }
+        .encode(HeaderMode::Extended)
+        .unwrap();
         assert!(
             decode_request(&mut bm(&eff), HeaderMode::Extended, max)
                 .unwrap()
@@ -2994,16 +2997,13 @@ mod tests {
             C,
             all & !NBD_FLAG_SEND_FAST_ZERO,
         );
-        // PAYLOAD_LEN: unknown flag in compact mode; required on extended WRITE; a payload
-        // the command does not take otherwise.
+        // PAYLOAD_LEN: unknown flag in compact mode; optional on extended WRITE (qemu 10
+        // omits it); a payload the command does not take otherwise.
         assert!(matches!(
             err(req(Command::Write, NBD_CMD_FLAG_PAYLOAD_LEN), C, all),
             InvalidRequest::BadFlags { .. }
         ));
-        assert_eq!(
-            err(req(Command::Write, 0), E, all),
-            InvalidRequest::MissingPayloadLen(Command::Write)
-        );
+        ok(req(Command::Write, 0), E, all);
         assert_eq!(
             err(req(Command::Trim, NBD_CMD_FLAG_PAYLOAD_LEN), E, all),
             InvalidRequest::UnexpectedPayload(Command::Trim)
