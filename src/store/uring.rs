@@ -387,27 +387,112 @@ impl Ring {
 
 struct Shared {
     rings: Box<[Ring]>,
-    /// Registered with every ring: counts posted completions.
+    /// Registered with every ring: counts posted completions (non-blocking).
     efd: OwnedFd,
     /// Operations in flight whose submitter did not see them complete.
     handed_off: AtomicUsize,
-    /// The reaper is parked (or about to park) and must be unparked for a hand-off.
-    idle: AtomicBool,
+    /// The reaper may be idle: a submitter that hands off must look at `idle`.
+    idle_hint: AtomicBool,
+    /// The reaper sleeps with the rings' eventfd notifications off (so completions reaped
+    /// inline wake nobody), and must be woken by hand for a hand-off.
+    idle: Mutex<bool>,
     closing: AtomicBool,
 }
 
+impl Shared {
+    fn set_eventfd(&self, on: bool) {
+        for r in self.rings.iter() {
+            let _t = r.table.lock();
+            // SAFETY: the table lock is held, so this is the only completion queue view; only
+            // the flags word is touched.
+            let cq = unsafe { r.uring.completion_shared() };
+            if on {
+                cq.enable_eventfd();
+            } else {
+                cq.disable_eventfd();
+            }
+        }
+    }
+
+    /// Make the eventfd readable, so the reaper looks at the rings.
+    fn kick(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let _ = unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// After `handed_off` went up: wake the reaper if it is idle.
+    fn handed_off_some(&self) {
+        if self.idle_hint.load(Ordering::SeqCst) {
+            let mut idle = self.idle.lock();
+            if std::mem::take(&mut *idle) {
+                self.idle_hint.store(false, Ordering::SeqCst);
+                self.set_eventfd(true);
+                self.kick();
+            }
+        }
+    }
+
+    /// Empty the eventfd's count (it is non-blocking).
+    fn drain_eventfd(&self) -> io::Result<()> {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
+        let r = unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reap every ring and wake their callers; then decide whether to stop, or to wait for
+    /// the eventfd (with notifications off when nothing is handed off).
+    fn reap_round(&self, wakers: &mut Vec<Waker>) -> Reaped {
+        let mut inflight = 0;
+        for r in self.rings.iter() {
+            let mut t = r.table.lock();
+            r.reap(&mut t, &self.handed_off, wakers);
+            inflight += t.inflight;
+        }
+        wakers.drain(..).for_each(Waker::wake);
+        let closing = self.closing.load(Ordering::SeqCst);
+        if closing && inflight == 0 {
+            return Reaped::Done;
+        }
+        if !closing && self.handed_off.load(Ordering::SeqCst) == 0 {
+            // Announce the nap, then look again (Dekker with `handed_off_some`): a submitter
+            // that hands off after our look sees the hint and wakes us by hand.
+            let mut idle = self.idle.lock();
+            self.idle_hint.store(true, Ordering::SeqCst);
+            if self.handed_off.load(Ordering::SeqCst) == 0 && !self.closing.load(Ordering::SeqCst) {
+                *idle = true;
+                self.set_eventfd(false);
+            } else {
+                self.idle_hint.store(false, Ordering::SeqCst);
+            }
+        }
+        Reaped::Wait
+    }
+}
+
+enum Reaped {
+    Wait,
+    Done,
+}
+
 /// The io_uring engine: a few rings (one per CPU) shared by every caller, plus one reaper
-/// thread for completions that do not arrive while their submitter is in the kernel.
+/// for completions that do not arrive while their submitter is in the kernel.
 ///
 /// A caller pushes its entries into the ring of the CPU it runs on and enters the kernel
 /// itself. Buffered reads that hit the page cache complete during that call, on the
 /// caller's core, and the caller reaps them at once: no thread handoff and no wakeup. What
 /// the kernel finishes later (cache misses, O_DIRECT, fsync, fallocate, buffered writes the
-/// filesystem cannot do without blocking) is reaped by the `cairn-uring` thread, which
-/// sleeps on the rings' eventfd only while such operations exist.
+/// filesystem cannot do without blocking) is reaped by the reaper, which waits on the rings'
+/// eventfd only while such operations exist. The reaper is a task on the tokio runtime the
+/// engine was made on, so a completion wakes a worker waiting in epoll directly instead of
+/// waking a thread that wakes a worker; without a runtime (or once it has shut down) it is
+/// the `cairn-uring` thread.
 pub struct Uring {
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Uring {
@@ -419,7 +504,7 @@ impl Uring {
 
     fn with_rings(entries: u32, n: usize) -> io::Result<Uring> {
         // SAFETY: plain syscall; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -434,17 +519,37 @@ impl Uring {
             rings,
             efd,
             handed_off: AtomicUsize::new(0),
-            idle: AtomicBool::new(false),
+            idle_hint: AtomicBool::new(false),
+            idle: Mutex::new(false),
             closing: AtomicBool::new(false),
         });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("cairn-uring".into())
-            .spawn(move || reaper(s))?;
-        Ok(Uring {
-            shared,
-            thread: Some(thread),
-        })
+        match tokio::runtime::Handle::try_current().ok().and_then(|rt| {
+            let _enter = rt.enter();
+            // Registration panics on a runtime built without its I/O driver: then use the
+            // thread.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: the descriptor is the eventfd `Shared` owns, and `EfdOf` holds that
+                // `Shared` for as long as the AsyncFd lives.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        EfdOf(shared.clone()),
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+            }))
+            .ok()
+            .and_then(Result::ok)
+            .map(|afd| (rt, afd))
+        }) {
+            Some((rt, afd)) => {
+                let guard = ReaperTask {
+                    shared: Some(shared.clone()),
+                };
+                rt.spawn(reaper_task(guard, afd));
+            }
+            None => spawn_reaper_thread(shared.clone())?,
+        }
+        Ok(Uring { shared })
     }
 
     fn ring(&self) -> &Ring {
@@ -602,11 +707,8 @@ impl Uring {
                 }
             }
         }
-        if handed > 0
-            && s.idle.load(Ordering::SeqCst)
-            && let Some(t) = &self.thread
-        {
-            t.thread().unpark();
+        if handed > 0 {
+            s.handed_off_some();
         }
         wakers.into_iter().for_each(Waker::wake);
     }
@@ -689,63 +791,124 @@ impl Drop for Lead<'_> {
 }
 
 impl Drop for Uring {
+    /// Waits until every operation still in flight (of dropped futures) has completed, so
+    /// nothing the engine guards outlives it unseen; the reaper then stops.
     fn drop(&mut self) {
-        self.shared.closing.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            if self
-                .shared
-                .rings
-                .iter()
-                .any(|r| r.broken.load(Ordering::Acquire))
-            {
-                // Stuck entries may still be submitted one day: leave the thread (and the
-                // memory it guards) alone rather than wait forever.
-                return;
+        let s = &self.shared;
+        s.closing.store(true, Ordering::SeqCst);
+        *s.idle.lock() = false;
+        s.idle_hint.store(false, Ordering::SeqCst);
+        s.set_eventfd(true);
+        s.kick();
+        if s.rings.iter().any(|r| r.broken.load(Ordering::Acquire)) {
+            // Stuck entries may still be submitted one day: leave the reaper (and the memory
+            // it guards) alone rather than wait forever.
+            return;
+        }
+        let mut wakers = Vec::new();
+        for r in s.rings.iter() {
+            loop {
+                let inflight = {
+                    let mut t = r.table.lock();
+                    r.reap(&mut t, &s.handed_off, &mut wakers);
+                    t.inflight
+                };
+                wakers.drain(..).for_each(Waker::wake);
+                if inflight == 0 {
+                    break;
+                }
+                // SAFETY: waits for one completion; submits nothing, no argument.
+                let _ = unsafe { r.uring.submitter().enter::<libc::sigset_t>(0, 1, 1, None) };
             }
-            let _ = t.join();
+        }
+        // Whatever the reaper is doing, it now finds nothing in flight and stops.
+        s.kick();
+    }
+}
+
+/// The reaper task's hold on the engine: if the runtime drops the task before it finished
+/// (shutdown), the `cairn-uring` thread takes over.
+struct ReaperTask {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Drop for ReaperTask {
+    fn drop(&mut self) {
+        if let Some(s) = self.shared.take()
+            && let Err(e) = spawn_reaper_thread(s)
+        {
+            tracing::error!(error = %e, "cannot start the io_uring reaper thread");
         }
     }
 }
 
-/// The reaper: collects completions nobody was in the kernel for, and stops once closing
-/// with nothing in flight.
-fn reaper(s: Arc<Shared>) {
+/// The eventfd of a `Shared`, kept open by holding it.
+struct EfdOf(Arc<Shared>);
+
+impl AsRawFd for EfdOf {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.efd.as_raw_fd()
+    }
+}
+
+async fn reaper_task(mut guard: ReaperTask, afd: tokio::io::unix::AsyncFd<EfdOf>) {
+    let Some(s) = guard.shared.clone() else {
+        return;
+    };
     let mut wakers = Vec::new();
     loop {
-        let mut inflight = 0;
-        for r in s.rings.iter() {
-            let mut t = r.table.lock();
-            r.reap(&mut t, &s.handed_off, &mut wakers);
-            inflight += t.inflight;
+        match s.reap_round(&mut wakers) {
+            Reaped::Done => break,
+            Reaped::Wait => {}
         }
-        wakers.drain(..).for_each(Waker::wake);
-        let closing = s.closing.load(Ordering::SeqCst);
-        if closing && inflight == 0 {
-            break;
-        }
-        if !closing && s.handed_off.load(Ordering::SeqCst) == 0 {
-            // Announce the nap, then look again: a submitter that hands off after our look
-            // sees `idle` and unparks us (park keeps that token if it comes first).
-            s.idle.store(true, Ordering::SeqCst);
-            if s.handed_off.load(Ordering::SeqCst) == 0 && !s.closing.load(Ordering::SeqCst) {
-                std::thread::park();
+        match afd.readable().await {
+            Ok(mut ready) => {
+                // Readiness is cleared only by a read that finds the count empty, so a
+                // completion posted after the drain is never missed.
+                while ready.try_io(|_| s.drain_eventfd()).is_ok() {}
             }
-            s.idle.store(false, Ordering::SeqCst);
-            continue;
+            Err(e) => {
+                // The runtime's driver is going away: the thread takes over (guard drop).
+                tracing::debug!(error = %e, "io_uring reaper task: eventfd readiness failed");
+                return;
+            }
         }
-        // Sleep until the next completion anywhere. The count covers every completion since
-        // the last read, so one posted after the reap above returns at once.
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
-        let r = unsafe { libc::read(s.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+    guard.shared = None;
+}
+
+fn spawn_reaper_thread(s: Arc<Shared>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("cairn-uring".into())
+        .spawn(move || reaper_thread(s))
+        .map(drop)
+}
+
+/// The reaper as a thread: collects completions nobody was in the kernel for, and stops once
+/// closing with nothing in flight.
+fn reaper_thread(s: Arc<Shared>) {
+    let mut wakers = Vec::new();
+    loop {
+        match s.reap_round(&mut wakers) {
+            Reaped::Done => break,
+            Reaped::Wait => {}
+        }
+        let mut p = libc::pollfd {
+            fd: s.efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINTR) {
-                tracing::error!(error = %e, "io_uring eventfd read failed");
+                tracing::error!(error = %e, "io_uring eventfd poll failed");
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            continue;
         }
+        let _ = s.drain_eventfd();
     }
 }
 
@@ -962,5 +1125,46 @@ mod tests {
         f.read_exact_at(&mut got, 0).unwrap();
         assert_eq!(&got[..BLK], &pattern(0)[..], "the dropped leader's write");
         assert_eq!(&got[BLK..], &pattern(1)[..], "the follower's write");
+    }
+
+    /// The reaper is a task of the runtime the engine was made on; when that runtime shuts
+    /// down, the thread takes over, and operations that need the reaper (fsync always goes
+    /// to io-wq) still complete when driven from another runtime.
+    #[test]
+    fn reaper_survives_its_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        let fd = f.as_raw_fd();
+        let rt1 = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let uring = rt1.block_on(async { Uring::new(16) }).unwrap();
+        let sync = || Op::Fsync { fd, datasync: true };
+        rt1.block_on(uring.run_all(vec![sync()])).unwrap();
+        drop(rt1);
+        let rt2 = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let data = Bytes::from(pattern(3));
+        rt2.block_on(async {
+            let ops = vec![
+                Op::Write {
+                    fd,
+                    off: 0,
+                    data: WriteSrc::Bytes(data.clone()),
+                },
+                sync(),
+            ];
+            // A hang here means nobody reaps: fail instead of waiting forever.
+            tokio::time::timeout(std::time::Duration::from_secs(60), uring.run_all(ops))
+                .await
+                .expect("completions are reaped after the first runtime is gone")
+                .unwrap();
+        });
+        drop(uring);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), &data[..]);
     }
 }
