@@ -177,6 +177,17 @@ pub struct Config {
     )]
     pub multiattach_limit: u32,
 
+    /// An NBD client must finish its handshake (options up to GO/EXPORT_NAME) within this
+    /// time, or its connection is closed. 0 is refused.
+    #[arg(
+        long,
+        env = "CAIRN_NBD_HANDSHAKE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value = "30",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub nbd_handshake_timeout: u64,
+
     /// Base URL clients use to reach the admin API, for the service catalog and clouds.yaml.
     /// [default: http://<the --http address>]
     #[arg(long, env = "CAIRN_PUBLIC_URL", value_name = "URL")]

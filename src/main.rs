@@ -319,7 +319,9 @@ async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     prepare_nbd_and_fuse(layout)?;
-    let nbd = NbdListeners::bind(NbdConfig::new(cfg.nbd, layout.nbd_socket.clone()))
+    let mut nbd_cfg = NbdConfig::new(cfg.nbd, layout.nbd_socket.clone());
+    nbd_cfg.handshake_timeout = Duration::from_secs(cfg.nbd_handshake_timeout);
+    let nbd = NbdListeners::bind(nbd_cfg)
         .await
         .context("starting the NBD server")?;
 

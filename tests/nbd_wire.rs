@@ -246,3 +246,85 @@ fn handshake_corners_and_simple_replies() {
         Err(e) => panic!("expected EOF, got {e}"),
     }
 }
+
+impl Client {
+    /// Connect to the unix socket and send the client flags (fixed newstyle, no zeroes).
+    fn connect(sock: &std::path::Path) -> Client {
+        let s = UnixStream::connect(sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut cl = Client {
+            s,
+            buf: BytesMut::new(),
+        };
+        while decode_greeting(&mut cl.buf).expect("greeting").is_none() {
+            assert!(cl.more() > 0, "server closed before its greeting");
+        }
+        let cf = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
+        cl.send(&cf.encode());
+        cl
+    }
+}
+
+/// `--nbd-handshake-timeout`: a client that stalls in the handshake is disconnected, while a
+/// connection that finished its handshake before it (and so has been in transmission for
+/// longer than the timeout) keeps being served.
+#[test]
+fn stalled_handshake_is_disconnected_transmission_is_not() {
+    let c = Serve::new()
+        .arg("--admin-password")
+        .arg("pw")
+        .arg("--nbd-handshake-timeout")
+        .arg("1")
+        .start();
+    let data = c.data_dir().to_str().expect("utf8").to_owned();
+    let (ok, out, err) = run_cairn(&[
+        "volume",
+        "create",
+        "--size",
+        "1G",
+        "--attach",
+        "vm",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(ok.success(), "{err}");
+    let id = out.trim().rsplit('/').next().expect("uuid").to_owned();
+    let sock = c.data_dir().join("nbd.sock");
+
+    let mut busy = Client::connect(&sock);
+    busy.option(&OptionRequest::Go(InfoRequest {
+        name: id,
+        requests: vec![],
+    }));
+    loop {
+        match busy.reply() {
+            (Opt::Go, OptionReply::Ack) => break,
+            (Opt::Go, OptionReply::Info(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Greeting read, client flags sent, then nothing: the server must hang up.
+    let mut idle = Client::connect(&sock);
+    // Well past 1 s, well short of the 30 s default: fails if the flag is not applied.
+    idle.s
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let n = idle
+        .s
+        .read_to_end(&mut rest)
+        .expect("EOF from the server (a read timeout means it never hung up)");
+    assert_eq!(n, 0, "no option was sent, so nothing may come back");
+
+    // The earlier connection outlived the timeout in transmission and still works.
+    busy.request(Command::Write, 1, 0, 4096, &[0x5a; 4096]);
+    assert_eq!(busy.simple(), (1, 0));
+    busy.request(Command::Read, 2, 0, 4096, &[]);
+    assert_eq!(busy.simple(), (2, 0));
+    assert_eq!(busy.data(4096), vec![0x5a; 4096]);
+}
