@@ -85,39 +85,8 @@ impl Client {
 #[test]
 fn handshake_corners_and_simple_replies() {
     let c = Serve::new().arg("--admin-password").arg("pw").start();
-    let data = c.data_dir().to_str().expect("utf8").to_owned();
-    let (ok, out, err) = run_cairn(&[
-        "volume",
-        "create",
-        "--size",
-        "1G",
-        "--attach",
-        "vm",
-        "--data-dir",
-        &data,
-    ]);
-    assert!(ok.success(), "{err}");
-    let id = out.trim().rsplit('/').next().expect("uuid").to_owned();
-
-    let s = UnixStream::connect(c.data_dir().join("nbd.sock")).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut cl = Client {
-        s,
-        buf: BytesMut::new(),
-    };
-    let flags = loop {
-        if let Some(f) = decode_greeting(&mut cl.buf).expect("greeting") {
-            break f;
-        }
-        cl.more();
-    };
-    assert_eq!(flags, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-    let cf = ClientFlags {
-        fixed_newstyle: true,
-        no_zeroes: true,
-    };
-    cl.send(&cf.encode());
+    let id = attached_volume(&c);
+    let mut cl = Client::connect(&c.data_dir().join("nbd.sock"));
 
     // Unknown option: NBD_REP_ERR_UNSUP, and negotiation goes on.
     let mut out = BytesMut::new();
@@ -247,6 +216,23 @@ fn handshake_corners_and_simple_replies() {
     }
 }
 
+/// A fresh 1 GiB volume attached to server `vm` through the CLI: its id (the export name).
+fn attached_volume(c: &common::Cairn) -> String {
+    let data = c.data_dir().to_str().expect("utf8").to_owned();
+    let (ok, out, err) = run_cairn(&[
+        "volume",
+        "create",
+        "--size",
+        "1G",
+        "--attach",
+        "vm",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(ok.success(), "{err}");
+    out.trim().rsplit('/').next().expect("uuid").to_owned()
+}
+
 impl Client {
     /// Connect to the unix socket and send the client flags (fixed newstyle, no zeroes).
     fn connect(sock: &std::path::Path) -> Client {
@@ -257,9 +243,13 @@ impl Client {
             s,
             buf: BytesMut::new(),
         };
-        while decode_greeting(&mut cl.buf).expect("greeting").is_none() {
+        let flags = loop {
+            if let Some(f) = decode_greeting(&mut cl.buf).expect("greeting") {
+                break f;
+            }
             assert!(cl.more() > 0, "server closed before its greeting");
-        }
+        };
+        assert_eq!(flags, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
         let cf = ClientFlags {
             fixed_newstyle: true,
             no_zeroes: true,
@@ -280,19 +270,7 @@ fn stalled_handshake_is_disconnected_transmission_is_not() {
         .arg("--nbd-handshake-timeout")
         .arg("1")
         .start();
-    let data = c.data_dir().to_str().expect("utf8").to_owned();
-    let (ok, out, err) = run_cairn(&[
-        "volume",
-        "create",
-        "--size",
-        "1G",
-        "--attach",
-        "vm",
-        "--data-dir",
-        &data,
-    ]);
-    assert!(ok.success(), "{err}");
-    let id = out.trim().rsplit('/').next().expect("uuid").to_owned();
+    let id = attached_volume(&c);
     let sock = c.data_dir().join("nbd.sock");
 
     let mut busy = Client::connect(&sock);
