@@ -865,7 +865,17 @@ async fn reaper_task(mut guard: ReaperTask, afd: tokio::io::unix::AsyncFd<EfdOf>
             Ok(mut ready) => {
                 // Readiness is cleared only by a read that finds the count empty, so a
                 // completion posted after the drain is never missed.
-                while ready.try_io(|_| s.drain_eventfd()).is_ok() {}
+                loop {
+                    match ready.try_io(|_| s.drain_eventfd()) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            // Not expected for an eventfd we own; reap anyway and retry.
+                            tracing::error!(error = %e, "io_uring eventfd read failed");
+                            break;
+                        }
+                        Err(_would_block) => break,
+                    }
+                }
             }
             Err(e) => {
                 // The runtime's driver is going away: the thread takes over (guard drop).
