@@ -368,13 +368,14 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(writer(w, rx));
     let cfg = &session.shared.cfg;
     let max_bytes = cfg.max_inflight_bytes.max(MAX_PAYLOAD as usize);
     // Permits are bytes in flight; every request also costs one count permit.
     let bytes = Arc::new(Semaphore::new(max_bytes));
-    let count = Arc::new(Semaphore::new(cfg.max_requests.max(128)));
+    let max_requests = cfg.max_requests.max(128);
+    let count = Arc::new(Semaphore::new(max_requests));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(writer(w, rx, count.clone(), max_requests));
     // Turns true when the server stops or the export goes away: read no more requests,
     // answer those read, close.
     let (closing_tx, mut closing) = watch::channel(false);
@@ -417,6 +418,18 @@ where
                 }
             }
             let payload = buf.split_to(payload_len).freeze();
+            // Alone in flight with nothing more received: serve it here. A task of its own
+            // would only add a spawn and a cross-thread wakeup to a queue-depth-1 client's
+            // latency; with company, requests run concurrently as their own tasks.
+            if count.available_permits() + 1 == max_requests && buf.is_empty() {
+                let (head, body) = session.handle(req, payload).await;
+                let _ = tx.send(Outgoing {
+                    head,
+                    body,
+                    _permits: (count_permit, bytes_permit),
+                });
+                continue;
+            }
             let session = session.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -450,13 +463,18 @@ where
 async fn writer<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    count: Arc<Semaphore>,
+    max_requests: usize,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         // Let the other requests that are ready finish first: their replies then share this
-        // write (one system call for many replies instead of one each).
-        tokio::task::yield_now().await;
+        // write (one system call for many replies instead of one each). Alone in flight,
+        // there is nothing to wait for.
+        if count.available_permits() + 1 < max_requests {
+            tokio::task::yield_now().await;
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(o) => batch.push(o),
