@@ -167,8 +167,17 @@ async fn state_survives_reopen() {
         matches!(report, Err(StoreError::Locked(_))),
         "fsck refuses an open store"
     );
+    // Overwrite in place (this needs write intents), then stop cleanly: no intent may
+    // survive, or the next open re-reads every region written since the last commit.
+    s.write(id, 777, Bytes::from(pattern(6, 300_000)), false)
+        .await
+        .unwrap();
     s.close().await.unwrap();
     let report = cairn::store::fsck(tmp.path(), false).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.leaked_bytes, 0);
+    assert_eq!(report.intent_regions, 0, "{report:?}");
+    let s = open(tmp.path()).await;
+    assert_eq!(s.read(id, 777, 300_000).await.unwrap(), pattern(6, 300_000));
+    s.close().await.unwrap();
 }

@@ -26,6 +26,9 @@ pub struct FsckReport {
     /// Blocks written in place when the store last stopped without a commit; their CRCs
     /// are rewritten by the next open (or `--repair`).
     pub unflushed_blocks: u64,
+    /// Regions (16 MiB of slots) with a write intent: the next open re-reads and
+    /// re-checksums them. A store closed cleanly has none.
+    pub intent_regions: u64,
 }
 
 impl FsckReport {
@@ -50,6 +53,7 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
     let meta = &loaded.meta;
     let mut r = FsckReport {
         objects: meta.objects.len() as u64,
+        intent_regions: meta.marked.len() as u64,
         ..Default::default()
     };
     for j in &loaded.journals {
