@@ -416,8 +416,7 @@ print("OK")
 /// Detaching a volume ends its export: open connections are closed, others stay.
 #[test]
 fn detach_closes_the_exports_connections() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
+    use std::io::{BufRead, Write};
 
     let n = Nbd::start();
     let (id, _) = n.attached_volume("vm1");
@@ -446,16 +445,7 @@ print("other ok", flush=True)
 "#,
         sock = n.socket().display().to_string(),
     );
-    let mut py = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready");
+    let (mut py, out) = python_until_ready(&script);
 
     n.cli(&["volume", "detach", &id, "--server", "vm1"]);
     let ended = n.c.logs.wait_for(std::time::Duration::from_secs(30), |l| {
@@ -561,8 +551,7 @@ fn nbdcopy_and_fio_verify() {
 /// closes them and exits cleanly, without waiting for the handshake deadline.
 #[test]
 fn shutdown_closes_open_connections() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
+    use std::io::{BufRead, Write};
 
     let mut n = Nbd::start();
     let (id, _) = n.attached_volume("vm1");
@@ -587,16 +576,7 @@ print("idle eof" if idle.recv(1) == b"" else "idle data", flush=True)
 "#,
         sock = n.socket().display().to_string(),
     );
-    let mut py = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready");
+    let (mut py, out) = python_until_ready(&script);
 
     let status = n.c.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status:?}\n{}", n.c.logs.text());
@@ -611,4 +591,28 @@ print("idle eof" if idle.recv(1) == b"" else "idle data", flush=True)
     let rest: Vec<String> = out.lines().map(|l| l.expect("line")).collect();
     assert!(py.wait().expect("wait").success(), "{rest:?}");
     assert_eq!(rest, ["closed", "idle eof"]);
+}
+
+/// Run an nbdsh-style Python script (Debian's python3, which has the `nbd` module) that
+/// prints "ready" once set up and then waits for a line on stdin: the child and its output
+/// after "ready".
+fn python_until_ready(
+    script: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(py.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    (py, out)
 }

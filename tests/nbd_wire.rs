@@ -47,6 +47,15 @@ impl Client {
         }
     }
 
+    /// The next option reply is the error `want` (negotiation goes on).
+    fn expect_error(&mut self, want: RepError) {
+        let (_, rep) = self.reply();
+        assert!(
+            matches!(&rep, OptionReply::Error { error, .. } if *error == want),
+            "{rep:?}"
+        );
+    }
+
     fn request(&mut self, command: Command, cookie: u64, offset: u64, length: u64, data: &[u8]) {
         let req = Request {
             flags: 0,
@@ -106,33 +115,13 @@ fn handshake_corners_and_simple_replies() {
     );
 
     cl.option(&OptionRequest::StartTls);
-    let (_, rep) = cl.reply();
-    assert!(
-        matches!(
-            rep,
-            OptionReply::Error {
-                error: RepError::Policy,
-                ..
-            }
-        ),
-        "{rep:?}"
-    );
+    cl.expect_error(RepError::Policy);
 
     // Malformed LIST (it takes no data): NBD_REP_ERR_INVALID, still negotiating.
     let mut out = BytesMut::new();
     encode_option_raw(&mut out, NBD_OPT_LIST, b"x").expect("raw option");
     cl.send(&out);
-    let (_, rep) = cl.reply();
-    assert!(
-        matches!(
-            rep,
-            OptionReply::Error {
-                error: RepError::Invalid,
-                ..
-            }
-        ),
-        "{rep:?}"
-    );
+    cl.expect_error(RepError::Invalid);
 
     cl.option(&OptionRequest::List);
     let mut names = Vec::new();
@@ -150,17 +139,7 @@ fn handshake_corners_and_simple_replies() {
         name: "nope".into(),
         requests: vec![],
     }));
-    let (_, rep) = cl.reply();
-    assert!(
-        matches!(
-            rep,
-            OptionReply::Error {
-                error: RepError::UnknownExport,
-                ..
-            }
-        ),
-        "{rep:?}"
-    );
+    cl.expect_error(RepError::UnknownExport);
 
     cl.option(&OptionRequest::Go(InfoRequest {
         name: id.clone(),
