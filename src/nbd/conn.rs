@@ -9,7 +9,7 @@
 
 use std::{io, io::IoSlice, sync::Arc};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
@@ -141,12 +141,16 @@ fn transmission_flags(export: &Export, neg: &Negotiated) -> u16 {
     f
 }
 
-/// Reads more bytes into `buf`; EOF is an error (the peer left mid-message).
+/// How far past what is needed one socket read may go.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Reads more bytes into `buf`, at most `READ_AHEAD`; EOF is an error (the peer left
+/// mid-message).
 async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<()> {
     if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(64 * 1024);
+        buf.reserve(READ_AHEAD);
     }
-    if r.read_buf(buf).await? == 0 {
+    if r.read_buf(&mut buf.limit(READ_AHEAD)).await? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
@@ -410,10 +414,13 @@ where
                 return Ok(());
             };
             while buf.len() < payload_len {
-                // Room for the rest of this payload and then some: the requests behind it
-                // are usually already in the socket, and one read can take several.
-                buf.reserve((payload_len - buf.len()).max(64 * 1024));
-                if r.read_buf(&mut buf).await? == 0 {
+                // Small payloads: read on past them, since the requests behind are usually
+                // in the socket already and one read can take several. Large ones: stop at
+                // their end, since bytes read past it are copied again when the next
+                // payload's buffer is made.
+                let room = (payload_len - buf.len()).max(READ_AHEAD);
+                buf.reserve(room);
+                if r.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
