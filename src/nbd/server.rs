@@ -253,6 +253,9 @@ async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, done: mpsc::Sender<()>)
     }
 }
 
+/// Requested send buffer of a unix-socket connection (the kernel caps it at `wmem_max`).
+const UNIX_SNDBUF: usize = 4 << 20;
+
 async fn accept_unix(l: UnixListener, shared: Arc<Shared>, done: mpsc::Sender<()>) {
     let mut stop = shared.shutdown.clone();
     loop {
@@ -267,6 +270,12 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>, done: mpsc::Sender<()
             },
             () = stopped(&mut stop) => break,
         };
+        // Room for a queue of 1 MiB read replies: with the default (~200 KiB) a large reply
+        // goes out in pieces, each waiting for the client to drain the last. Over TCP the
+        // kernel tunes this itself, and setting it would turn that off.
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(UNIX_SNDBUF) {
+            debug!("NBD unix socket send buffer: {e}");
+        }
         let (r, w) = stream.into_split();
         debug!("NBD connection (unix)");
         let (shared, done) = (shared.clone(), done.clone());
