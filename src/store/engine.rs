@@ -887,11 +887,11 @@ impl Store {
         let max_write = self.max_write();
         let mut writes = Vec::new();
         // The write being extended from the caller's data: (fd, file offset, data start, len).
-        let mut direct: Option<(i32, u64, usize, usize)> = None;
+        let mut run: Option<(i32, u64, usize, usize)> = None;
         let mut crc_runs: Vec<CrcRun> = Vec::new();
         let mut crcs: Vec<u32> = Vec::new();
         let chunk64 = chunk as u64;
-        let flush_direct = |writes: &mut Vec<Op>, d: Option<(i32, u64, usize, usize)>| {
+        let flush_run = |writes: &mut Vec<Op>, d: Option<(i32, u64, usize, usize)>| {
             if let Some((fd, off, start, len)) = d {
                 writes.push(Op::Write {
                     fd,
@@ -931,7 +931,7 @@ impl Store {
                         ci,
                         &data[p.data_off..p.data_off + len],
                     );
-                    match &mut direct {
+                    match &mut run {
                         Some((fd, off, start, l))
                             if *fd == seg.fd()
                                 && *off + *l as u64 == foff
@@ -941,13 +941,13 @@ impl Store {
                             *l += len
                         }
                         _ => {
-                            flush_direct(&mut writes, direct.take());
-                            direct = Some((seg.fd(), foff, p.data_off, len));
+                            flush_run(&mut writes, run.take());
+                            run = Some((seg.fd(), foff, p.data_off, len));
                         }
                     }
                 }
                 Some(shared) => {
-                    flush_direct(&mut writes, direct.take());
+                    flush_run(&mut writes, run.take());
                     let mut buf = SharedBuf::into_inner(shared).ok_or_else(|| {
                         StoreError::Io(std::io::Error::other("copy buffer still shared"))
                     })?;
@@ -988,7 +988,7 @@ impl Store {
                 }
             }
         }
-        flush_direct(&mut writes, direct.take());
+        flush_run(&mut writes, run.take());
         let results = self.inner.uring.run(writes).await;
         // CRCs go in even if some writes failed: a block whose write landed must not read as
         // corrupt. A failed in-place write leaves its blocks undefined, as a failed write may.
