@@ -471,8 +471,8 @@ impl Bench {
         self.rt.block_on(store.create_object(self.obj, self.size))?;
         // Write the plain file in pieces as large as the store's writes to its segments: the
         // page cache builds folios as large as the writes that create them, and 4 KiB random
-        // writes into 1 MiB folios cost several times more (measured: ~8x fewer IOPS), so
-        // other pieces would handicap one side.
+        // writes into 1 MiB folios cost several times more (measured: 3.5x fewer IOPS than
+        // into 64 KiB ones), so other pieces would handicap one side.
         let piece = store.max_write().min(MIB as usize);
         let mut buf = vec![0u8; MIB as usize];
         for off in (0..self.size).step_by(MIB as usize) {

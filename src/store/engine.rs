@@ -423,9 +423,7 @@ impl Store {
         {
             // Nothing is in flight and the commit below syncs every segment written before
             // its checkpoint, so no block can be torn: drop the write intents, or every open
-            // after a clean stop would re-read all the regions written in the last epoch
-            // (and fill the page cache with readahead's large folios, which make later 4 KiB
-            // writes several times dearer).
+            // after a clean stop would re-read all the regions written in the last epoch.
             let mut m = self.inner.meta.lock();
             if m.region_inflight.is_empty() {
                 m.marked.clear();

@@ -43,9 +43,9 @@ impl Segment {
         }
         let data = o.open(data_path(dir, index))?;
         if !direct {
-            // No readahead: it caches runs in folios of up to 2 MiB, and a 4 KiB write into a
-            // large folio costs far more than into a small one (random writes over data read
-            // that way ran 3x slower). Reads are sized by their callers (merged runs), so
+            // No readahead: it caches runs in large folios (up to 2 MiB with an 8 MiB
+            // read_ahead_kb), and a 4 KiB write into a large folio costs far more than into a
+            // small one (random writes over data read that way ran 3x slower). Reads are sized by their callers (merged runs), so
             // losing readahead costs them little.
             // SAFETY: an advisory call on a descriptor we own; it touches no memory.
             let rc =
