@@ -402,3 +402,54 @@ async fn concurrent_readers_writers_clones_and_flushes() {
     );
     s.close().await.unwrap();
 }
+
+/// Reads take no object lock, so deletion must wait them out: a read racing the delete of its
+/// object returns that object's data or NotFound, never a checksum error or another object's
+/// blocks, even while a writer refills the freed slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_delete_see_their_data_or_not_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    const N: u64 = 256;
+    for round in 0..8u64 {
+        let a = Uuid::new_v4();
+        s.create_object(a, N * BS as u64).await.unwrap();
+        s.write(a, 0, blocks(round + 1, 0, N), false).await.unwrap();
+        s.flush().await.unwrap();
+        let mut readers = Vec::new();
+        for r in 0..4u64 {
+            let s = s.clone();
+            readers.push(tokio::spawn(async move {
+                let mut k = r;
+                loop {
+                    let f = (k * 37) % (N - 8);
+                    k += 1;
+                    match s.read(a, f * BS as u64, 8 * BS).await {
+                        Ok(got) => assert_eq!(got, blocks(round + 1, f, 8), "read at block {f}"),
+                        Err(StoreError::NotFound(_)) => return k,
+                        Err(e) => panic!("read of a deleted object: {e}"),
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        let b = Uuid::new_v4();
+        s.create_object(b, N * BS as u64).await.unwrap();
+        s.delete_object(a).await.unwrap();
+        s.write(b, 0, blocks(100 + round, 0, N), false)
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        for h in readers {
+            assert!(h.await.unwrap() > 0);
+        }
+        assert_eq!(
+            s.read(b, 0, N as usize * BS).await.unwrap(),
+            blocks(100 + round, 0, N)
+        );
+        s.delete_object(b).await.unwrap();
+    }
+    s.close().await.unwrap();
+}

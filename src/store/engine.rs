@@ -1,8 +1,10 @@
 //! The running store: I/O paths, commit (flush), checkpoints.
 //!
-//! Locking, outermost first: an object's `io_lock` (shared for I/O, exclusive for
-//! clone/delete/resize), then chunk stripe locks (shared for reads, exclusive for writes and
-//! discards), then the journal mutex, then the metadata mutex. The metadata mutex is never
+//! Locking, outermost first: an object's `io_lock` (shared for writes, discards and zeroing,
+//! exclusive for clone/delete/resize), then chunk stripe locks (shared for reads, exclusive
+//! for writes and discards), then the journal mutex, then the metadata mutex. Reads take only
+//! their stripes: a clone need not wait for them, and delete, the one change a read must not
+//! overlap (its slots are freed), takes every stripe as well. The metadata mutex is never
 //! held across an await; the commit mutex serialises commits and sits outside the journal.
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -12,13 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::RwLock;
 
 use super::buf::AlignedBuf;
 use super::format::{BLOCK, Record, Superblock};
 use super::meta::{Meta, region_of};
 use super::recovery::{self, JournalInfo};
-use super::segment::Segment;
+use super::segment::{SegTable, Segment};
 use super::uring::{Op, SharedBuf, Uring, WriteSrc};
 use super::{Extent, ObjectId, ObjectInfo, Result, StoreError, StoreOptions, StoreStats};
 
@@ -35,12 +38,48 @@ const BUFFERED_WRITE_MAX: usize = 256 * 1024;
 struct Counters {
     checksum_errors: AtomicU64,
     healed_blocks: AtomicU64,
+    io: [IoShard; IO_SHARDS],
+    flushes: AtomicU64,
+    commits: AtomicU64,
+}
+
+/// The per-I/O counters, sharded by thread: one cache line that both cores bump on every
+/// 4 KiB read costs more than the rest of the read's bookkeeping.
+#[derive(Default)]
+#[repr(align(128))]
+struct IoShard {
     reads: AtomicU64,
     writes: AtomicU64,
     read_bytes: AtomicU64,
     written_bytes: AtomicU64,
-    flushes: AtomicU64,
-    commits: AtomicU64,
+}
+
+const IO_SHARDS: usize = 8;
+
+impl Counters {
+    fn io(&self) -> &IoShard {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % IO_SHARDS;
+        }
+        &self.io[SHARD.with(|s| *s)]
+    }
+
+    fn io_sum(&self, f: impl Fn(&IoShard) -> &AtomicU64) -> u64 {
+        self.io.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+    }
+
+    fn count_read(&self, bytes: u64) {
+        let s = self.io();
+        s.reads.fetch_add(1, Ordering::Relaxed);
+        s.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn count_write(&self, bytes: u64) {
+        let s = self.io();
+        s.writes.fetch_add(1, Ordering::Relaxed);
+        s.written_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 struct Journal {
@@ -56,7 +95,7 @@ struct Inner {
     direct: bool,
     checkpoint_bytes: u64,
     uring: Uring,
-    segments: parking_lot::RwLock<Vec<Arc<Segment>>>,
+    segments: SegTable,
     seg_grow: tokio::sync::Mutex<()>,
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
@@ -185,6 +224,8 @@ impl Store {
         self.check_open()?;
         let lock = self.obj_lock(id)?;
         let _g = lock.write().await;
+        // Wait out reads in flight (they hold a stripe, not the io_lock).
+        let _all = self.lock_all_stripes().await;
         self.inner.meta.lock().log(Record::DeleteObject { id })?;
         self.flush().await
     }
@@ -207,6 +248,10 @@ impl Store {
                     .any(|e| e.allocated);
             if tail_allocated {
                 let zeros = Bytes::from(vec![0u8; (tail_end - size) as usize]);
+                let chunk = self.inner.sb.chunk_size as u64;
+                let _s = self
+                    .lock_stripes(id, size / chunk, tail_end.div_ceil(chunk), true)
+                    .await;
                 self.write_locked(id, size, zeros).await?;
             }
             // Every block past the new end goes, including a partial last block of the old size.
@@ -293,8 +338,6 @@ impl Store {
 
     pub async fn read(&self, id: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
         self.check_open()?;
-        let lock = self.obj_lock(id)?;
-        let _g = lock.read().await;
         let chunk = self.inner.sb.chunk_size as u64;
         let _s = self
             .lock_stripes(
@@ -305,11 +348,7 @@ impl Store {
             )
             .await;
         let out = self.read_locked(id, offset, len).await?;
-        self.inner.counters.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .counters
-            .read_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
+        self.inner.counters.count_read(len as u64);
         Ok(out)
     }
 
@@ -325,11 +364,7 @@ impl Store {
                 .await;
             self.write_locked(id, offset, data).await?;
         }
-        self.inner.counters.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .counters
-            .written_bytes
-            .fetch_add(len, Ordering::Relaxed);
+        self.inner.counters.count_write(len);
         self.after_change(fua).await
     }
 
@@ -415,10 +450,7 @@ impl Store {
             return Ok(());
         }
         // Quiesce: every data operation holds stripes, so holding them all waits them out.
-        let mut stripes = Vec::with_capacity(STRIPES);
-        for st in &self.inner.stripes {
-            stripes.push(st.write().await);
-        }
+        let _all = self.lock_all_stripes().await;
         let _c = self.inner.commit.lock().await;
         {
             // Nothing is in flight and the commit below syncs every segment written before
@@ -435,7 +467,7 @@ impl Store {
         // union of sharers' bitmaps still counted (see docs/store-format.md, "Reclaim").
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || -> Result<u64> {
-            let segments = inner.segments.read().clone();
+            let segments = inner.segments.snapshot();
             let mut m = inner.meta.lock();
             let total = m.slots.total;
             let cursor = m.slots.cursor;
@@ -467,14 +499,14 @@ impl Store {
             allocated_bytes: allocated,
             physical_bytes: physical,
             free_bytes: free_space(&self.inner.dir),
-            segments: self.inner.segments.read().len() as u64,
+            segments: self.inner.segments.len() as u64,
             chunk_size: self.inner.sb.chunk_size as u64,
             checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
             healed_blocks: c.healed_blocks.load(Ordering::Relaxed),
-            reads: c.reads.load(Ordering::Relaxed),
-            writes: c.writes.load(Ordering::Relaxed),
-            read_bytes: c.read_bytes.load(Ordering::Relaxed),
-            written_bytes: c.written_bytes.load(Ordering::Relaxed),
+            reads: c.io_sum(|s| &s.reads),
+            writes: c.io_sum(|s| &s.writes),
+            read_bytes: c.io_sum(|s| &s.read_bytes),
+            written_bytes: c.io_sum(|s| &s.written_bytes),
             flushes: c.flushes.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
         }
@@ -531,6 +563,14 @@ impl Store {
         g
     }
 
+    async fn lock_all_stripes(&self) -> Vec<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let mut all = Vec::with_capacity(STRIPES);
+        for st in &self.inner.stripes {
+            all.push(st.write().await);
+        }
+        all
+    }
+
     async fn lock_stripe(&self, i: usize, exclusive: bool) -> StripeGuard<'_> {
         if exclusive {
             StripeGuard::Excl(self.inner.stripes[i].write().await)
@@ -557,8 +597,15 @@ impl Store {
     }
 
     fn seg(&self, slot: u32) -> Arc<Segment> {
+        self.seg_ref(slot).clone()
+    }
+
+    fn seg_ref(&self, slot: u32) -> &Arc<Segment> {
         let sps = self.inner.sb.slots_per_segment();
-        self.inner.segments.read()[(slot / sps) as usize].clone()
+        self.inner
+            .segments
+            .get((slot / sps) as usize)
+            .expect("a mapped slot lies in an open segment")
     }
 
     /// Byte offset of block `blk` of `slot` inside its segment file, and its CRC index.
@@ -575,12 +622,12 @@ impl Store {
     /// Make sure the segment files for `slots` exist (creating them off the async threads).
     async fn ensure_segments(&self, max_slot: u32) -> Result<()> {
         let need = max_slot / self.inner.sb.slots_per_segment() + 1;
-        if self.inner.segments.read().len() as u32 >= need {
+        if self.inner.segments.len() as u32 >= need {
             return Ok(());
         }
         let _g = self.inner.seg_grow.lock().await;
         loop {
-            let have = self.inner.segments.read().len() as u32;
+            let have = self.inner.segments.len() as u32;
             if have >= need {
                 return Ok(());
             }
@@ -596,7 +643,7 @@ impl Store {
             })
             .await
             .map_err(join_error)??;
-            self.inner.segments.write().push(Arc::new(seg));
+            self.inner.segments.push(Arc::new(seg))?;
         }
     }
 
@@ -604,62 +651,52 @@ impl Store {
         let chunk = self.inner.sb.chunk_size as u64;
         let bs = BLOCK as u64;
         let end = offset + len as u64;
-        let entries = {
+        let a0 = offset / bs;
+        let a1 = end.div_ceil(bs);
+        let bpc = self.inner.sb.blocks_per_chunk() as u64;
+        // Reads merged where both the file and the buffer ranges continue the previous one.
+        // The CRC index of a block is its file offset / BLOCK, so each run is also its own
+        // list of checks: no per-block bookkeeping. Planned under the metadata lock, which
+        // is all a read takes besides its stripes.
+        let mut reads: SmallVec<[ReadRun<'_>; 2]> = SmallVec::new();
+        {
             let m = self.inner.meta.lock();
             let o = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
             check_range(id, o.size, offset, len as u64)?;
-            let mut v = Vec::new();
-            o.map
-                .for_each_in(offset / chunk, end.div_ceil(chunk), |c, e| v.push((c, e)));
-            v
-        };
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let a0 = offset / bs;
-        let a1 = end.div_ceil(bs);
-        let total = ((a1 - a0) * bs) as usize;
-        let bpc = self.inner.sb.blocks_per_chunk() as u64;
-        let sps = self.inner.sb.slots_per_segment();
-        // Reads merged where both the file and the buffer ranges continue the previous one.
-        // The CRC index of a block is its file offset / BLOCK, so each run is also its own
-        // list of checks: no per-block bookkeeping.
-        let mut reads: Vec<ReadRun> = Vec::new();
-        {
-            let segs = self.inner.segments.read();
-            for (c, e) in entries {
-                let cb0 = c as u64 * bpc;
-                let lo = a0.max(cb0) - cb0;
-                let hi = a1.min(cb0 + bpc) - cb0;
-                let want = e.present & mask_range(lo, hi);
-                if want == 0 {
-                    continue;
-                }
-                let seg_index = (e.slot / sps) as usize;
-                for (s, n) in runs(want) {
-                    let (foff, _) = self.locate(e.slot, s);
-                    let boff = ((cb0 + s as u64 - a0) * bs) as usize;
-                    let nbytes = n as usize * BLOCK;
-                    match reads.last_mut() {
-                        Some(r)
-                            if r.seg_index == seg_index
-                                && r.foff + r.len as u64 == foff
-                                && r.boff + r.len == boff
-                                && r.len + nbytes <= 1 << 30 =>
-                        {
-                            r.len += nbytes
-                        }
-                        _ => reads.push(ReadRun {
-                            seg: segs[seg_index].clone(),
-                            seg_index,
-                            foff,
-                            boff,
-                            len: nbytes,
-                        }),
-                    }
-                }
+            if len == 0 {
+                return Ok(Bytes::new());
             }
+            o.map
+                .for_each_in(offset / chunk, end.div_ceil(chunk), |c, e| {
+                    let cb0 = c as u64 * bpc;
+                    let lo = a0.max(cb0) - cb0;
+                    let hi = a1.min(cb0 + bpc) - cb0;
+                    let want = e.present & mask_range(lo, hi);
+                    for (s, n) in runs(want) {
+                        let (foff, _) = self.locate(e.slot, s);
+                        let boff = ((cb0 + s as u64 - a0) * bs) as usize;
+                        let nbytes = n as usize * BLOCK;
+                        let seg = self.seg_ref(e.slot);
+                        match reads.last_mut() {
+                            Some(r)
+                                if std::ptr::eq(r.seg, &**seg)
+                                    && r.foff + r.len as u64 == foff
+                                    && r.boff + r.len == boff
+                                    && r.len + nbytes <= 1 << 30 =>
+                            {
+                                r.len += nbytes
+                            }
+                            _ => reads.push(ReadRun {
+                                seg,
+                                foff,
+                                boff,
+                                len: nbytes,
+                            }),
+                        }
+                    }
+                });
         }
+        let total = ((a1 - a0) * bs) as usize;
         // Holes are zeroed here; everything else is filled by the reads.
         let mut raw = AlignedBuf::for_overwrite(total);
         let mut cursor = 0;
@@ -673,7 +710,7 @@ impl Store {
             r.seg.prefetch_crcs((r.foff / bs) as usize, r.len / BLOCK);
         }
         if !reads.is_empty() {
-            let ops: Vec<Op> = reads
+            let ops: SmallVec<[Op; 2]> = reads
                 .iter()
                 .map(|r| Op::Read {
                     fd: r.seg.fd(),
@@ -683,7 +720,7 @@ impl Store {
                     len: r.len as u32,
                 })
                 .collect();
-            self.inner.uring.run_all(ops).await?;
+            self.inner.uring.run_all(&ops).await?;
         }
         let buf = SharedBuf::into_inner(buf)
             .ok_or_else(|| StoreError::Io(std::io::Error::other("read buffer still shared")))?;
@@ -871,8 +908,10 @@ impl Store {
             });
         }
         if !reads.is_empty() {
-            self.inner.uring.run_all(reads).await?;
+            self.inner.uring.run_all(&reads).await?;
         }
+        // The ops hold references to the copy buffers, which are reclaimed below.
+        drop(reads);
         // Phase 2: assemble, checksum, write. Whole-block pieces of the caller's data that
         // land back to back in one segment file (a sequential writer gets consecutive slots)
         // become one write, up to `max_write`. Buffered, that is 256 KiB: the page cache
@@ -1038,7 +1077,7 @@ impl Store {
         let fd = j.file.as_raw_fd();
         self.inner
             .uring
-            .run_all(vec![Op::Write {
+            .run_all(&[Op::Write {
                 fd,
                 off: j.len,
                 data: WriteSrc::Bytes(Bytes::from(buf)),
@@ -1046,7 +1085,7 @@ impl Store {
             .await?;
         self.inner
             .uring
-            .run_all(vec![Op::Fsync { fd, datasync: true }])
+            .run_all(&[Op::Fsync { fd, datasync: true }])
             .await?;
         j.len += n;
         Ok(())
@@ -1172,7 +1211,7 @@ impl Store {
                 });
             }
         }
-        self.inner.uring.run_all(ops).await.map_err(map_io)
+        self.inner.uring.run_all(&ops).await.map_err(map_io)
     }
 
     /// Commit: make data durable, then the journal batch that refers to it; then reclaim
@@ -1241,7 +1280,7 @@ impl Store {
     ) -> Result<()> {
         let mut syncs = Vec::new();
         {
-            let all = self.inner.segments.read();
+            let all = &self.inner.segments;
             for s in segs {
                 if let Some(seg) = all.get(s as usize) {
                     syncs.push(Op::Fsync {
@@ -1255,7 +1294,7 @@ impl Store {
                 }
             }
         }
-        self.inner.uring.run_all(syncs).await?;
+        self.inner.uring.run_all(&syncs).await?;
         self.journal_append(j, batch).await?;
         if let Some(ckpt) = snapshot {
             let generation = j.generation + 1;
@@ -1298,7 +1337,7 @@ impl Store {
             return;
         }
         let chunk = self.inner.sb.chunk_size as u64;
-        let segs = self.inner.segments.read().clone();
+        let segs = self.inner.segments.snapshot();
         let sps = self.inner.sb.slots_per_segment();
         let ops: Vec<Op> = freed
             .iter()
@@ -1366,9 +1405,8 @@ struct CrcRun {
 }
 
 /// One merged read: `len` bytes at `foff` of segment `seg_index` into the buffer at `boff`.
-struct ReadRun {
-    seg: Arc<Segment>,
-    seg_index: usize,
+struct ReadRun<'a> {
+    seg: &'a Segment,
     foff: u64,
     boff: usize,
     len: usize,
@@ -1486,6 +1524,10 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     let uring = Uring::new(256)?;
     let counters = Counters::default();
     counters.healed_blocks.store(healed, Ordering::Relaxed);
+    let table = SegTable::new((u32::MAX as usize).div_ceil(sb.slots_per_segment() as usize) + 1);
+    for seg in segments {
+        table.push(seg)?;
+    }
     Ok(Inner {
         dir: dir.to_path_buf(),
         seg_dir,
@@ -1493,7 +1535,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         direct: opts.direct_io,
         checkpoint_bytes: opts.checkpoint_bytes,
         uring,
-        segments: parking_lot::RwLock::new(segments),
+        segments: table,
         seg_grow: Default::default(),
         meta: Mutex::new(meta),
         stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
@@ -1572,4 +1614,36 @@ pub(super) fn reclaim_leaks(
 pub(super) fn pread_exact(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     f.read_exact_at(buf, off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    /// Reads hold only a stripe (no object lock), so a delete must wait for every stripe:
+    /// otherwise it frees slots under a read in flight.
+    #[tokio::test]
+    async fn delete_waits_for_a_read_holding_its_stripe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        let id = ObjectId::new_v4();
+        s.create_object(id, 1 << 20).await.unwrap();
+        let read_guard = s.lock_stripes(id, 3, 4, false).await;
+        let mut delete = Box::pin(s.delete_object(id));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(delete.as_mut().poll(&mut cx).is_pending());
+        // A delete that went ahead would have dropped the object from the metadata by now.
+        assert!(
+            s.object_info(id).is_ok(),
+            "delete ran under a read's stripe"
+        );
+        drop(read_guard);
+        delete.await.unwrap();
+        assert!(matches!(s.object_info(id), Err(StoreError::NotFound(_))));
+        s.close().await.unwrap();
+    }
 }

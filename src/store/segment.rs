@@ -5,7 +5,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use memmap2::MmapMut;
 
@@ -133,5 +134,62 @@ impl Segment {
 
     pub fn set_crc(&self, b: usize, v: u32) {
         self.crcs()[b].store(v.to_le(), Ordering::Release);
+    }
+}
+
+/// Segments per page of a [`SegTable`].
+const SEG_PAGE: usize = 1024;
+
+type SegPage = Box<[OnceLock<Arc<Segment>>]>;
+
+/// The open segments by number: append-only, and looked up without a lock. Every read looks
+/// its segment up, and a shared lock there is a cache line that both cores write each time.
+pub struct SegTable {
+    pages: Box<[OnceLock<SegPage>]>,
+    len: AtomicUsize,
+}
+
+impl SegTable {
+    /// A table with room for `max` segments.
+    pub fn new(max: usize) -> SegTable {
+        SegTable {
+            pages: (0..max.div_ceil(SEG_PAGE))
+                .map(|_| OnceLock::new())
+                .collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Arc<Segment>> {
+        if i >= self.len() {
+            return None;
+        }
+        self.pages[i / SEG_PAGE].get()?[i % SEG_PAGE].get()
+    }
+
+    /// Append `seg` as the next segment. Callers serialise their pushes.
+    pub fn push(&self, seg: Arc<Segment>) -> io::Result<()> {
+        let i = self.len.load(Ordering::Acquire);
+        let page = self
+            .pages
+            .get(i / SEG_PAGE)
+            .ok_or_else(|| io::Error::other("segment table is full"))?
+            .get_or_init(|| (0..SEG_PAGE).map(|_| OnceLock::new()).collect());
+        page[i % SEG_PAGE]
+            .set(seg)
+            .map_err(|_| io::Error::other("segment pushed twice"))?;
+        self.len.store(i + 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// The segments open now.
+    pub fn snapshot(&self) -> Vec<Arc<Segment>> {
+        (0..self.len())
+            .filter_map(|i| self.get(i).cloned())
+            .collect()
     }
 }

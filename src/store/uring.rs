@@ -743,8 +743,8 @@ impl Uring {
     }
 
     /// Run a batch and fail with the first error.
-    pub async fn run_all(&self, ops: Vec<Op>) -> io::Result<()> {
-        let res = self.submit_wait(&ops).await;
+    pub async fn run_all(&self, ops: &[Op]) -> io::Result<()> {
+        let res = self.submit_wait(ops).await;
         let mut again = Vec::new();
         let mut first_err = None;
         for (op, r) in ops.iter().zip(res.iter()) {
@@ -1049,7 +1049,7 @@ mod tests {
                 }
                 let u = uring.clone();
                 let h = rt.spawn(async move {
-                    u.run_all(ops).await.unwrap();
+                    u.run_all(&ops).await.unwrap();
                     drop(buf);
                     first
                 });
@@ -1115,12 +1115,14 @@ mod tests {
             data: WriteSrc::Bytes(Bytes::from(pattern(i))),
         };
         let mut cx = Context::from_waker(Waker::noop());
-        let mut lead = Box::pin(uring.run_all(vec![write(0)]));
+        let w0 = [write(0)];
+        let mut lead = Box::pin(uring.run_all(&w0));
         assert!(
             lead.as_mut().poll(&mut cx).is_pending(),
             "the leader yields"
         );
-        let mut follow = Box::pin(uring.run_all(vec![write(1)]));
+        let w1 = [write(1)];
+        let mut follow = Box::pin(uring.run_all(&w1));
         assert!(follow.as_mut().poll(&mut cx).is_pending());
         assert_eq!(uring.shared.rings[0].sq.lock().pending.len(), 2);
         drop(lead);
@@ -1152,7 +1154,7 @@ mod tests {
             .unwrap();
         let uring = rt1.block_on(async { Uring::new(16) }).unwrap();
         let sync = || Op::Fsync { fd, datasync: true };
-        rt1.block_on(uring.run_all(vec![sync()])).unwrap();
+        rt1.block_on(uring.run_all(&[sync()])).unwrap();
         drop(rt1);
         let rt2 = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1169,7 +1171,7 @@ mod tests {
                 sync(),
             ];
             // A hang here means nobody reaps: fail instead of waiting forever.
-            tokio::time::timeout(std::time::Duration::from_secs(60), uring.run_all(ops))
+            tokio::time::timeout(std::time::Duration::from_secs(60), uring.run_all(&ops))
                 .await
                 .expect("completions are reaped after the first runtime is gone")
                 .unwrap();
