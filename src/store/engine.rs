@@ -643,6 +643,7 @@ impl Store {
             })
             .await
             .map_err(join_error)??;
+            register_data_file(&self.inner.uring, &seg);
             self.inner.segments.push(Arc::new(seg))?;
         }
     }
@@ -1405,6 +1406,14 @@ struct CrcRun {
 }
 
 /// One merged read: `len` bytes at `foff` of segment `seg_index` into the buffer at `boff`.
+/// Data files go into the rings' registered-file table; failing that, I/O uses their
+/// descriptors as before.
+fn register_data_file(uring: &Uring, seg: &Segment) {
+    if let Err(e) = uring.register_file(seg.fd()) {
+        tracing::debug!(error = %e, "segment file not registered with io_uring");
+    }
+}
+
 struct ReadRun<'a> {
     seg: &'a Segment,
     foff: u64,
@@ -1526,6 +1535,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     counters.healed_blocks.store(healed, Ordering::Relaxed);
     let table = SegTable::new((u32::MAX as usize).div_ceil(sb.slots_per_segment() as usize) + 1);
     for seg in segments {
+        register_data_file(&uring, &seg);
         table.push(seg)?;
     }
     Ok(Inner {

@@ -11,7 +11,7 @@ use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -387,6 +387,7 @@ impl Ring {
 
 struct Shared {
     rings: Box<[Ring]>,
+    fixed: FixedFiles,
     /// Registered with every ring: counts posted completions (non-blocking).
     efd: OwnedFd,
     /// Operations in flight whose submitter did not see them complete.
@@ -516,6 +517,7 @@ impl Uring {
             .collect::<io::Result<Vec<_>>>()?
             .into_boxed_slice();
         let shared = Arc::new(Shared {
+            fixed: FixedFiles::new(&rings),
             rings,
             efd,
             handed_off: AtomicUsize::new(0),
@@ -550,6 +552,26 @@ impl Uring {
             None => spawn_reaper_thread(shared.clone())?,
         }
         Ok(Uring { shared })
+    }
+
+    /// Register `fd` with every ring for the life of this engine (see [`FixedFiles`]);
+    /// operations on it then use the registered file. Past the table's room this does
+    /// nothing and operations keep using the descriptor.
+    pub fn register_file(&self, fd: RawFd) -> io::Result<()> {
+        let f = &self.shared.fixed;
+        let Some(slot) = usize::try_from(fd).ok().and_then(|i| f.by_fd.get(i)) else {
+            return Ok(());
+        };
+        let mut next = f.next.lock();
+        if !f.on || *next >= FIXED_FILES || slot.load(Ordering::Acquire) != 0 {
+            return Ok(());
+        }
+        for r in self.shared.rings.iter() {
+            r.uring.submitter().register_files_update(*next, &[fd])?;
+        }
+        slot.store(*next + 1, Ordering::Release);
+        *next += 1;
+        Ok(())
     }
 
     fn ring(&self) -> &Ring {
@@ -616,7 +638,7 @@ impl Uring {
             // has room for `n` more (flushed above otherwise).
             let mut q = unsafe { ring.uring.submission_shared() };
             for (k, op) in ops.iter().enumerate() {
-                let (entry, keep) = build(op);
+                let (entry, keep) = build(op, &self.shared.fixed);
                 let ud = t.free.pop().expect("a permit guarantees a free slot");
                 let slot = &mut t.slots[ud as usize];
                 slot.keep = Some(keep);
@@ -922,7 +944,65 @@ fn reaper_thread(s: Arc<Shared>) {
     }
 }
 
-fn build(op: &Op) -> (io_uring::squeue::Entry, Keep) {
+/// Registered ("fixed") files per ring.
+const FIXED_FILES: u32 = 1024;
+/// Descriptors below this can be registered: the lookup is an array indexed by descriptor.
+const FIXED_FD_LIMIT: usize = 1 << 14;
+
+/// Files registered with every ring, so that an operation on them costs the kernel no file
+/// reference: taking and dropping one is an atomic on the `struct file` shared by every
+/// core reading that file. Registration is for the life of the engine: a registered
+/// descriptor must stay open until the engine is dropped (else its number could come back
+/// for another file).
+struct FixedFiles {
+    /// By descriptor: 0 when not registered, else the registered index + 1.
+    by_fd: Box<[AtomicU32]>,
+    next: Mutex<u32>,
+    /// The rings took a sparse file table.
+    on: bool,
+}
+
+impl FixedFiles {
+    fn new(rings: &[Ring]) -> FixedFiles {
+        let on = rings.iter().all(|r| {
+            r.uring
+                .submitter()
+                .register_files_sparse(FIXED_FILES)
+                .is_ok()
+        });
+        FixedFiles {
+            by_fd: (0..FIXED_FD_LIMIT).map(|_| AtomicU32::new(0)).collect(),
+            next: Mutex::new(0),
+            on,
+        }
+    }
+
+    fn index(&self, fd: RawFd) -> Option<u32> {
+        let i = self
+            .by_fd
+            .get(usize::try_from(fd).ok()?)?
+            .load(Ordering::Acquire);
+        i.checked_sub(1)
+    }
+}
+
+fn build(op: &Op, fixed: &FixedFiles) -> (io_uring::squeue::Entry, Keep) {
+    let read = |fd: RawFd, ptr: *mut u8, len: u32, off: u64| match fixed.index(fd) {
+        Some(i) => opcode::Read::new(types::Fixed(i), ptr, len)
+            .offset(off)
+            .build(),
+        None => opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(off)
+            .build(),
+    };
+    let write = |fd: RawFd, ptr: *const u8, len: u32, off: u64| match fixed.index(fd) {
+        Some(i) => opcode::Write::new(types::Fixed(i), ptr, len)
+            .offset(off)
+            .build(),
+        None => opcode::Write::new(types::Fd(fd), ptr, len)
+            .offset(off)
+            .build(),
+    };
     match op {
         Op::Read {
             fd,
@@ -937,17 +1017,11 @@ fn build(op: &Op) -> (io_uring::squeue::Entry, Keep) {
             );
             // SAFETY: in bounds (asserted); the Keep holds the buffer alive.
             let ptr = unsafe { buf.ptr().add(*buf_off) };
-            let e = opcode::Read::new(types::Fd(*fd), ptr, *len)
-                .offset(*off)
-                .build();
-            (e, Keep::Shared(buf.clone()))
+            (read(*fd, ptr, *len, *off), Keep::Shared(buf.clone()))
         }
         Op::Write { fd, off, data } => {
             let (ptr, len, keep) = data.parts();
-            let e = opcode::Write::new(types::Fd(*fd), ptr, len as u32)
-                .offset(*off)
-                .build();
-            (e, keep)
+            (write(*fd, ptr, len as u32, *off), keep)
         }
         Op::Fsync { fd, datasync } => {
             let mut f = opcode::Fsync::new(types::Fd(*fd));
