@@ -224,9 +224,13 @@ impl Store {
         self.check_open()?;
         let lock = self.obj_lock(id)?;
         let _g = lock.write().await;
-        // Wait out reads in flight (they hold a stripe, not the io_lock).
-        let _all = self.lock_all_stripes().await;
-        self.inner.meta.lock().log(Record::DeleteObject { id })?;
+        {
+            // Wait out reads in flight (they hold a stripe, not the io_lock). Reads that start
+            // once the record is logged find no object, and the freed slots are reused only
+            // after the commit, so the stripes (all I/O) need not wait for the flush.
+            let _all = self.lock_all_stripes().await;
+            self.inner.meta.lock().log(Record::DeleteObject { id })?;
+        }
         self.flush().await
     }
 
@@ -869,7 +873,6 @@ impl Store {
             read_mask: u64,
             src: u32,
         }
-        let mut segs = SegCache::new(self);
         let mut stages = Vec::with_capacity(plans.len());
         let mut reads = Vec::new();
         for p in plans {
@@ -890,7 +893,7 @@ impl Store {
                 Some(SharedBuf::new(AlignedBuf::zeroed(chunk)))
             };
             if let Some(b) = &buf {
-                let seg = segs.get(src);
+                let seg = self.seg_ref(src);
                 for (s, n) in runs(read_mask) {
                     let (foff, _) = self.locate(src, s);
                     reads.push(Op::Read {
@@ -955,7 +958,7 @@ impl Store {
             }
         };
         for (p, st) in plans.iter().zip(stages) {
-            let seg = segs.get(p.slot);
+            let seg = self.seg_ref(p.slot);
             let touched = mask_range(p.start as u64 / bs, (p.end as u64).div_ceil(bs));
             match st.buf {
                 None => {
@@ -965,7 +968,7 @@ impl Store {
                     push_crcs(
                         &mut crc_runs,
                         &mut crcs,
-                        &seg,
+                        seg,
                         ci,
                         &data[p.data_off..p.data_off + len],
                     );
@@ -989,7 +992,7 @@ impl Store {
                     let mut buf = SharedBuf::into_inner(shared).ok_or_else(|| {
                         StoreError::Io(std::io::Error::other("copy buffer still shared"))
                     })?;
-                    let src_seg = segs.get(st.src);
+                    let src_seg = self.seg_ref(st.src);
                     for blk in 0..(chunk64 / bs) as u32 {
                         if st.read_mask & (1 << blk) != 0 {
                             let (_, ci) = self.locate(st.src, blk);
@@ -1012,7 +1015,7 @@ impl Store {
                     for (s, n) in runs(write_mask) {
                         let (foff, ci) = self.locate(p.slot, s);
                         let range = s as usize * BLOCK..(s + n) as usize * BLOCK;
-                        push_crcs(&mut crc_runs, &mut crcs, &seg, ci, &buf[range.clone()]);
+                        push_crcs(&mut crc_runs, &mut crcs, seg, ci, &buf[range.clone()]);
                         writes.push(Op::Write {
                             fd: seg.fd(),
                             off: foff,
@@ -1370,32 +1373,6 @@ impl Store {
 enum StripeGuard<'a> {
     Shared(tokio::sync::RwLockReadGuard<'a, ()>),
     Excl(tokio::sync::RwLockWriteGuard<'a, ()>),
-}
-
-/// The segment of a slot, remembering the last one: consecutive chunks mostly share it, and
-/// each lookup otherwise takes the segment table's lock and a reference count (both shared
-/// cache lines between cores).
-struct SegCache<'a> {
-    store: &'a Store,
-    last: Option<(u32, Arc<Segment>)>,
-}
-
-impl<'a> SegCache<'a> {
-    fn new(store: &'a Store) -> Self {
-        SegCache { store, last: None }
-    }
-
-    fn get(&mut self, slot: u32) -> Arc<Segment> {
-        let index = slot / self.store.inner.sb.slots_per_segment();
-        match &self.last {
-            Some((i, seg)) if *i == index => seg.clone(),
-            _ => {
-                let seg = self.store.seg(slot);
-                self.last = Some((index, seg.clone()));
-                seg
-            }
-        }
-    }
 }
 
 /// CRCs `crcs[first..]` (up to the next run's `first`) for blocks `ci..` of `seg`.
