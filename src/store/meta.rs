@@ -15,7 +15,7 @@ pub struct Object {
     pub map: Map,
     /// Blocks with their present bit set in this object's map.
     pub allocated_blocks: u64,
-    /// Shared by I/O, exclusive for clone/delete/resize.
+    /// Shared by writes, discards and zeroing (not reads), exclusive for clone/delete/resize.
     pub io_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
