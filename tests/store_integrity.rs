@@ -403,9 +403,10 @@ async fn concurrent_readers_writers_clones_and_flushes() {
     s.close().await.unwrap();
 }
 
-/// Reads take no object lock, so deletion must wait them out: a read racing the delete of its
-/// object returns that object's data or NotFound, never a checksum error or another object's
-/// blocks, even while a writer refills the freed slots.
+/// A read racing the delete of its object returns that object's data or NotFound, never a
+/// checksum error or another object's blocks, while a writer refills the freed slots. The
+/// race is rarely hit; `delete_waits_for_a_read_holding_its_stripe` (engine unit test) is
+/// the deterministic check that delete waits for reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_racing_delete_see_their_data_or_not_found() {
     let tmp = tempfile::tempdir().unwrap();

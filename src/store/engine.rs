@@ -600,10 +600,6 @@ impl Store {
         Ok(())
     }
 
-    fn seg(&self, slot: u32) -> Arc<Segment> {
-        self.seg_ref(slot).clone()
-    }
-
     fn seg_ref(&self, slot: u32) -> &Arc<Segment> {
         let sps = self.inner.sb.slots_per_segment();
         self.inner
@@ -1201,7 +1197,7 @@ impl Store {
         self.ensure_intents(intents).await?;
         let mut ops = Vec::new();
         for &(_, slot, _, drop, _) in items {
-            let seg = self.seg(slot);
+            let seg = self.seg_ref(slot);
             for (s, n) in runs(drop) {
                 for blk in s..s + n {
                     seg.set_crc(self.locate(slot, blk).1, self.inner.zero_crc);

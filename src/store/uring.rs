@@ -986,23 +986,24 @@ impl FixedFiles {
     }
 }
 
+/// Builds `$make` with `$f` bound to the operation's file: its registered index when it has
+/// one, else its descriptor (the two are different types to the opcode builders).
+macro_rules! on_file {
+    ($fixed:expr, $fd:expr, |$f:ident| $make:expr) => {
+        match $fixed.index($fd) {
+            Some(i) => {
+                let $f = types::Fixed(i);
+                $make
+            }
+            None => {
+                let $f = types::Fd($fd);
+                $make
+            }
+        }
+    };
+}
+
 fn build(op: &Op, fixed: &FixedFiles) -> (io_uring::squeue::Entry, Keep) {
-    let read = |fd: RawFd, ptr: *mut u8, len: u32, off: u64| match fixed.index(fd) {
-        Some(i) => opcode::Read::new(types::Fixed(i), ptr, len)
-            .offset(off)
-            .build(),
-        None => opcode::Read::new(types::Fd(fd), ptr, len)
-            .offset(off)
-            .build(),
-    };
-    let write = |fd: RawFd, ptr: *const u8, len: u32, off: u64| match fixed.index(fd) {
-        Some(i) => opcode::Write::new(types::Fixed(i), ptr, len)
-            .offset(off)
-            .build(),
-        None => opcode::Write::new(types::Fd(fd), ptr, len)
-            .offset(off)
-            .build(),
-    };
     match op {
         Op::Read {
             fd,
@@ -1017,24 +1018,32 @@ fn build(op: &Op, fixed: &FixedFiles) -> (io_uring::squeue::Entry, Keep) {
             );
             // SAFETY: in bounds (asserted); the Keep holds the buffer alive.
             let ptr = unsafe { buf.ptr().add(*buf_off) };
-            (read(*fd, ptr, *len, *off), Keep::Shared(buf.clone()))
+            let e = on_file!(fixed, *fd, |f| opcode::Read::new(f, ptr, *len)
+                .offset(*off)
+                .build());
+            (e, Keep::Shared(buf.clone()))
         }
         Op::Write { fd, off, data } => {
             let (ptr, len, keep) = data.parts();
-            (write(*fd, ptr, len as u32, *off), keep)
+            let e = on_file!(fixed, *fd, |f| opcode::Write::new(f, ptr, len as u32)
+                .offset(*off)
+                .build());
+            (e, keep)
         }
         Op::Fsync { fd, datasync } => {
-            let mut f = opcode::Fsync::new(types::Fd(*fd));
-            if *datasync {
-                f = f.flags(types::FsyncFlags::DATASYNC);
-            }
-            (f.build(), Keep::None)
+            let flags = if *datasync {
+                types::FsyncFlags::DATASYNC
+            } else {
+                types::FsyncFlags::empty()
+            };
+            let e = on_file!(fixed, *fd, |f| opcode::Fsync::new(f).flags(flags).build());
+            (e, Keep::None)
         }
         Op::Fallocate { fd, mode, off, len } => {
-            let e = opcode::Fallocate::new(types::Fd(*fd), *len)
+            let e = on_file!(fixed, *fd, |f| opcode::Fallocate::new(f, *len)
                 .offset(*off)
                 .mode(*mode)
-                .build();
+                .build());
             (e, Keep::None)
         }
     }
