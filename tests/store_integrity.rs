@@ -405,8 +405,8 @@ async fn concurrent_readers_writers_clones_and_flushes() {
 
 /// A read racing the delete of its object returns that object's data or NotFound, never a
 /// checksum error or another object's blocks, while a writer refills the freed slots. The
-/// race is rarely hit; `delete_waits_for_a_read_holding_its_stripe` (engine unit test) is
-/// the deterministic check that delete waits for reads.
+/// race is rarely hit; `freed_slots_wait_for_reads_in_flight` (engine unit test) is the
+/// deterministic check that freed slots outlast the reads that planned on them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_racing_delete_see_their_data_or_not_found() {
     let tmp = tempfile::tempdir().unwrap();

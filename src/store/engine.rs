@@ -1,11 +1,15 @@
 //! The running store: I/O paths, commit (flush), checkpoints.
 //!
 //! Locking, outermost first: an object's `io_lock` (shared for writes, discards and zeroing,
-//! exclusive for clone/delete/resize), then chunk stripe locks (shared for reads, exclusive
-//! for writes and discards), then the journal mutex, then the metadata mutex. Reads take only
-//! their stripes: a clone need not wait for them, and delete, the one change a read must not
-//! overlap (its slots are freed), takes every stripe as well. The metadata mutex is never
+//! exclusive for clone/delete/resize), then chunk stripe locks (exclusive for writes and
+//! discards), then the journal mutex, then the metadata mutex. The metadata mutex is never
 //! held across an await; the commit mutex serialises commits and sits outside the journal.
+//!
+//! Reads take no lock but the metadata mutex while they plan. What they planned stays valid
+//! because freed slots are reused only after a grace period ([`grace`](super::grace)) that
+//! outlasts every read in flight. A read that overlaps a write to the same blocks may see a
+//! torn block: its checksum fails, and the read is retried once holding its stripes (shared),
+//! which no write can tear. Only a mismatch on that retry is a checksum error.
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ use tokio::sync::RwLock;
 
 use super::buf::AlignedBuf;
 use super::format::{BLOCK, Record, Superblock};
+use super::grace::Readers;
 use super::meta::{Meta, region_of};
 use super::recovery::{self, JournalInfo};
 use super::segment::{SegTable, Segment};
@@ -99,6 +104,7 @@ struct Inner {
     seg_grow: tokio::sync::Mutex<()>,
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
+    readers: Readers,
     journal: tokio::sync::Mutex<Journal>,
     commit: tokio::sync::Mutex<()>,
     flush_requested: AtomicU64,
@@ -224,13 +230,9 @@ impl Store {
         self.check_open()?;
         let lock = self.obj_lock(id)?;
         let _g = lock.write().await;
-        {
-            // Wait out reads in flight (they hold a stripe, not the io_lock). Reads that start
-            // once the record is logged find no object, and the freed slots are reused only
-            // after the commit, so the stripes (all I/O) need not wait for the flush.
-            let _all = self.lock_all_stripes().await;
-            self.inner.meta.lock().log(Record::DeleteObject { id })?;
-        }
+        // Reads in flight keep their slots: freed slots are reused only after the commit and
+        // a grace period that outlasts them. Reads that start after this find no object.
+        self.inner.meta.lock().log(Record::DeleteObject { id })?;
         self.flush().await
     }
 
@@ -342,16 +344,27 @@ impl Store {
 
     pub async fn read(&self, id: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
         self.check_open()?;
-        let chunk = self.inner.sb.chunk_size as u64;
-        let _s = self
-            .lock_stripes(
-                id,
-                offset / chunk,
-                (offset + len as u64).div_ceil(chunk),
-                false,
-            )
-            .await;
-        let out = self.read_locked(id, offset, len).await?;
+        let first = {
+            let _r = self.inner.readers.enter();
+            self.read_planned(id, offset, len, false).await
+        };
+        let out = match first {
+            Err(StoreError::Checksum { .. }) => {
+                // Maybe torn by a write to the same blocks: again, with writes held off.
+                let chunk = self.inner.sb.chunk_size as u64;
+                let _s = self
+                    .lock_stripes(
+                        id,
+                        offset / chunk,
+                        (offset + len as u64).div_ceil(chunk),
+                        false,
+                    )
+                    .await;
+                let _r = self.inner.readers.enter();
+                self.read_planned(id, offset, len, true).await?
+            }
+            other => other?,
+        };
         self.inner.counters.count_read(len as u64);
         Ok(out)
     }
@@ -453,8 +466,10 @@ impl Store {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        // Quiesce: every data operation holds stripes, so holding them all waits them out.
+        // Quiesce: every change holds stripes, so holding them all waits them out; reads
+        // hold a grace period instead.
         let _all = self.lock_all_stripes().await;
+        self.inner.readers.synchronize().await;
         let _c = self.inner.commit.lock().await;
         {
             // Nothing is in flight and the commit below syncs every segment written before
@@ -648,7 +663,15 @@ impl Store {
         }
     }
 
-    async fn read_locked(&self, id: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
+    /// Plan and read, inside a read guard. A checksum mismatch is counted and logged only
+    /// when `last_try` (the caller then holds the stripes); otherwise it may be a torn read.
+    async fn read_planned(
+        &self,
+        id: ObjectId,
+        offset: u64,
+        len: usize,
+        last_try: bool,
+    ) -> Result<Bytes> {
         let chunk = self.inner.sb.chunk_size as u64;
         let bs = BLOCK as u64;
         let end = offset + len as u64;
@@ -657,8 +680,8 @@ impl Store {
         let bpc = self.inner.sb.blocks_per_chunk() as u64;
         // Reads merged where both the file and the buffer ranges continue the previous one.
         // The CRC index of a block is its file offset / BLOCK, so each run is also its own
-        // list of checks: no per-block bookkeeping. Planned under the metadata lock, which
-        // is all a read takes besides its stripes.
+        // list of checks: no per-block bookkeeping. Planned under the metadata lock, the one
+        // lock a read takes.
         let mut reads: SmallVec<[ReadRun<'_>; 2]> = SmallVec::new();
         {
             let m = self.inner.meta.lock();
@@ -731,6 +754,12 @@ impl Store {
             for (k, block) in data.chunks_exact(BLOCK).enumerate() {
                 if crc32fast::hash(block) != r.seg.crc(ci0 + k) {
                     let blk = a0 + (r.boff / BLOCK + k) as u64;
+                    if !last_try {
+                        return Err(StoreError::Checksum {
+                            id,
+                            offset: blk * bs,
+                        });
+                    }
                     self.inner
                         .counters
                         .checksum_errors
@@ -1336,6 +1365,8 @@ impl Store {
         if freed.is_empty() {
             return;
         }
+        // Reads that planned before the free may still be reading these slots.
+        self.inner.readers.synchronize().await;
         let chunk = self.inner.sb.chunk_size as u64;
         let segs = self.inner.segments.snapshot();
         let sps = self.inner.sb.slots_per_segment();
@@ -1522,6 +1553,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         seg_grow: Default::default(),
         meta: Mutex::new(meta),
         stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        readers: Readers::new(),
         journal: tokio::sync::Mutex::new(Journal {
             file,
             generation,
@@ -1602,31 +1634,45 @@ pub(super) fn pread_exact(f: &File, buf: &mut [u8], off: u64) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future;
-    use std::task::{Context, Waker};
 
-    /// Reads hold only a stripe (no object lock), so a delete must wait for every stripe:
-    /// otherwise it frees slots under a read in flight.
+    /// Reads hold no lock while they read, so the slots a delete frees must not be reused
+    /// (or punched) until every read that planned before the delete has finished.
     #[tokio::test]
-    async fn delete_waits_for_a_read_holding_its_stripe() {
+    async fn freed_slots_wait_for_reads_in_flight() {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(tmp.path(), StoreOptions::default())
             .await
             .unwrap();
         let id = ObjectId::new_v4();
         s.create_object(id, 1 << 20).await.unwrap();
-        let read_guard = s.lock_stripes(id, 3, 4, false).await;
-        let mut delete = Box::pin(s.delete_object(id));
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(delete.as_mut().poll(&mut cx).is_pending());
-        // A delete that went ahead would have dropped the object from the metadata by now.
+        s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
+        let read_in_flight = s.inner.readers.enter();
+        let delete = tokio::spawn({
+            let s = s.clone();
+            async move { s.delete_object(id).await }
+        });
+        // Until the delete either finishes or waits for the grace period.
+        while !delete.is_finished() && !s.inner.readers.is_waiting() {
+            tokio::task::yield_now().await;
+        }
         assert!(
-            s.object_info(id).is_ok(),
-            "delete ran under a read's stripe"
+            !delete.is_finished(),
+            "the delete's commit did not wait for a read in flight"
         );
-        drop(read_guard);
-        delete.await.unwrap();
+        // The delete is logged (new reads find nothing) but its slot stays allocated.
         assert!(matches!(s.object_info(id), Err(StoreError::NotFound(_))));
+        let used = |s: &Store| {
+            let m = s.inner.meta.lock();
+            m.slots.used[(slot / 64) as usize] & (1 << (slot % 64)) != 0
+        };
+        assert!(used(&s), "a freed slot was released under a read in flight");
+        drop(read_in_flight);
+        delete.await.unwrap().unwrap();
+        assert!(!used(&s), "the slot was never released");
         s.close().await.unwrap();
     }
 }

@@ -9,6 +9,7 @@ mod buf;
 mod engine;
 pub mod format;
 mod fsck;
+mod grace;
 mod map;
 mod meta;
 mod recovery;
