@@ -24,7 +24,7 @@ use tokio::sync::RwLock;
 use super::buf::AlignedBuf;
 use super::format::{BLOCK, Record, Superblock};
 use super::grace::Readers;
-use super::meta::{Meta, region_of};
+use super::meta::{LANES, Meta, region_of};
 use super::recovery::{self, JournalInfo};
 use super::segment::{SegTable, Segment};
 use super::uring::{Op, SharedBuf, Uring, WriteSrc};
@@ -38,6 +38,10 @@ const RANGE_PIECE_CHUNKS: u64 = 256;
 /// Largest buffered write: consecutive slots merge into writes up to this size (see
 /// `write_planned`).
 const BUFFERED_WRITE_MAX: usize = 256 * 1024;
+/// Consecutive bytes of an object allocated in one lane (see [`LANES`]). A 1 MiB stripe
+/// keeps a sequential 1 MiB read one operation; 256 KiB stripes measured 4% slower on
+/// 1 MiB reads and no faster on 1 MiB writes at queue depth 8.
+const LANE_STRIPE: u64 = 1 << 20;
 
 #[derive(Default)]
 struct Counters {
@@ -791,6 +795,8 @@ impl Store {
                 return Ok(());
             }
             let sps = m.slots_per_segment;
+            let stripe_chunks = (LANE_STRIPE / chunk).max(1);
+            let lane = |c: u64| (c / stripe_chunks) as usize % LANES;
             let epoch = m.epoch;
             let mut plans = Vec::new();
             for c in offset / chunk..end.div_ceil(chunk) {
@@ -801,12 +807,12 @@ impl Store {
                 obj.map.unshare_path(c as u32, &mut m.slots);
                 let old = obj.map.get(c as u32);
                 let (slot, mode, old_present) = match old {
-                    None => (m.slots.allocate(sps), Mode::New, 0),
+                    None => (m.slots.allocate(sps, lane(c)), Mode::New, 0),
                     Some(e) if m.slots.refcnt[e.slot as usize] == 1 => {
                         (e.slot, Mode::InPlace, e.present)
                     }
                     Some(e) => (
-                        m.slots.allocate(sps),
+                        m.slots.allocate(sps, lane(c)),
                         Mode::CopyUp { from: e.slot },
                         e.present,
                     ),

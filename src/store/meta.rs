@@ -19,6 +19,12 @@ pub struct Object {
     pub io_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
+/// Allocation lanes. Segment files alternate between them, and a write's chunks take their
+/// lane by 1 MiB stripe of the object, so concurrent large writes spread over two files. The kernel
+/// runs the buffered writes of one file one at a time (io_uring's io-wq serialises them per
+/// inode, and ext4 holds the inode lock for each), so two files are two writes at once.
+pub const LANES: usize = 2;
+
 /// Slot bookkeeping that map mutations report into.
 #[derive(Default)]
 pub struct Slots {
@@ -28,7 +34,8 @@ pub struct Slots {
     pub live: Vec<u64>,
     /// Allocated (referenced, being written, or awaiting its freeing commit).
     pub used: Vec<u64>,
-    pub cursor: u32,
+    /// Next-fit position per lane.
+    pub cursor: [u32; LANES],
     pub total: u32,
     /// Slots whose last reference went away since the last commit.
     pub freed: Vec<u32>,
@@ -62,31 +69,37 @@ impl Slots {
         }
     }
 
-    /// Next-fit allocation, so that a sequential writer gets consecutive slots.
-    pub fn allocate(&mut self, grow_by: u32) -> u32 {
-        let words = self.used.len();
-        for pass in 0..2 {
-            let start = if pass == 0 {
-                (self.cursor / 64) as usize
-            } else {
-                0
-            };
-            for w in start..words {
-                let word = self.used[w];
-                if word != u64::MAX {
-                    let slot = (w * 64) as u32 + (!word).trailing_zeros();
-                    if slot < self.total {
-                        self.mark_used(slot);
-                        self.cursor = slot + 1;
-                        return slot;
+    /// Next-fit allocation within `lane` (segment `i` belongs to lane `i % LANES`), so that
+    /// a sequential writer gets consecutive slots in each lane. `sps`: slots per segment.
+    pub fn allocate(&mut self, sps: u32, lane: usize) -> u32 {
+        let lane = lane % LANES;
+        let sps_words = (sps as usize).div_ceil(64);
+        let segs = (self.total as usize).div_ceil(sps as usize);
+        let cursor = self.cursor[lane] as usize;
+        // The lane's segments from the cursor on, then all of them from the first.
+        let first_seg = |seg: usize| seg + (lane + LANES - seg % LANES) % LANES;
+        for (mut seg, from_word) in [(first_seg(cursor / sps as usize), cursor / 64), (lane, 0)] {
+            while seg < segs {
+                let w0 = (seg * sps_words).max(from_word);
+                let w1 = ((seg + 1) * sps_words).min(self.used.len());
+                for w in w0..w1 {
+                    let word = self.used[w];
+                    if word != u64::MAX {
+                        let slot = (w * 64) as u32 + (!word).trailing_zeros();
+                        if slot < self.total {
+                            self.mark_used(slot);
+                            self.cursor[lane] = slot + 1;
+                            return slot;
+                        }
                     }
                 }
+                seg += LANES;
             }
         }
-        let slot = self.total;
-        self.grow_to(self.total + grow_by);
+        let slot = first_seg(segs) as u32 * sps;
+        self.grow_to(slot + sps);
         self.mark_used(slot);
-        self.cursor = slot + 1;
+        self.cursor[lane] = slot + 1;
         slot
     }
 
@@ -449,6 +462,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lanes_alternate_segments_and_reuse_within_their_own() {
+        const SPS: u32 = 128;
+        let mut s = Slots::default();
+        // Each lane fills its own segments in order: lane 0 gets segment 0, lane 1 segment 1.
+        assert_eq!(s.allocate(SPS, 0), 0);
+        assert_eq!(s.allocate(SPS, 1), SPS);
+        assert_eq!(s.allocate(SPS, 0), 1);
+        assert_eq!(s.allocate(SPS, 1), SPS + 1);
+        for k in 2..SPS {
+            assert_eq!(s.allocate(SPS, 0), k);
+        }
+        // Lane 0 is full: it grows into segment 2, not into lane 1's room in segment 1.
+        assert_eq!(s.allocate(SPS, 0), 2 * SPS);
+        assert_eq!(s.total, 3 * SPS);
+        // A slot given back is found again by its own lane only.
+        s.mark_unused(5);
+        s.mark_unused(SPS + 1);
+        assert_eq!(s.allocate(SPS, 1), SPS + 1);
+        assert_eq!(
+            s.allocate(SPS, 0),
+            2 * SPS + 1,
+            "next fit goes on from the cursor"
+        );
+        for k in 2 * SPS + 2..3 * SPS {
+            assert_eq!(s.allocate(SPS, 0), k);
+        }
+        assert_eq!(s.allocate(SPS, 0), 5, "wraps to reuse the freed slot");
+        // Segment 3 is lane 1's: lane 0 grows into segment 4.
+        assert_eq!(s.allocate(SPS, 0), 4 * SPS);
+    }
+
+    #[test]
     fn checkpoint_roundtrip_preserves_sharing() {
         let mut m = Meta::new(65536, 16384);
         let a = Uuid::from_u128(1);
@@ -459,7 +504,7 @@ mod tests {
         })
         .unwrap();
         for c in 0..300u32 {
-            let s = m.slots.allocate(16384);
+            let s = m.slots.allocate(16384, 0);
             m.apply(&Record::SetEntry {
                 id: a,
                 chunk: c,
