@@ -109,6 +109,7 @@ impl AdminService for DaemonService {
             segments: s.segments,
             checksum_errors: s.checksum_errors,
             healed_blocks: s.healed_blocks,
+            read_retries: s.read_retries,
             reads: s.reads,
             writes: s.writes,
             read_bytes: s.read_bytes,

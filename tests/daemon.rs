@@ -57,6 +57,7 @@ fn serve_answers_healthz_version_metrics_and_json_404() {
         "cairn_store_segments",
         "cairn_store_checksum_errors_total",
         "cairn_store_healed_blocks_total",
+        "cairn_store_read_retries_total",
         "cairn_store_reads_total",
         "cairn_store_writes_total",
         "cairn_store_read_bytes_total",

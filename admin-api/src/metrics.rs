@@ -174,6 +174,12 @@ impl Collector for StoreCollector {
             "Blocks repaired after a checksum error",
             s.healed_blocks,
         )?;
+        counter(
+            e,
+            "cairn_store_read_retries",
+            "Reads retried after a checksum mismatch overlapping a write (torn, not corrupt)",
+            s.read_retries,
+        )?;
         counter(e, "cairn_store_reads", "Read operations", s.reads)?;
         counter(e, "cairn_store_writes", "Write operations", s.writes)?;
         counter(e, "cairn_store_read_bytes", "Bytes read", s.read_bytes)?;

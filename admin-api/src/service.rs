@@ -280,6 +280,7 @@ pub struct StoreMetrics {
     pub segments: u64,
     pub checksum_errors: u64,
     pub healed_blocks: u64,
+    pub read_retries: u64,
     pub reads: u64,
     pub writes: u64,
     pub read_bytes: u64,

@@ -47,6 +47,7 @@ const LANE_STRIPE: u64 = 1 << 20;
 struct Counters {
     checksum_errors: AtomicU64,
     healed_blocks: AtomicU64,
+    read_retries: AtomicU64,
     io: [IoShard; IO_SHARDS],
     flushes: AtomicU64,
     commits: AtomicU64,
@@ -355,6 +356,10 @@ impl Store {
         let out = match first {
             Err(StoreError::Checksum { .. }) => {
                 // Maybe torn by a write to the same blocks: again, with writes held off.
+                self.inner
+                    .counters
+                    .read_retries
+                    .fetch_add(1, Ordering::Relaxed);
                 let chunk = self.inner.sb.chunk_size as u64;
                 let _s = self
                     .lock_stripes(
@@ -526,6 +531,7 @@ impl Store {
             chunk_size: self.inner.sb.chunk_size as u64,
             checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
             healed_blocks: c.healed_blocks.load(Ordering::Relaxed),
+            read_retries: c.read_retries.load(Ordering::Relaxed),
             reads: c.io_sum(|s| &s.reads),
             writes: c.io_sum(|s| &s.writes),
             read_bytes: c.io_sum(|s| &s.read_bytes),
@@ -1640,6 +1646,45 @@ pub(super) fn pread_exact(f: &File, buf: &mut [u8], off: u64) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read that overlaps a write may find a block whose CRC does not match yet: it is
+    /// retried holding its stripe, after the write, and is not a checksum error.
+    #[tokio::test]
+    async fn torn_read_is_retried_after_the_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        let id = ObjectId::new_v4();
+        s.create_object(id, 1 << 20).await.unwrap();
+        s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
+        let (_, ci) = s.locate(slot, 0);
+        let seg = s.seg_ref(slot).clone();
+        let good = seg.crc(ci);
+        // A write in flight: its stripe held, its CRC stored, its data not there yet.
+        let write = s.lock_stripes(id, 0, 1, true).await;
+        seg.set_crc(ci, !good);
+        let read = tokio::spawn({
+            let s = s.clone();
+            async move { s.read(id, 0, 4096).await }
+        });
+        while !read.is_finished() && s.stats().read_retries == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !read.is_finished(),
+            "the read returned without waiting for the write"
+        );
+        seg.set_crc(ci, good);
+        drop(write);
+        assert_eq!(read.await.unwrap().unwrap(), vec![7u8; 4096]);
+        let st = s.stats();
+        assert_eq!((st.read_retries, st.checksum_errors), (1, 0));
+        s.close().await.unwrap();
+    }
 
     /// Reads hold no lock while they read, so the slots a delete frees must not be reused
     /// (or punched) until every read that planned before the delete has finished.

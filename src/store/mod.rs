@@ -124,6 +124,10 @@ pub struct StoreStats {
     pub chunk_size: u64,
     pub checksum_errors: u64,
     pub healed_blocks: u64,
+    /// Reads whose checksum failed while a write to the same blocks was in flight, retried
+    /// with writes held off (a torn read, not corruption; only a failed retry counts as a
+    /// checksum error).
+    pub read_retries: u64,
     pub reads: u64,
     pub writes: u64,
     pub read_bytes: u64,
