@@ -1647,10 +1647,9 @@ pub(super) fn pread_exact(f: &File, buf: &mut [u8], off: u64) -> std::io::Result
 mod tests {
     use super::*;
 
-    /// A read that overlaps a write may find a block whose CRC does not match yet: it is
-    /// retried holding its stripe, after the write, and is not a checksum error.
-    #[tokio::test]
-    async fn torn_read_is_retried_after_the_write() {
+    /// A store holding one object whose first 4 KiB block (sevens) is written and flushed,
+    /// with the slot that holds it.
+    async fn one_block_store() -> (tempfile::TempDir, Store, ObjectId, u32) {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(tmp.path(), StoreOptions::default())
             .await
@@ -1660,7 +1659,16 @@ mod tests {
         s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
             .await
             .unwrap();
+        s.flush().await.unwrap();
         let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
+        (tmp, s, id, slot)
+    }
+
+    /// A read that overlaps a write may find a block whose CRC does not match yet: it is
+    /// retried holding its stripe, after the write, and is not a checksum error.
+    #[tokio::test]
+    async fn torn_read_is_retried_after_the_write() {
+        let (_tmp, s, id, slot) = one_block_store().await;
         let (_, ci) = s.locate(slot, 0);
         let seg = s.seg_ref(slot).clone();
         let good = seg.crc(ci);
@@ -1690,17 +1698,7 @@ mod tests {
     /// (or punched) until every read that planned before the delete has finished.
     #[tokio::test]
     async fn freed_slots_wait_for_reads_in_flight() {
-        let tmp = tempfile::tempdir().unwrap();
-        let s = Store::open(tmp.path(), StoreOptions::default())
-            .await
-            .unwrap();
-        let id = ObjectId::new_v4();
-        s.create_object(id, 1 << 20).await.unwrap();
-        s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
-            .await
-            .unwrap();
-        s.flush().await.unwrap();
-        let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
+        let (_tmp, s, id, slot) = one_block_store().await;
         let read_in_flight = s.inner.readers.enter();
         let delete = tokio::spawn({
             let s = s.clone();

@@ -20,9 +20,10 @@ pub struct Object {
 }
 
 /// Allocation lanes. Segment files alternate between them, and a write's chunks take their
-/// lane by 1 MiB stripe of the object, so concurrent large writes spread over two files. The kernel
-/// runs the buffered writes of one file one at a time (io_uring's io-wq serialises them per
-/// inode, and ext4 holds the inode lock for each), so two files are two writes at once.
+/// lane by 1 MiB stripe of the object, so concurrent large writes spread over two files.
+/// The kernel runs the buffered writes of one file one at a time (io_uring's io-wq
+/// serialises them per inode, and ext4 holds the inode lock for each), so two files are two
+/// writes at once.
 pub const LANES: usize = 2;
 
 /// Slot bookkeeping that map mutations report into.
@@ -73,7 +74,9 @@ impl Slots {
     /// a sequential writer gets consecutive slots in each lane. `sps`: slots per segment.
     pub fn allocate(&mut self, sps: u32, lane: usize) -> u32 {
         let lane = lane % LANES;
-        let sps_words = (sps as usize).div_ceil(64);
+        // Segments start on a bitmap word (1 GiB / chunk size is a multiple of 64).
+        debug_assert!(sps.is_multiple_of(64));
+        let sps_words = sps as usize / 64;
         let segs = (self.total as usize).div_ceil(sps as usize);
         let cursor = self.cursor[lane] as usize;
         // The lane's segments from the cursor on, then all of them from the first.
