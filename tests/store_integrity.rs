@@ -148,6 +148,8 @@ async fn flipped_crc_byte_is_a_checksum_error() {
         blocks(3, 4, 1)
     );
     assert_eq!(s.stats().checksum_errors, 1);
+    // Real damage is retried once (it could have been a torn read), then reported.
+    assert_eq!(s.stats().read_retries, 1);
     s.close().await.unwrap();
 }
 

@@ -177,7 +177,7 @@ impl Collector for StoreCollector {
         counter(
             e,
             "cairn_store_read_retries",
-            "Reads retried after a checksum mismatch overlapping a write (torn, not corrupt)",
+            "Reads retried with writes held off after a first checksum mismatch",
             s.read_retries,
         )?;
         counter(e, "cairn_store_reads", "Read operations", s.reads)?;

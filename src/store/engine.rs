@@ -1421,7 +1421,6 @@ struct CrcRun {
     first: usize,
 }
 
-/// One merged read: `len` bytes at `foff` of segment `seg_index` into the buffer at `boff`.
 /// Data files go into the rings' registered-file table; failing that, I/O uses their
 /// descriptors as before.
 fn register_data_file(uring: &Uring, seg: &Segment) {
@@ -1430,6 +1429,7 @@ fn register_data_file(uring: &Uring, seg: &Segment) {
     }
 }
 
+/// One merged read: `len` bytes at `foff` of `seg` into the buffer at `boff`.
 struct ReadRun<'a> {
     seg: &'a Segment,
     foff: u64,

@@ -122,12 +122,6 @@ impl Readers {
     }
 }
 
-impl Default for Readers {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
         self.readers.shards[self.shard].0[self.parity].fetch_sub(1, Ordering::SeqCst);

@@ -124,9 +124,9 @@ pub struct StoreStats {
     pub chunk_size: u64,
     pub checksum_errors: u64,
     pub healed_blocks: u64,
-    /// Reads whose checksum failed while a write to the same blocks was in flight, retried
-    /// with writes held off (a torn read, not corruption; only a failed retry counts as a
-    /// checksum error).
+    /// Reads whose first pass failed a checksum and were retried with writes held off. A
+    /// read torn by a concurrent write succeeds on the retry; real damage fails it again and
+    /// also counts in `checksum_errors`.
     pub read_retries: u64,
     pub reads: u64,
     pub writes: u64,
