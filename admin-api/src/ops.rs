@@ -8,7 +8,8 @@
 //!   Prometheus scrapes natively. Store series: `cairn_store_{objects, logical_bytes,
 //!   allocated_bytes, physical_bytes, free_bytes, segments}` (gauges) and
 //!   `cairn_store_{checksum_errors, healed_blocks, read_retries, reads, writes, read_bytes,
-//!   written_bytes, flushes}_total` (counters). HTTP: `cairn_http_requests_total{method,route,status}`.
+//!   written_bytes, flushes}_total` (counters). HTTP:
+//!   `cairn_http_requests_total{method,route,status}`.
 
 use axum::{
     Json,

@@ -68,11 +68,7 @@ const IO_SHARDS: usize = 8;
 
 impl Counters {
     fn io(&self) -> &IoShard {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % IO_SHARDS;
-        }
-        &self.io[SHARD.with(|s| *s)]
+        &self.io[super::thread_index() % IO_SHARDS]
     }
 
     fn io_sum(&self, f: impl Fn(&IoShard) -> &AtomicU64) -> u64 {

@@ -12,8 +12,7 @@
 //! A reader re-reads the epoch after counting itself and starts over if it moved: a reader
 //! that stays in the old parity therefore counted itself before the flip, and the drain
 //! sees it.
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -40,19 +39,6 @@ pub struct ReadGuard<'a> {
     parity: usize,
 }
 
-fn my_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    SHARD.with(|s| {
-        if s.get() == usize::MAX {
-            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
-        }
-        s.get()
-    })
-}
-
 impl Readers {
     pub fn new() -> Readers {
         Readers {
@@ -68,7 +54,7 @@ impl Readers {
     pub fn enter(&self) -> ReadGuard<'_> {
         // The guard keeps its shard, so a task that moves threads still leaves where it
         // entered and every shard's count stays exact.
-        let shard = my_shard();
+        let shard = super::thread_index() % SHARDS;
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let parity = (e & 1) as usize;

@@ -26,6 +26,18 @@ use uuid::Uuid;
 
 pub type ObjectId = Uuid;
 
+/// This thread's number, handed out round robin at its first call: the index into
+/// per-thread shards (counters, read grace periods) that keep each core on its own cache
+/// lines. Take it modulo the shard count.
+fn thread_index() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.with(|i| *i)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("I/O error: {0}")]
