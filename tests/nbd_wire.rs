@@ -195,6 +195,133 @@ fn handshake_corners_and_simple_replies() {
     }
 }
 
+/// Extended-header corners: STRUCTURED_REPLY after EXTENDED_HEADERS is refused with
+/// NBD_REP_ERR_EXT_HEADER_REQD; a meta context selected for another export is no selection
+/// (BLOCK_STATUS gets EINVAL); a read above the maximum payload gets EOVERFLOW.
+#[test]
+fn extended_header_corners() {
+    let c = Serve::new().arg("--admin-password").arg("pw").start();
+    let a = attached_volume(&c);
+    let b = attached_volume(&c);
+    let mut cl = Client::connect(&c.data_dir().join("nbd.sock"));
+
+    cl.option(&OptionRequest::ExtendedHeaders);
+    assert!(matches!(
+        cl.reply(),
+        (Opt::ExtendedHeaders, OptionReply::Ack)
+    ));
+    cl.option(&OptionRequest::StructuredReply);
+    cl.expect_error(RepError::ExtHeaderReqd);
+
+    // base:allocation selected for volume b, then volume a opened.
+    cl.option(&OptionRequest::SetMetaContext(MetaContextRequest {
+        name: b,
+        queries: vec!["base:allocation".into()],
+    }));
+    assert!(matches!(cl.reply(), (_, OptionReply::MetaContext { .. })));
+    assert!(matches!(cl.reply(), (_, OptionReply::Ack)));
+    cl.option(&OptionRequest::Go(InfoRequest {
+        name: a,
+        requests: vec![],
+    }));
+    while !matches!(cl.reply(), (Opt::Go, OptionReply::Ack)) {}
+
+    let send = |cl: &mut Client, command, cookie, length| {
+        let req = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset: 0,
+            length,
+        };
+        cl.send(&req.encode(HeaderMode::Extended).expect("encode request"));
+    };
+    send(&mut cl, Command::BlockStatus, 1, 1 << 20);
+    assert_eq!(cl.error_chunk(1), NBD_EINVAL);
+    send(&mut cl, Command::Read, 2, 64 << 20);
+    assert_eq!(cl.error_chunk(2), NBD_EOVERFLOW);
+    // The connection goes on.
+    send(&mut cl, Command::Read, 3, 4096);
+    let chunk = cl.chunk();
+    assert_eq!((chunk.cookie, chunk.ty), (3, ReplyType::OffsetData));
+}
+
+impl Client {
+    /// The next reply in extended mode, which must be a chunk.
+    fn chunk(&mut self) -> Chunk {
+        loop {
+            if let Some(r) =
+                decode_reply(&mut self.buf, HeaderMode::Extended, 1 << 26).expect("reply")
+            {
+                match r {
+                    Reply::Chunk(c) => return c,
+                    other => panic!("simple reply in extended mode: {other:?}"),
+                }
+            }
+            assert!(self.more() > 0, "server closed the connection");
+        }
+    }
+
+    /// The next reply is a final error chunk for `cookie`: its error value.
+    fn error_chunk(&mut self, cookie: u64) -> u32 {
+        let c = self.chunk();
+        assert_eq!(c.cookie, cookie);
+        assert!(c.is_done(), "{c:?}");
+        match c.body().expect("chunk body") {
+            ChunkBody::Error { error, .. } => error,
+            other => panic!("expected an error chunk, got {other:?}"),
+        }
+    }
+}
+
+/// SIGTERM with a read in flight (its reply larger than the socket buffers, the client not
+/// reading): requests received after that are answered with NBD_ESHUTDOWN, the read still
+/// gets its data, then the connection closes and the daemon exits cleanly.
+#[test]
+fn shutdown_answers_later_requests_with_eshutdown() {
+    let mut c = Serve::new()
+        .arg("--admin-password")
+        .arg("pw")
+        .env("CAIRN_LOG_LEVEL", "info,cairn::nbd=debug")
+        .start();
+    let id = attached_volume(&c);
+    let mut cl = Client::connect(&c.data_dir().join("nbd.sock"));
+    cl.option(&OptionRequest::Go(InfoRequest {
+        name: id,
+        requests: vec![],
+    }));
+    while !matches!(cl.reply(), (Opt::Go, OptionReply::Ack)) {}
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    cl.request(Command::Write, 1, 0, pattern.len() as u64, &pattern);
+    assert_eq!(cl.simple(), (1, 0));
+
+    let len = 16usize << 20;
+    cl.request(Command::Read, 2, 0, len as u64, &[]);
+    // Its reply has begun: the read is in flight until the client drains it.
+    assert_eq!(cl.simple(), (2, 0));
+    c.signal(libc::SIGTERM);
+    assert!(
+        c.logs
+            .wait_for(Duration::from_secs(30), |l| l
+                .contains("further requests get ESHUTDOWN"))
+            .is_some(),
+        "{}",
+        c.logs.text()
+    );
+    cl.request(Command::Flush, 3, 0, 0, &[]);
+    let data = cl.data(len);
+    assert_eq!(&data[..pattern.len()], &pattern[..]);
+    assert!(data[pattern.len()..].iter().all(|&b| b == 0));
+    assert_eq!(cl.simple(), (3, NBD_ESHUTDOWN));
+    assert_eq!(
+        cl.more(),
+        0,
+        "the connection closes once nothing is in flight"
+    );
+    let status = c.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{}", c.logs.text());
+}
+
 /// A fresh 1 GiB volume attached to server `vm` through the CLI: its id (the export name).
 fn attached_volume(c: &common::Cairn) -> String {
     let data = c.data_dir().to_str().expect("utf8").to_owned();

@@ -139,6 +139,28 @@ async fn discard_zeroes_and_extents() {
             allocated: false
         }
     );
+    // A deallocating zeroing of partial blocks in a hole allocates nothing, within one block
+    // and across a block boundary; without deallocation it must allocate.
+    let before = s.object_info(id).unwrap().allocated_bytes;
+    s.write_zeroes(id, (2 << 20) + 100, 1000, true, false)
+        .await
+        .unwrap();
+    s.write_zeroes(id, (3 << 20) - 100, 200, true, false)
+        .await
+        .unwrap();
+    assert_eq!(s.object_info(id).unwrap().allocated_bytes, before);
+    assert!(
+        s.extents(id, 1 << 20, 3 << 20)
+            .unwrap()
+            .iter()
+            .all(|e| !e.allocated)
+    );
+    s.write_zeroes(id, (2 << 20) + 100, 1000, false, false)
+        .await
+        .unwrap();
+    assert_eq!(s.object_info(id).unwrap().allocated_bytes, before + 4096);
+    let r = s.read(id, 1 << 20, 3 << 20).await.unwrap();
+    assert!(r.iter().all(|&b| b == 0));
     s.close().await.unwrap();
 }
 

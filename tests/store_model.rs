@@ -187,11 +187,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .await
                     .unwrap();
                 m.data[off..off + len].fill(0);
-                if len > 0 {
+                if trim {
+                    // Whole blocks go; a partial block stays as it was (a hole needs no zeros).
+                    m.dealloc_full(off, len);
+                } else if len > 0 {
                     m.touch(off, len);
-                    if trim {
-                        m.dealloc_full(off, len);
-                    }
                 }
             }
             Op::Clone { src } => {

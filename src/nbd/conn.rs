@@ -9,7 +9,7 @@
 
 use std::{io, io::IoSlice, sync::Arc};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
@@ -35,6 +35,8 @@ struct Negotiated {
     mode: HeaderMode,
     /// `base:allocation` selected by SET_META_CONTEXT.
     base_allocation: bool,
+    /// The export that selection was made for: it holds only for that export.
+    meta_export: Option<ObjectId>,
 }
 
 /// The id under which `base:allocation` is reported.
@@ -78,13 +80,8 @@ where
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let timeout = shared.cfg.handshake_timeout;
-    let mut stop = shared.shutdown.clone();
-    let hs = tokio::select! {
-        hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)) => hs,
-        // A client idling in the handshake does not hold up shutdown.
-        () = super::server::stopped(&mut stop) => return,
-    };
-    let (export, neg) = match hs {
+    let hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)).await;
+    let (export, mut neg) = match hs {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -96,6 +93,11 @@ where
             return;
         }
     };
+    // Contexts selected for another export than the one opened are no selection (the spec
+    // has the client name the same export in SET_META_CONTEXT and GO).
+    if neg.meta_export != Some(export.object) {
+        neg.base_allocation = false;
+    }
     let size = match shared.store.object_info(export.object) {
         Ok(i) => i.size,
         Err(e) => {
@@ -180,23 +182,56 @@ where
     W: AsyncWrite + Unpin,
 {
     let offered = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+    let mut stop = shared.shutdown.clone();
     w.write_all(&encode_greeting(offered)).await?;
     let client = loop {
         match decode_client_flags(buf, offered).map_err(invalid)? {
             Some(c) => break c,
-            None => fill(r, buf).await?,
+            None => tokio::select! {
+                r = fill(r, buf) => r?,
+                () = super::server::stopped(&mut stop) => return Ok(None),
+            },
         }
     };
     let mut dec = OptionDecoder::default();
     let mut neg = Negotiated::default();
     loop {
-        if *shared.shutdown.borrow() {
-            return Ok(None);
-        }
+        // Stopping: the options already received are refused with NBD_REP_ERR_SHUTDOWN, as
+        // the spec asks; then the connection closes. A client idling in the handshake does
+        // not hold up shutdown.
+        let stopping = *shared.shutdown.borrow();
         let Some(ev) = dec.decode(buf).map_err(invalid)? else {
-            fill(r, buf).await?;
+            if stopping {
+                return Ok(None);
+            }
+            tokio::select! {
+                r = fill(r, buf) => r?,
+                () = super::server::stopped(&mut stop) => {}
+            }
             continue;
         };
+        if stopping {
+            match ev {
+                OptionEvent::Request(OptionRequest::Abort) => {
+                    let _ = send_reply(w, Opt::Abort, &OptionReply::Ack).await;
+                    return Ok(None);
+                }
+                OptionEvent::Request(OptionRequest::ExportName(_))
+                | OptionEvent::Rejected {
+                    opt: Opt::ExportName,
+                    ..
+                } => return Ok(None),
+                OptionEvent::Request(req) => {
+                    let rep = OptionReply::error(RepError::Shutdown, "the server is stopping");
+                    send_reply(w, req.opt(), &rep).await?;
+                }
+                OptionEvent::Rejected { opt, .. } => {
+                    let rep = OptionReply::error(RepError::Shutdown, "the server is stopping");
+                    send_reply(w, opt, &rep).await?;
+                }
+            }
+            continue;
+        }
         let req = match ev {
             OptionEvent::Request(req) => req,
             OptionEvent::Rejected { opt, error } => {
@@ -286,6 +321,10 @@ where
                 }
                 send_reply(w, opt, &OptionReply::Ack).await?;
             }
+            OptionRequest::StructuredReply if neg.mode == HeaderMode::Extended => {
+                let msg = "extended headers are negotiated, and take precedence";
+                send_reply(w, opt, &OptionReply::error(RepError::ExtHeaderReqd, msg)).await?;
+            }
             OptionRequest::StructuredReply if neg.structured => {
                 let msg = "structured replies are already negotiated";
                 send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
@@ -314,10 +353,13 @@ where
                     send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
                     continue;
                 }
-                if lookup(shared, &m.name).await?.is_none() {
+                let Some(meta_export) = lookup(shared, &m.name).await? else {
                     let msg = format!("no export {:?}", m.name);
                     send_reply(w, opt, &OptionReply::error(RepError::UnknownExport, msg)).await?;
                     continue;
+                };
+                if set {
+                    neg.meta_export = Some(meta_export.object);
                 }
                 // LIST with no query, or the `base:` wildcard, lists everything.
                 let matches = |q: &String| q == BASE_ALLOCATION || (!set && q == "base:");
@@ -380,8 +422,8 @@ where
     let count = Arc::new(Semaphore::new(max_requests));
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(writer(w, rx, count.clone(), max_requests));
-    // Turns true when the server stops or the export goes away: read no more requests,
-    // answer those read, close.
+    // Turns true when the server stops or the export goes away: answer the requests in
+    // flight, refuse further ones with ESHUTDOWN (`drain`), close.
     let (closing_tx, mut closing) = watch::channel(false);
     let watcher = tokio::spawn(watch_export(session.clone(), closing_tx));
     let mode = session.mode;
@@ -389,13 +431,13 @@ where
         loop {
             let req = loop {
                 if *closing.borrow() {
-                    return Ok(());
+                    return drain(&session, &mut r, &mut buf, &count, max_requests, &tx).await;
                 }
                 match decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
                     Some(req) => break req,
                     None => tokio::select! {
                         r = fill(&mut r, &mut buf) => r?,
-                        () = super::server::stopped(&mut closing) => return Ok(()),
+                        () = super::server::stopped(&mut closing) => {}
                     },
                 }
             };
@@ -464,6 +506,58 @@ where
         Ok(Err(e)) => debug!(%peer, "NBD writer: {e}"),
         Err(e) => warn!(%peer, "NBD writer task: {e}"),
         Ok(Ok(())) => {}
+    }
+}
+
+/// The server is stopping or the export went away: until the requests in flight have been
+/// answered, answer every further request with `NBD_ESHUTDOWN` (the spec's "any
+/// subsequently received requests"), then end. Returns at once when nothing is in flight.
+async fn drain<R: AsyncRead + Unpin>(
+    session: &Session,
+    r: &mut R,
+    buf: &mut BytesMut,
+    count: &Arc<Semaphore>,
+    max_requests: usize,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+) -> io::Result<()> {
+    let mode = session.mode;
+    debug!(export = %session.name, "NBD connection closing: further requests get ESHUTDOWN");
+    // Holds no bytes: the refusals carry no payload.
+    let no_bytes = Arc::new(Semaphore::new(0));
+    loop {
+        while let Some(req) = decode_request(buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
+            if req.command == Command::Disc {
+                return Ok(());
+            }
+            let payload_len = req.payload_len(mode) as usize;
+            while buf.len() < payload_len {
+                buf.reserve(payload_len - buf.len());
+                if r.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            buf.advance(payload_len);
+            let Ok(permit) = count.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let Ok(none) = no_bytes.clone().acquire_many_owned(0).await else {
+                return Ok(());
+            };
+            let (head, body) = session.failure(&req, Errno::Shutdown, "the export is closing");
+            let _ = tx.send(Outgoing {
+                head,
+                body,
+                _permits: (permit, none),
+            });
+        }
+        tokio::select! {
+            // Every permit back: whatever was in flight has been answered and written.
+            all = count.acquire_many(max_requests as u32) => {
+                drop(all);
+                return Ok(());
+            }
+            r = fill(r, buf) => r?,
+        }
     }
 }
 
@@ -659,7 +753,14 @@ impl Session {
         match req.command {
             Command::Read => {
                 if req.length > u64::from(MAX_PAYLOAD) {
-                    return Err((Errno::Inval, "read longer than the maximum payload".into()));
+                    // The spec's answer to an oversize read is EOVERFLOW, which it allows
+                    // once structured replies (and with them DF) are in use.
+                    let e = if self.structured {
+                        Errno::Overflow
+                    } else {
+                        Errno::Inval
+                    };
+                    return Err((e, "read longer than the maximum payload".into()));
                 }
                 self.check_range(&req, Errno::Inval)?;
                 if req.length == 0 {

@@ -1682,6 +1682,15 @@ impl Request {
             Command::WriteZeroes => tflags & NBD_FLAG_SEND_WRITE_ZEROES != 0,
             Command::Resize => tflags & NBD_FLAG_SEND_RESIZE != 0,
         };
+        // A read-only export advertises no TRIM or WRITE_ZEROES; the spec still wants EPERM
+        // ("a write or trim request on a read-only export"), so this goes first.
+        let writes = matches!(
+            cmd,
+            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
+        );
+        if writes && tflags & NBD_FLAG_READ_ONLY != 0 {
+            return Err(InvalidRequest::ReadOnly(cmd));
+        }
         if !advertised {
             return Err(InvalidRequest::NotAdvertised(cmd));
         }
@@ -1724,13 +1733,6 @@ impl Request {
             });
         }
 
-        let writes = matches!(
-            cmd,
-            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
-        );
-        if writes && tflags & NBD_FLAG_READ_ONLY != 0 {
-            return Err(InvalidRequest::ReadOnly(cmd));
-        }
         Ok(())
     }
 
@@ -3023,6 +3025,11 @@ mod tests {
         }
         ok(req(Command::Read, 0), C, ro);
         ok(req(Command::Flush, 0), C, ro);
+        // As a read-only export is advertised: no TRIM or WRITE_ZEROES flag, still EPERM.
+        let ro = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_READ_ONLY;
+        for c in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(err(req(c, 0), C, ro).errno(), Errno::Perm);
+        }
     }
 
     #[test]

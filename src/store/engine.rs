@@ -436,8 +436,14 @@ impl Store {
                         let _s = this
                             .lock_stripes(id, pos / chunk, (pos + take).div_ceil(chunk), true)
                             .await;
-                        this.write_locked(id, pos, Bytes::from_static(&ZEROS[..take as usize]))
-                            .await?;
+                        // Partial blocks at the ends of a deallocating zeroing: a hole already
+                        // reads as zeros, and writing them would allocate a block for nothing.
+                        let hole = may_deallocate
+                            && this.extents(id, pos, take)?.iter().all(|e| !e.allocated);
+                        if !hole {
+                            this.write_locked(id, pos, Bytes::from_static(&ZEROS[..take as usize]))
+                                .await?;
+                        }
                         pos += take;
                     }
                     Ok::<(), StoreError>(())
