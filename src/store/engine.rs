@@ -1107,7 +1107,7 @@ impl Store {
         for &region in &need {
             Record::Intent { region }.encode(&mut buf);
         }
-        self.journal_append(&mut j, buf).await?;
+        self.journal_append(&mut j, Bytes::from(buf)).await?;
         let mut m = self.inner.meta.lock();
         for r in need {
             m.marked.insert(r);
@@ -1115,7 +1115,7 @@ impl Store {
         Ok(())
     }
 
-    async fn journal_append(&self, j: &mut Journal, buf: Vec<u8>) -> Result<()> {
+    async fn journal_append(&self, j: &mut Journal, buf: Bytes) -> Result<()> {
         let n = buf.len() as u64;
         let fd = j.file.as_raw_fd();
         self.inner
@@ -1123,7 +1123,7 @@ impl Store {
             .run_all(&[Op::Write {
                 fd,
                 off: j.len,
-                data: WriteSrc::Bytes(Bytes::from(buf)),
+                data: WriteSrc::Bytes(buf),
             }])
             .await?;
         self.inner
@@ -1261,7 +1261,7 @@ impl Store {
     /// the slots that batch freed. Caller holds the commit mutex.
     async fn commit(&self, force_checkpoint: bool) -> Result<()> {
         let mut j = self.inner.journal.lock().await;
-        let (batch, segs, freed, observed, snapshot) = {
+        let (batch, segs, freed, observed, snapshot, undo) = {
             let mut m = self.inner.meta.lock();
             let m = &mut *m;
             let observed = self.inner.flush_requested.load(Ordering::SeqCst);
@@ -1286,41 +1286,77 @@ impl Store {
                         && !m.region_inflight.contains_key(r)
                 })
                 .collect();
-            for region in idle {
+            // The records of the changes themselves end here; what follows is this commit's
+            // own bookkeeping (given back on failure, below).
+            let changes = m.log.len();
+            let prev_seq = m.commit_seq;
+            for &region in &idle {
                 m.region_epoch.remove(&region);
                 m.log(Record::IntentClear { region })?;
             }
             let seq = m.commit_seq + 1;
             m.log(Record::Commit { seq })?;
-            let batch = std::mem::take(&mut m.log);
+            let batch = Bytes::from(std::mem::take(&mut m.log));
             let segs: Vec<u32> = m.dirty_segments.drain().collect();
             let freed = std::mem::take(&mut m.slots.freed);
             let snapshot = (force_checkpoint
                 || j.len + batch.len() as u64 > self.inner.checkpoint_bytes)
                 .then(|| m.encode_checkpoint(j.generation + 1, seq));
-            (batch, segs, freed, observed, snapshot)
+            let undo = Undo {
+                changes: batch.slice(..changes),
+                segs: segs.clone(),
+                idle,
+                prev_seq,
+            };
+            (batch, segs, freed, observed, snapshot, undo)
         };
-        let res = self.commit_io(&mut j, batch, segs, snapshot).await;
-        drop(j);
+        let (res, journaled) = self.commit_io(&mut j, batch, segs, snapshot).await;
         if let Err(e) = res {
-            // The batch may or may not be durable; the in-memory state is ahead of the disk
-            // either way, and the next commit carries on from it.
-            self.inner.meta.lock().slots.freed.extend(freed);
+            let mut m = self.inner.meta.lock();
+            if !journaled {
+                // Nothing of the batch is durable: its records and dirty segments go back in
+                // front of what was logged since, for the next commit to write. Dropping them
+                // would lose the changes for good, and a slot this batch freed would be
+                // reused while the durable map still pointed at it. The intent clears and the
+                // commit record are this commit's own: they are undone, not requeued.
+                let mut log = undo.changes.to_vec();
+                log.extend_from_slice(&m.log);
+                m.log = log;
+                m.dirty_segments.extend(undo.segs);
+                m.marked.extend(undo.idle);
+                m.commit_seq = undo.prev_seq;
+            }
+            // Freed slots wait for a commit known to be durable either way.
+            m.slots.freed.extend(freed);
             return Err(e);
         }
+        drop(j);
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.reclaim(freed).await;
         self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
         Ok(())
     }
 
+    /// Make a commit durable: fsync the dirty segments, append the batch to the journal, and
+    /// write the checkpoint if one is due. Also says whether the batch reached the journal
+    /// (durably), which decides what a failure must give back.
     async fn commit_io(
         &self,
         j: &mut Journal,
-        batch: Vec<u8>,
+        batch: Bytes,
         segs: Vec<u32>,
         snapshot: Option<Vec<u8>>,
-    ) -> Result<()> {
+    ) -> (Result<()>, bool) {
+        if let Err(e) = self.sync_segments(segs).await {
+            return (Err(e), false);
+        }
+        if let Err(e) = self.journal_append(j, batch).await {
+            return (Err(e), false);
+        }
+        (self.write_checkpoint(j, snapshot).await, true)
+    }
+
+    async fn sync_segments(&self, segs: Vec<u32>) -> Result<()> {
         let mut syncs = Vec::new();
         {
             let all = &self.inner.segments;
@@ -1338,7 +1374,10 @@ impl Store {
             }
         }
         self.inner.uring.run_all(&syncs).await?;
-        self.journal_append(j, batch).await?;
+        Ok(())
+    }
+
+    async fn write_checkpoint(&self, j: &mut Journal, snapshot: Option<Vec<u8>>) -> Result<()> {
         if let Some(ckpt) = snapshot {
             let generation = j.generation + 1;
             let marks: Vec<Record> = {
@@ -1432,6 +1471,16 @@ fn register_data_file(uring: &Uring, seg: &Segment) {
 }
 
 /// One merged read: `len` bytes at `foff` of `seg` into the buffer at `boff`.
+/// What a commit that failed before its batch reached the journal gives back.
+struct Undo {
+    /// The batch's change records (without the commit's intent clears and commit record).
+    changes: Bytes,
+    segs: Vec<u32>,
+    /// Regions whose intents the commit was clearing: still marked.
+    idle: Vec<u32>,
+    prev_seq: u64,
+}
+
 struct ReadRun<'a> {
     seg: &'a Segment,
     foff: u64,

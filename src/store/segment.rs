@@ -65,8 +65,19 @@ impl Segment {
             if data.metadata()?.len() < sb.segment_bytes {
                 data.set_len(sb.segment_bytes)?;
             }
-            if crc_file.metadata()?.len() < crc_len {
-                crc_file.set_len(crc_len)?;
+            // The CRC file is written through a shared mapping, where a store into a page the
+            // filesystem cannot back (disk full) is a SIGBUS for the whole daemon, not an
+            // error. So its blocks are reserved now, while running out of space is still an
+            // ENOSPC for the write that wanted a new segment.
+            // SAFETY: plain syscall on a descriptor we own.
+            let rc = unsafe { libc::fallocate(crc_file.as_raw_fd(), 0, 0, crc_len as i64) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                drop((data, crc_file));
+                // A segment that cannot be complete is not left behind half made.
+                let _ = std::fs::remove_file(data_path(dir, index));
+                let _ = std::fs::remove_file(crc_path(dir, index));
+                return Err(e);
             }
         }
         if data.metadata()?.len() < sb.segment_bytes || crc_file.metadata()?.len() < crc_len {
