@@ -197,7 +197,7 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
         matches!(
             e,
             StoreError::Format {
-                source: FormatError::BadChecksum,
+                error: FormatError::BadChecksum,
                 ..
             }
         ),
@@ -220,7 +220,7 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
         matches!(
             e,
             StoreError::Format {
-                source: FormatError::TooNew { found: 99, .. },
+                error: FormatError::TooNew { found: 99, .. },
                 ..
             }
         ),
@@ -228,6 +228,25 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
     );
     assert!(e.to_string().contains("newer"), "{e}");
     assert_eq!(snapshot(tmp.path()), before);
+
+    // A checkpoint of a newer version (its CRC intact) is refused, not rewritten as ours.
+    std::fs::write(&sb, &good).unwrap();
+    let ckpt = tmp.path().join("checkpoint");
+    let good_ckpt = std::fs::read(&ckpt).unwrap();
+    let mut newer = good_ckpt.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let n = newer.len() - 4;
+    let crc = crc32fast::hash(&newer[..n]);
+    newer[n..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&ckpt, &newer).unwrap();
+    let before = snapshot(tmp.path());
+    let e = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("version 99"), "{e}");
+    assert_eq!(snapshot(tmp.path()), before);
+    std::fs::write(&ckpt, &good_ckpt).unwrap();
 
     // Store files but no superblock: damaged, never re-created over.
     std::fs::remove_file(&sb).unwrap();

@@ -383,7 +383,14 @@ impl Meta {
             }
         };
         need(p, 24)?;
-        let _version = p.get_u32_le();
+        let version = p.get_u32_le();
+        if version != super::format::FORMAT_VERSION {
+            // Refused before anything is written: open would otherwise rewrite it as ours.
+            return Err(bad(&format!(
+                "format version {version} (this build reads {})",
+                super::format::FORMAT_VERSION
+            )));
+        }
         let next_gen = p.get_u64_le();
         let seq = p.get_u64_le();
         let count = p.get_u32_le() as usize;

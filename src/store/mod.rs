@@ -40,7 +40,8 @@ fn thread_index() -> usize {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("I/O error: {0}")]
+    // Transparent: a source that is also in the message prints twice in an error chain.
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("object {0} not found")]
     NotFound(ObjectId),
@@ -61,8 +62,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("store at {0} is in use by another process")]
     Locked(PathBuf),
-    #[error("store at {path}: {source}")]
-    Format { path: PathBuf, source: FormatError },
+    /// The superblock is refused. (`error` is in the message, so it is not also a `source`.)
+    #[error("store at {path}: {error}")]
+    Format { path: PathBuf, error: FormatError },
     #[error("store is damaged: {0}")]
     Damaged(String),
     #[error("store is closed")]

@@ -64,9 +64,9 @@ pub fn read_superblock(dir: &Path) -> Result<Superblock> {
     File::open(dir.join(SUPERBLOCK))?
         .take(4096)
         .read_to_end(&mut raw)?;
-    Superblock::decode(&raw).map_err(|source| StoreError::Format {
+    Superblock::decode(&raw).map_err(|error| StoreError::Format {
         path: dir.to_path_buf(),
-        source,
+        error,
     })
 }
 
