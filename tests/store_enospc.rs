@@ -134,7 +134,8 @@ fn full_filesystem_fails_writes_and_keeps_flushed_changes() {
     let mut events = Vec::new();
     for line in out.lines() {
         let line = line.unwrap();
-        if let Some(ev) = line.strip_prefix("@@ ") {
+        // libtest may print "test enospc_child ... " in front of the first line.
+        if let Some(ev) = line.find("@@ ").map(|i| &line[i + 3..]) {
             events.push(ev.to_owned());
             if ev == "ready" {
                 break;
@@ -146,6 +147,8 @@ fn full_filesystem_fails_writes_and_keeps_flushed_changes() {
         Some("ready"),
         "{events:?}"
     );
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events[0].starts_with("write without space"), "{events:?}");
     assert!(events[0].to_lowercase().contains("no space"), "{events:?}");
     child.kill().unwrap();
     let status = child.wait().unwrap();

@@ -475,3 +475,37 @@ async fn reads_racing_delete_see_their_data_or_not_found() {
     }
     s.close().await.unwrap();
 }
+
+/// A format-1 store (no previous-CRC files) opens: it is upgraded to format 2 (the files are
+/// made, the superblock says 2) and reads as before.
+#[tokio::test]
+async fn format_1_store_is_upgraded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = Uuid::new_v4();
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    s.create_object(id, 1 << 20).await.unwrap();
+    s.write(id, 0, blocks(7, 0, 4), false).await.unwrap();
+    s.close().await.unwrap();
+
+    // Make it what format 1 wrote: superblock version 1, no .pcrc files.
+    let sbp = tmp.path().join("superblock");
+    let mut sb = std::fs::read(&sbp).unwrap();
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32fast::hash(&sb[..60]);
+    sb[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&sbp, &sb).unwrap();
+    let pcrc = tmp.path().join("segments/00000000.pcrc");
+    std::fs::remove_file(&pcrc).unwrap();
+    assert!(cairn::store::fsck(tmp.path(), false).unwrap().is_clean());
+
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.read(id, 0, 4 * BS).await.unwrap(), blocks(7, 0, 4));
+    s.close().await.unwrap();
+    assert!(pcrc.exists());
+    let sb = std::fs::read(&sbp).unwrap();
+    assert_eq!(u32::from_le_bytes(sb[8..12].try_into().unwrap()), 2);
+}

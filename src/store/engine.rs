@@ -664,7 +664,7 @@ impl Store {
                 self.inner.direct,
             );
             let seg = tokio::task::spawn_blocking(move || {
-                let s = Segment::open(&dir, have, &sb, direct, true)?;
+                let s = Segment::open(&dir, have, &sb, direct, true, true)?;
                 recovery::sync_dir(&dir)?;
                 Ok::<_, std::io::Error>(s)
             })
@@ -1069,15 +1069,19 @@ impl Store {
             }
         }
         flush_run(&mut writes, run.take());
-        let results = self.inner.uring.run(writes).await;
-        // CRCs go in even if some writes failed: a block whose write landed must not read as
-        // corrupt. A failed in-place write leaves its blocks undefined, as a failed write may.
+        // CRCs go in before the data: a crash then leaves each block with the data its
+        // previous CRC describes or the data its current one does, which is what recovery
+        // accepts in an intent region (anything else there is damage). Readers that meet the
+        // new CRC over the old data retry under the stripes, which this write holds. A failed
+        // write leaves its blocks undefined (they read as checksum errors), as a failed write
+        // may.
         for (k, r) in crc_runs.iter().enumerate() {
             let end = crc_runs.get(k + 1).map_or(crcs.len(), |n| n.first);
             for (j, &crc) in crcs[r.first..end].iter().enumerate() {
-                r.seg.set_crc(r.ci + j, crc);
+                r.seg.replace_crc(r.ci + j, crc);
             }
         }
+        let results = self.inner.uring.run(writes).await;
         for r in results {
             r.map_err(map_io)?;
         }
@@ -1243,7 +1247,7 @@ impl Store {
             let seg = self.seg_ref(slot);
             for (s, n) in runs(drop) {
                 for blk in s..s + n {
-                    seg.set_crc(self.locate(slot, blk).1, self.inner.zero_crc);
+                    seg.replace_crc(self.locate(slot, blk).1, self.inner.zero_crc);
                 }
                 let (foff, _) = self.locate(slot, s);
                 ops.push(Op::Fallocate {
@@ -1370,6 +1374,9 @@ impl Store {
                         fd: seg.crc_fd(),
                         datasync: true,
                     });
+                    if let Some(fd) = seg.prev_crc_fd() {
+                        syncs.push(Op::Fsync { fd, datasync: true });
+                    }
                 }
             }
         }
@@ -1545,12 +1552,14 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
+        // A format-1 segment gets its previous-CRC file here (the store is upgraded below).
         segments.push(Arc::new(Segment::open(
             &seg_dir,
             i,
             &sb,
             opts.direct_io,
             false,
+            true,
         )?));
     }
     for j in &loaded.journals {
@@ -1558,7 +1567,9 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
             tracing::info!(journal = %j.path.display(), uncommitted = j.uncommitted, "dropped an unflushed journal tail");
         }
     }
-    let healed = heal_dirty_regions(&sb, &meta, &segments)?;
+    // Format 1 kept no previous CRCs: its intent regions are healed by the old rule, once.
+    let legacy = sb.version < super::format::FORMAT_VERSION;
+    let healed = heal_dirty_regions(&sb, &meta, &segments, legacy)?;
     let leaked = reclaim_leaks(&sb, &meta, &segments)?;
     if healed > 0 || leaked > 0 {
         tracing::info!(
@@ -1569,11 +1580,18 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     }
     for s in &segments {
         s.file().sync_all()?;
-        // SAFETY: fsync of our own descriptor; covers the mapped CRC pages.
-        if unsafe { libc::fsync(s.crc_fd()) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        s.sync_crcs()?;
     }
+    let sb = if legacy {
+        // Every segment has its previous-CRC file now (synced above): say format 2.
+        let mut up = sb.clone();
+        up.version = super::format::FORMAT_VERSION;
+        recovery::write_atomic(dir, recovery::SUPERBLOCK, &up.encode())?;
+        tracing::info!(from = sb.version, to = up.version, "store format upgraded");
+        up
+    } else {
+        sb
+    };
     // Start from a fresh checkpoint and journal; everything recovered is now durable there.
     meta.marked.clear();
     let generation = loaded
@@ -1636,10 +1654,15 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
 /// Re-checksum the present blocks of regions that had in-place writes in flight at the
 /// crash: their data may be the old or the new version, and either is a valid outcome of an
 /// unflushed write. Returns the number of blocks whose CRC was rewritten.
+/// Re-checksum the present blocks of intent regions after a crash: a block whose data has
+/// its previous CRC (the write after it never landed) gets that CRC back. A block matching
+/// neither CRC is damage and stays a checksum error. `legacy` (format 1, no previous CRCs):
+/// any mismatch there is taken for a torn write.
 pub(super) fn heal_dirty_regions(
     sb: &Superblock,
     meta: &Meta,
     segments: &[Arc<Segment>],
+    legacy: bool,
 ) -> Result<u64> {
     let mut healed = 0;
     let sps = sb.slots_per_segment();
@@ -1664,7 +1687,7 @@ pub(super) fn heal_dirty_regions(
                 }
                 let ci = ((slot % sps) * bpc + blk) as usize;
                 let crc = crc32fast::hash(&buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK]);
-                if crc != seg.crc(ci) {
+                if crc != seg.crc(ci) && (legacy || seg.prev_crc(ci) == Some(crc)) {
                     seg.set_crc(ci, crc);
                     healed += 1;
                 }

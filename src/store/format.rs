@@ -3,7 +3,9 @@
 use bytes::{Buf, BufMut};
 use uuid::Uuid;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 1: the first. 2: `segments/<n>.pcrc`, the previous CRC of every block (a format-1
+/// store is upgraded when opened).
+pub const FORMAT_VERSION: u32 = 2;
 pub const BLOCK: usize = 4096;
 pub const BLOCK_SHIFT: u32 = 12;
 pub const DEFAULT_CHUNK: u32 = 64 * 1024;

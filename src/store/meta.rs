@@ -384,7 +384,7 @@ impl Meta {
         };
         need(p, 24)?;
         let version = p.get_u32_le();
-        if version != super::format::FORMAT_VERSION {
+        if version == 0 || version > super::format::FORMAT_VERSION {
             // Refused before anything is written: open would otherwise rewrite it as ours.
             return Err(bad(&format!(
                 "format version {version} (this build reads {})",

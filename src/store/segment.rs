@@ -16,6 +16,11 @@ pub struct Segment {
     data: File,
     crc_file: File,
     crc: MmapMut,
+    /// The CRC each block had before its latest write (format 2): recovery accepts a block
+    /// of an intent region only if it matches this or the current one. None: a format-1
+    /// segment seen by fsck, which does not create the file.
+    prev_file: Option<File>,
+    prev: Option<MmapMut>,
     blocks: usize,
 }
 
@@ -27,14 +32,49 @@ pub fn crc_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("{index:08}.crc"))
 }
 
+pub fn prev_crc_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index:08}.pcrc"))
+}
+
+/// Open (or create) a CRC file of `len` bytes and map it. Created files get their blocks
+/// allocated: a store into an unbacked page of a shared mapping on a full filesystem is a
+/// SIGBUS for the whole daemon, not an error, so running out of space must happen here.
+fn open_crc_file(path: &Path, len: u64, create: bool) -> io::Result<(File, MmapMut)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .open(path)?;
+    if create {
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if f.metadata()?.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is truncated", path.display()),
+        ));
+    }
+    // SAFETY: the CRC files are private to this store, which holds the store lock; nothing
+    // else truncates them while mapped.
+    let map = unsafe { MmapMut::map_mut(&f)? };
+    Ok((f, map))
+}
+
 impl Segment {
-    /// Open segment `index`, creating (sparse) files if `create`.
+    /// Open segment `index`, creating its files if `create` (data sparse, CRC files
+    /// allocated). `make_prev`: create a missing previous-CRC file (a format-1 segment being
+    /// upgraded); otherwise such a segment has none.
     pub fn open(
         dir: &Path,
         index: u32,
         sb: &Superblock,
         direct: bool,
         create: bool,
+        make_prev: bool,
     ) -> io::Result<Segment> {
         let blocks = (sb.segment_bytes / BLOCK as u64) as usize;
         let mut o = OpenOptions::new();
@@ -55,44 +95,42 @@ impl Segment {
                 tracing::debug!(segment = index, errno = rc, "posix_fadvise(RANDOM) refused");
             }
         }
-        let crc_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .open(crc_path(dir, index))?;
         let crc_len = (blocks * 4) as u64;
-        if create {
-            if data.metadata()?.len() < sb.segment_bytes {
-                data.set_len(sb.segment_bytes)?;
-            }
-            // The CRC file is written through a shared mapping, where a store into a page the
-            // filesystem cannot back (disk full) is a SIGBUS for the whole daemon, not an
-            // error. So its blocks are reserved now, while running out of space is still an
-            // ENOSPC for the write that wanted a new segment.
-            // SAFETY: plain syscall on a descriptor we own.
-            let rc = unsafe { libc::fallocate(crc_file.as_raw_fd(), 0, 0, crc_len as i64) };
-            if rc != 0 {
-                let e = io::Error::last_os_error();
-                drop((data, crc_file));
-                // A segment that cannot be complete is not left behind half made.
-                let _ = std::fs::remove_file(data_path(dir, index));
-                let _ = std::fs::remove_file(crc_path(dir, index));
-                return Err(e);
-            }
+        if create && data.metadata()?.len() < sb.segment_bytes {
+            data.set_len(sb.segment_bytes)?;
         }
-        if data.metadata()?.len() < sb.segment_bytes || crc_file.metadata()?.len() < crc_len {
+        if data.metadata()?.len() < sb.segment_bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("segment {index} is truncated"),
             ));
         }
-        // SAFETY: the CRC file is private to this store, which holds the store lock; nothing
-        // else truncates it while mapped.
-        let crc = unsafe { MmapMut::map_mut(&crc_file)? };
+        let made = |r: io::Result<(File, MmapMut)>| {
+            if r.is_err() && create {
+                // A segment that cannot be complete is not left behind half made.
+                let _ = std::fs::remove_file(data_path(dir, index));
+                let _ = std::fs::remove_file(crc_path(dir, index));
+                let _ = std::fs::remove_file(prev_crc_path(dir, index));
+            }
+            r
+        };
+        let (crc_file, crc) = made(open_crc_file(&crc_path(dir, index), crc_len, create))?;
+        let prev_path = prev_crc_path(dir, index);
+        let (prev_file, prev) = if create || (make_prev && !prev_path.exists()) {
+            let (f, m) = made(open_crc_file(&prev_path, crc_len, true))?;
+            (Some(f), Some(m))
+        } else if prev_path.exists() {
+            let (f, m) = open_crc_file(&prev_path, crc_len, false)?;
+            (Some(f), Some(m))
+        } else {
+            (None, None)
+        };
         Ok(Segment {
             data,
             crc_file,
             crc,
+            prev_file,
+            prev,
             blocks,
         })
     }
@@ -145,6 +183,42 @@ impl Segment {
 
     pub fn set_crc(&self, b: usize, v: u32) {
         self.crcs()[b].store(v.to_le(), Ordering::Release);
+    }
+
+    fn prevs(&self) -> Option<&[AtomicU32]> {
+        // SAFETY: as `crcs`, for the previous-CRC map of the same length.
+        self.prev.as_ref().map(|m| unsafe {
+            std::slice::from_raw_parts(m.as_ptr().cast::<AtomicU32>(), self.blocks)
+        })
+    }
+
+    /// The CRC block `b` had before its latest write (None without a previous-CRC file).
+    pub fn prev_crc(&self, b: usize) -> Option<u32> {
+        self.prevs()
+            .map(|p| u32::from_le(p[b].load(Ordering::Acquire)))
+    }
+
+    /// A write of block `b` with CRC `v` is about to be issued: the current CRC becomes the
+    /// previous one. Called before the data write, so that after a crash the block holds
+    /// the data of one of the two.
+    pub fn replace_crc(&self, b: usize, v: u32) {
+        if let Some(p) = self.prevs() {
+            p[b].store(self.crcs()[b].load(Ordering::Acquire), Ordering::Release);
+        }
+        self.set_crc(b, v);
+    }
+
+    pub fn prev_crc_fd(&self) -> Option<RawFd> {
+        self.prev_file.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// fsync both CRC files (which covers their mapped pages).
+    pub fn sync_crcs(&self) -> io::Result<()> {
+        self.crc_file.sync_all()?;
+        if let Some(f) = &self.prev_file {
+            f.sync_all()?;
+        }
+        Ok(())
     }
 }
 
