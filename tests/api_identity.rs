@@ -940,10 +940,24 @@ fn state_survives_a_restart_and_bootstrap_runs_once() {
         "{}",
         cairn.logs.text()
     );
+    // The same credentials; only auth_url follows the new (random) port.
+    let clouds_after = std::fs::read_to_string(data.join("clouds.yaml")).expect("clouds.yaml");
+    let without_url = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.contains("auth_url:"))
+            .map(str::to_owned)
+            .collect()
+    };
     assert_eq!(
-        std::fs::read(data.join("clouds.yaml")).expect("clouds.yaml"),
-        clouds_before
+        without_url(&clouds_after),
+        without_url(&String::from_utf8(clouds_before).expect("utf8"))
     );
+    assert!(
+        clouds_after.contains(&format!("auth_url: \"http://{}/v3\"", cairn.http())),
+        "{clouds_after}"
+    );
+    let tok = openstack(&cairn, &[], &["token", "issue", "-f", "json"]).json();
+    assert!(tok["id"].is_string(), "{tok}");
     let h = [("X-Auth-Token", kept.as_str())];
     let r = call(&cairn, "GET", "/v3/users?name=carol", &h, None);
     assert_eq!(r.status, 200, "token still valid after restart: {r:?}");

@@ -321,6 +321,8 @@ impl Identity {
                     "clouds.yaml is missing and cairn does not know the admin password (only \
                      its hash); write it by hand with the password you set"
                 );
+            } else if let Err(e) = refresh_auth_url(&clouds, &self.settings.public_url) {
+                tracing::warn!(path = %clouds.display(), "updating clouds.yaml: {e:#}");
             }
             return Ok(());
         }
@@ -940,6 +942,35 @@ fn check_name(kind: &str, name: &str) -> ServiceResult<()> {
     Ok(())
 }
 
+/// A later start on another address (`--http 127.0.0.1:0` picks a new port each time): the
+/// `auth_url` of the clouds.yaml cairn wrote follows it. A file cairn did not write (no
+/// header of ours) is left alone.
+fn refresh_auth_url(path: &Path, public_url: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    if !text.starts_with("# Written by cairn") {
+        return Ok(());
+    }
+    let want = serde_json::to_string(&format!("{public_url}/v3"))?;
+    let mut changed = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.split_once("auth_url: ") {
+            Some((indent, old)) if indent.trim().is_empty() && old != want => {
+                out.push_str(&format!("{indent}auth_url: {want}\n"));
+                changed = true;
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    if changed {
+        write_private_atomic(path, &out)?;
+    }
+    Ok(())
+}
+
 /// Writes `path` (mode 0600, atomically: temp file + rename) with one cloud, `cairn`.
 fn write_clouds_yaml(
     path: &Path,
@@ -963,6 +994,11 @@ fn write_clouds_yaml(
         password = q(password),
         project = q(project),
     );
+    write_private_atomic(path, &text)
+}
+
+/// Writes `text` to `path` with mode 0600, atomically (temp file, fsync, rename).
+fn write_private_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("yaml.tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()

@@ -112,6 +112,9 @@ impl Superblock {
         if version == 0 {
             return Err(FormatError::Invalid("version 0"));
         }
+        if raw.len() != SB_LEN || raw[48..SB_LEN - 4].iter().any(|&b| b != 0) {
+            return Err(FormatError::Invalid("length or reserved bytes"));
+        }
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
             return Err(FormatError::Invalid("chunk size"));
         }
@@ -389,6 +392,21 @@ mod tests {
             Superblock::decode(b"garbage!garbage!"),
             Err(FormatError::BadMagic)
         );
+        // Reserved bytes set (CRC made to match) or bytes after the 64: refused.
+        let mut reserved = raw;
+        reserved[50] = 1;
+        let crc = crc32fast::hash(&reserved[..SB_LEN - 4]);
+        reserved[SB_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Superblock::decode(&reserved),
+            Err(FormatError::Invalid(_))
+        ));
+        let mut longer = raw.to_vec();
+        longer.extend_from_slice(&[0; 64]);
+        assert!(matches!(
+            Superblock::decode(&longer),
+            Err(FormatError::Invalid(_))
+        ));
     }
 
     fn arb_record() -> impl Strategy<Value = Record> {

@@ -188,7 +188,8 @@ pub fn count_segments(dir: &Path) -> Result<u32> {
 /// Load the committed state: checkpoint plus every committed journal batch after it.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let sb = read_superblock(dir)?;
-    let raw = fs::read(dir.join(CHECKPOINT))?;
+    let path = dir.join(CHECKPOINT);
+    let raw = fs::read(&path).map_err(|e| with_path(e, &path))?;
     let mut meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
     let (next_gen, mut commit_seq) = meta.decode_checkpoint(&raw)?;
     let segments = count_segments(dir)?;
@@ -332,4 +333,9 @@ pub fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// The error with the file it concerns in its message (io::Error carries no path).
+pub fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }

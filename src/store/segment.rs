@@ -44,7 +44,8 @@ fn open_crc_file(path: &Path, len: u64, create: bool) -> io::Result<(File, MmapM
         .read(true)
         .write(true)
         .create(create)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| super::recovery::with_path(e, path))?;
     if create {
         // SAFETY: plain syscall on a descriptor we own.
         let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
@@ -82,7 +83,9 @@ impl Segment {
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
-        let data = o.open(data_path(dir, index))?;
+        let data = o
+            .open(data_path(dir, index))
+            .map_err(|e| super::recovery::with_path(e, &data_path(dir, index)))?;
         if !direct {
             // No readahead: it caches runs in large folios (up to 2 MiB with an 8 MiB
             // read_ahead_kb), and a 4 KiB write into a large folio costs far more than into a
