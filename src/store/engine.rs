@@ -1477,7 +1477,6 @@ fn register_data_file(uring: &Uring, seg: &Segment) {
     }
 }
 
-/// One merged read: `len` bytes at `foff` of `seg` into the buffer at `boff`.
 /// What a commit that failed before its batch reached the journal gives back.
 struct Undo {
     /// The batch's change records (without the commit's intent clears and commit record).
@@ -1488,6 +1487,7 @@ struct Undo {
     prev_seq: u64,
 }
 
+/// One merged read: `len` bytes at `foff` of `seg` into the buffer at `boff`.
 struct ReadRun<'a> {
     seg: &'a Segment,
     foff: u64,
@@ -1651,13 +1651,10 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     })
 }
 
-/// Re-checksum the present blocks of regions that had in-place writes in flight at the
-/// crash: their data may be the old or the new version, and either is a valid outcome of an
-/// unflushed write. Returns the number of blocks whose CRC was rewritten.
 /// Re-checksum the present blocks of intent regions after a crash: a block whose data has
 /// its previous CRC (the write after it never landed) gets that CRC back. A block matching
 /// neither CRC is damage and stays a checksum error. `legacy` (format 1, no previous CRCs):
-/// any mismatch there is taken for a torn write.
+/// any mismatch there is taken for a torn write. Returns the number of blocks healed.
 pub(super) fn heal_dirty_regions(
     sb: &Superblock,
     meta: &Meta,
