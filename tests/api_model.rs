@@ -202,6 +202,24 @@ fn one_volume_seen_and_changed_through_every_family() {
     );
     assert_eq!(l["volumeAttachments"][0]["volumeId"], uuid.as_str());
     assert_eq!(l["volumeAttachments"][0]["device"], "vda");
+    // pdisk's `vda` and Compute's `/dev/vda` are the same device on that server.
+    let other = ok(
+        &api.compute("POST", "/os-volumes", Some(json!({"volume": {"size": 1}}))),
+        &[200],
+    )["volume"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let r = api.compute(
+        "POST",
+        &format!("/servers/{vm}/os-volume_attachments"),
+        Some(json!({"volumeAttachment": {"volumeId": other, "device": "/dev/vda"}})),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    ok(
+        &api.compute("DELETE", &format!("/os-volumes/{other}"), None),
+        &[202],
+    );
 
     // Deleting that server through Compute detaches the disk for pdisk.
     ok(

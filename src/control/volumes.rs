@@ -220,7 +220,12 @@ fn next_device(used: &[String], naming: DeviceNaming) -> Option<String> {
     };
     (first..=b'z')
         .map(|c| format!("{prefix}{}", c as char))
-        .find(|d| !used.iter().any(|u| u == d))
+        .find(|d| !used.iter().any(|u| same_device(u, d)))
+}
+
+/// pdisk names a device `vdb`, Compute `/dev/vdb`: on one server they are the same disk.
+fn same_device(a: &str, b: &str) -> bool {
+    a.strip_prefix("/dev/").unwrap_or(a) == b.strip_prefix("/dev/").unwrap_or(b)
 }
 
 /// The server a target names, creating a pdisk VM's record on first use when `create`.
@@ -694,7 +699,7 @@ impl Volumes {
                         .collect();
                 let device = match (&req.device, req.kind) {
                     (Some(d), _) => {
-                        if used.iter().any(|u| u == d) {
+                        if used.iter().any(|u| same_device(u, d)) {
                             return Err(ServiceError::Conflict(format!(
                                 "Device {d} is already in use on server {}.",
                                 server.id
@@ -848,5 +853,16 @@ mod tests {
         );
         let all: Vec<String> = (b'a'..=b'z').map(|c| format!("vd{}", c as char)).collect();
         assert_eq!(next_device(&all, DeviceNaming::PdiskTarget), None);
+        // Either family's spelling of a device takes it for both.
+        let mixed = vec!["vdb".to_owned(), "/dev/vda".to_owned()];
+        assert_eq!(
+            next_device(&mixed, DeviceNaming::DevPath).as_deref(),
+            Some("/dev/vdc")
+        );
+        assert_eq!(
+            next_device(&mixed, DeviceNaming::PdiskTarget).as_deref(),
+            Some("vdc")
+        );
+        assert!(same_device("/dev/vda", "vda") && !same_device("vda", "vdb"));
     }
 }
