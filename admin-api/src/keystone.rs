@@ -101,8 +101,26 @@ fn bad_request(msg: impl Into<String>) -> ServiceError {
     ServiceError::BadRequest(msg.into())
 }
 
+/// The request body, or the reason it could not be read in Keystone's error format (axum's
+/// own rejection is plain text).
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 /// A JSON body, whatever the Content-Type (Keystone reads JSON regardless of it).
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> ServiceResult<T> {
+fn parse_body<T: DeserializeOwned>(body: &Body) -> ServiceResult<T> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ServiceError::OverLimit(
+                "The request body is too large.".into(),
+            ));
+        }
+        Err(e) => {
+            return Err(bad_request(format!(
+                "Could not read the request body: {}",
+                e.body_text()
+            )));
+        }
+    };
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(bad_request(
             "The request body is empty; a JSON object is expected.",
@@ -446,7 +464,7 @@ async fn subject(state: &AppState, headers: &HeaderMap) -> ServiceResult<(String
     responses((status = 201, description = "token issued: secret in `X-Subject-Token`, body `{\"token\": {...}}`"),
               (status = 400, description = "malformed request"),
               (status = 401, description = "bad credentials or no access to the project")))]
-async fn issue_token(State(s): State<AppState>, RawQuery(q): RawQuery, body: Bytes) -> Response {
+async fn issue_token(State(s): State<AppState>, RawQuery(q): RawQuery, body: Body) -> Response {
     answer(&s, async {
         let q = parse_query(q.as_deref())?;
         let req = auth_request(parse_body(&body)?)?;
@@ -623,7 +641,7 @@ struct NewProjectBody {
               (status = 400, description = "malformed request"),
               (status = 403, description = "not an admin"),
               (status = 409, description = "a project of that name exists")))]
-async fn create_project(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_project(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     answer(&s, async {
         let caller = token_caller(&s, &headers).await?;
         let b: ProjectBody = parse_body(&body)?;
@@ -777,7 +795,7 @@ struct NewUserBody {
               (status = 400, description = "malformed request, or no such default project"),
               (status = 403, description = "not an admin"),
               (status = 409, description = "a user of that name exists")))]
-async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     answer(&s, async {
         let caller = token_caller(&s, &headers).await?;
         let b: UserBody = parse_body(&body)?;
