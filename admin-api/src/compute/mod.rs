@@ -44,6 +44,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     for prefix in PREFIXES {
         r = r.nest(prefix, family_routes(prefix));
     }
+    // A nested router does not see its prefix with a bare trailing slash.
+    r = r.route("/v1.1/", any(unknown_path));
     // Unauthenticated version documents (keystoneauth and novaclient discover with them).
     r.routes(routes!(version_v21))
         .routes(routes!(version_v21_slash))
@@ -90,12 +92,15 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
         "/v1.1" => {
             // nova no longer serves a v1.1 version document; the prefix is compute's alone.
             r = r
+                .route("/", any(unknown_path))
                 .route("/{tenant_id}", any(unknown_path))
+                .route("/{tenant_id}/", any(unknown_path))
                 .route("/{tenant_id}/{*rest}", any(unknown_path));
         }
         "/v2.1" => {
             r = r
                 .routes(with_bad_method(routes!(version_tenant)))
+                .route("/{tenant_id}/", any(unknown_path))
                 .route("/{tenant_id}/{*rest}", any(unknown_path))
                 .layer(middleware::from_fn(microversion));
         }

@@ -441,6 +441,10 @@ async fn unknown_paths_and_methods_are_faults() {
         "/v2.1/p1/os-volumes/x/y",
         "/v2/p1/servers/x/nope",
         "/v1.1/x",
+        "/v1.1",
+        "/v1.1/",
+        "/v1.1/p1/",
+        "/v2.1/p1/",
     ] {
         let r = req(&app, "GET", path, Some("member"), None).await;
         r.fault(404, "itemNotFound");
