@@ -989,3 +989,16 @@ async fn oversized_body_is_an_overlimit_fault() {
     r.fault(413, "overLimit");
     assert!(fake.created.lock().unwrap().is_empty());
 }
+
+/// Identity shares the router: a body over the limit is a 413 in Keystone's error format
+/// (axum's own rejection is plain text). In process, so the answer cannot race the upload.
+#[tokio::test]
+async fn identity_oversized_body_is_a_keystone_413() {
+    let (_, app) = app();
+    let big = " ".repeat(3 << 20);
+    let r = req(&app, "POST", "/v3/auth/tokens", None, Some(&big)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).expect("JSON body");
+    assert_eq!(v["error"]["code"], 413, "{}", r.body);
+    assert_eq!(v["error"]["title"], "Payload Too Large", "{}", r.body);
+}
