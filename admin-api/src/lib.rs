@@ -59,12 +59,39 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            absolute_auth_uri,
+        ))
         // `layer` (not `route_layer`) so that the fallbacks are counted too.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track_requests,
         ))
         .with_state(state)
+}
+
+/// A 401 names the identity endpoint absolutely, as keystonemiddleware does: families that
+/// answer without the state (Compute faults) say `Keystone uri="/v3"`, made whole here.
+async fn absolute_auth_uri(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let h = axum::http::header::WWW_AUTHENTICATE;
+    if resp
+        .headers()
+        .get(&h)
+        .is_some_and(|v| v == "Keystone uri=\"/v3\"")
+        && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
+            "Keystone uri=\"{}\"",
+            s.service.public_url()
+        ))
+    {
+        resp.headers_mut().insert(h, v);
+    }
+    resp
 }
 
 /// Every documented route with its OpenAPI description.
