@@ -189,10 +189,7 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
     // Damaged superblock.
     flip(&sb, 30);
     let before = snapshot(tmp.path());
-    let e = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .err()
-        .unwrap();
+    let e = refused_untouched(tmp.path()).await;
     assert!(
         matches!(
             e,
@@ -211,11 +208,7 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
     let mut newer = good.clone();
     newer[8..12].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(&sb, &newer).unwrap();
-    let before = snapshot(tmp.path());
-    let e = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .err()
-        .unwrap();
+    let e = refused_untouched(tmp.path()).await;
     assert!(
         matches!(
             e,
@@ -227,36 +220,20 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
         "{e}"
     );
     assert!(e.to_string().contains("newer"), "{e}");
-    assert_eq!(snapshot(tmp.path()), before);
 
     // A checkpoint of a newer version (its CRC intact) is refused, not rewritten as ours.
     std::fs::write(&sb, &good).unwrap();
     let ckpt = tmp.path().join("checkpoint");
     let good_ckpt = std::fs::read(&ckpt).unwrap();
-    let mut newer = good_ckpt.clone();
-    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
-    let n = newer.len() - 4;
-    let crc = crc32fast::hash(&newer[..n]);
-    newer[n..].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&ckpt, &newer).unwrap();
-    let before = snapshot(tmp.path());
-    let e = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .err()
-        .unwrap();
+    std::fs::write(&ckpt, with_version(good_ckpt.clone(), 99)).unwrap();
+    let e = refused_untouched(tmp.path()).await;
     assert!(e.to_string().contains("version 99"), "{e}");
-    assert_eq!(snapshot(tmp.path()), before);
     std::fs::write(&ckpt, &good_ckpt).unwrap();
 
     // Store files but no superblock: damaged, never re-created over.
     std::fs::remove_file(&sb).unwrap();
-    let before = snapshot(tmp.path());
-    let e = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .err()
-        .unwrap();
+    let e = refused_untouched(tmp.path()).await;
     assert!(matches!(e, StoreError::Damaged(_)), "{e}");
-    assert_eq!(snapshot(tmp.path()), before);
 
     // And the good one opens again.
     std::fs::write(&sb, &good).unwrap();
@@ -266,6 +243,27 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
         .close()
         .await
         .unwrap();
+}
+
+/// Opening the store at `dir` fails and writes nothing: the error.
+async fn refused_untouched(dir: &Path) -> StoreError {
+    let before = snapshot(dir);
+    let e = Store::open(dir, StoreOptions::default())
+        .await
+        .err()
+        .expect("the store is refused");
+    assert_eq!(snapshot(dir), before, "nothing was written");
+    e
+}
+
+/// A metadata file (superblock, checkpoint) stamped with format `version`, its trailing CRC
+/// (over everything before it) made to match.
+fn with_version(mut raw: Vec<u8>, version: u32) -> Vec<u8> {
+    raw[8..12].copy_from_slice(&version.to_le_bytes());
+    let n = raw.len() - 4;
+    let crc = crc32fast::hash(&raw[..n]);
+    raw[n..].copy_from_slice(&crc.to_le_bytes());
+    raw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,11 +489,7 @@ async fn format_1_store_is_upgraded() {
 
     // Make it what format 1 wrote: superblock version 1, no .pcrc files.
     let sbp = tmp.path().join("superblock");
-    let mut sb = std::fs::read(&sbp).unwrap();
-    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let crc = crc32fast::hash(&sb[..60]);
-    sb[60..64].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&sbp, &sb).unwrap();
+    std::fs::write(&sbp, with_version(std::fs::read(&sbp).unwrap(), 1)).unwrap();
     let pcrc = tmp.path().join("segments/00000000.pcrc");
     std::fs::remove_file(&pcrc).unwrap();
     assert!(cairn::store::fsck(tmp.path(), false).unwrap().is_clean());

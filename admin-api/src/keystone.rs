@@ -9,7 +9,7 @@
 //!   `default` (`Default`), at `/v3/domains`.
 //!
 //! Errors use Keystone's body `{"error": {"code": 401, "title": "Unauthorized", "message":
-//! "..."}}`; a 401 also carries `WWW-Authenticate: Keystone uri="<base>"`.
+//! "..."}}`; a 401 also carries `WWW-Authenticate: Keystone uri="<base>"` (added by the router).
 
 use std::collections::HashMap;
 
@@ -17,7 +17,7 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, de::DeserializeOwned};
@@ -65,7 +65,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 // ---- errors ---------------------------------------------------------------------------------
 
 /// A Keystone error response.
-fn error(base: &str, e: ServiceError) -> Response {
+fn error(e: ServiceError) -> Response {
     let (status, message) = match e {
         ServiceError::NotFound(m) => (StatusCode::NOT_FOUND, m),
         ServiceError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
@@ -80,20 +80,15 @@ fn error(base: &str, e: ServiceError) -> Response {
         "title": status.canonical_reason().unwrap_or("Error"),
         "message": message,
     }});
-    let mut resp = (status, Json(body)).into_response();
-    if status == StatusCode::UNAUTHORIZED
-        && let Ok(v) = HeaderValue::from_str(&format!("Keystone uri=\"{base}\""))
-    {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
-    resp
+    // A 401's `WWW-Authenticate` is added by the router (`keystone_challenge`).
+    (status, Json(body)).into_response()
 }
 
 /// Runs a handler body; a [`ServiceError`] becomes a Keystone error response.
-async fn answer(state: &AppState, f: impl Future<Output = ServiceResult<Response>>) -> Response {
+async fn answer(f: impl Future<Output = ServiceResult<Response>>) -> Response {
     match f.await {
         Ok(r) => r,
-        Err(e) => error(&state.service.public_url(), e),
+        Err(e) => error(e),
     }
 }
 
@@ -465,7 +460,7 @@ async fn subject(state: &AppState, headers: &HeaderMap) -> ServiceResult<(String
               (status = 400, description = "malformed request"),
               (status = 401, description = "bad credentials or no access to the project")))]
 async fn issue_token(State(s): State<AppState>, RawQuery(q): RawQuery, body: Body) -> Response {
-    answer(&s, async {
+    answer(async {
         let q = parse_query(q.as_deref())?;
         let req = auth_request(parse_body(&body)?)?;
         let issued = s.service.issue_token(req).await?;
@@ -494,7 +489,7 @@ async fn validate_token(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let q = parse_query(q.as_deref())?;
         let (subject, info) = subject(&s, &headers).await?;
         let body = token_body(&s.service.public_url(), &info, !truthy(&q, "nocatalog"));
@@ -510,7 +505,7 @@ async fn validate_token(
               (status = 401, description = "the caller's token is not valid"),
               (status = 404, description = "the subject token is not valid")))]
 async fn check_token(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    answer(&s, async {
+    answer(async {
         let (subject, _) = subject(&s, &headers).await?;
         Ok(with_subject(StatusCode::OK.into_response(), &subject))
     })
@@ -525,7 +520,7 @@ async fn check_token(State(s): State<AppState>, headers: HeaderMap) -> Response 
               (status = 403, description = "another user's token, and the caller is no admin"),
               (status = 404, description = "the subject token is not valid")))]
 async fn revoke_token(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let subject = subject_token(&headers)?;
         s.service.revoke_token(&caller, &subject).await?;
@@ -538,7 +533,7 @@ async fn revoke_token(State(s): State<AppState>, headers: HeaderMap) -> Response
     params(("X-Auth-Token" = String, Header, description = "the caller's token")),
     responses((status = 200, description = "the service catalog of the caller's token")))]
 async fn auth_catalog(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let base = s.service.public_url();
         Ok(json_response(
@@ -597,7 +592,7 @@ async fn list_projects(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let q = parse_query(q.as_deref())?;
         let enabled = bool_filter(&q, "enabled")?;
@@ -642,7 +637,7 @@ struct NewProjectBody {
               (status = 403, description = "not an admin"),
               (status = 409, description = "a project of that name exists")))]
 async fn create_project(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let b: ProjectBody = parse_body(&body)?;
         let p = b.project;
@@ -691,7 +686,7 @@ async fn get_project(
     headers: HeaderMap,
     Path(project_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let p = s.service.get_project(&caller, &project_id).await?;
         Ok(json_response(
@@ -714,7 +709,7 @@ async fn delete_project(
     headers: HeaderMap,
     Path(project_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         s.service.delete_project(&caller, &project_id).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -753,7 +748,7 @@ async fn list_users(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let q = parse_query(q.as_deref())?;
         let enabled = bool_filter(&q, "enabled")?;
@@ -796,7 +791,7 @@ struct NewUserBody {
               (status = 403, description = "not an admin"),
               (status = 409, description = "a user of that name exists")))]
 async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let b: UserBody = parse_body(&body)?;
         let u = b.user;
@@ -836,7 +831,7 @@ async fn get_user(
     headers: HeaderMap,
     Path(user_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let u = s.service.get_user(&caller, &user_id).await?;
         Ok(json_response(
@@ -858,7 +853,7 @@ async fn delete_user(
     headers: HeaderMap,
     Path(user_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         s.service.delete_user(&caller, &user_id).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -897,7 +892,7 @@ async fn list_user_projects(
     headers: HeaderMap,
     Path(user_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let items = user_projects(&s, &caller, &user_id).await?;
         let base = s.service.public_url();
@@ -911,7 +906,7 @@ async fn list_user_projects(
     params(("X-Auth-Token" = String, Header, description = "the caller's token")),
     responses((status = 200, description = "`{\"projects\": [...]}`: the projects the caller may scope to")))]
 async fn auth_projects(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let items = user_projects(&s, &caller, &caller.user_id).await?;
         let base = s.service.public_url();
@@ -943,7 +938,7 @@ async fn list_roles(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let q = parse_query(q.as_deref())?;
         let roles = s.service.list_roles(&caller).await?;
@@ -971,7 +966,7 @@ async fn get_role(
     headers: HeaderMap,
     Path(role_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let roles = s.service.list_roles(&caller).await?;
         let r = roles
@@ -998,7 +993,7 @@ async fn list_grants(
     headers: HeaderMap,
     Path((project_id, user_id)): Path<(String, String)>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let assignments = s
             .service
@@ -1028,7 +1023,7 @@ async fn grant(
     headers: HeaderMap,
     Path((project_id, user_id, role_id)): Path<(String, String, String)>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         s.service
             .grant_role(&caller, &project_id, &user_id, &role_id)
@@ -1074,7 +1069,7 @@ async fn check_grant(
     headers: HeaderMap,
     Path(ids): Path<(String, String, String)>,
 ) -> Response {
-    answer(&s, grant_exists(&s, &headers, ids)).await
+    answer(grant_exists(&s, &headers, ids)).await
 }
 
 #[utoipa::path(head, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
@@ -1090,7 +1085,7 @@ async fn head_grant(
     headers: HeaderMap,
     Path(ids): Path<(String, String, String)>,
 ) -> Response {
-    answer(&s, grant_exists(&s, &headers, ids)).await
+    answer(grant_exists(&s, &headers, ids)).await
 }
 
 #[utoipa::path(delete, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
@@ -1106,7 +1101,7 @@ async fn revoke_grant(
     headers: HeaderMap,
     Path((project_id, user_id, role_id)): Path<(String, String, String)>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         s.service
             .revoke_role(&caller, &project_id, &user_id, &role_id)
@@ -1129,7 +1124,7 @@ async fn list_role_assignments(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         let caller = token_caller(&s, &headers).await?;
         let q = parse_query(raw.as_deref())?;
         // cairn has user grants on projects only: group, domain and system filters match none.
@@ -1225,7 +1220,7 @@ async fn list_domains(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         token_caller(&s, &headers).await?;
         let q = parse_query(q.as_deref())?;
         let base = s.service.public_url();
@@ -1250,7 +1245,7 @@ async fn get_domain(
     headers: HeaderMap,
     Path(domain_id): Path<String>,
 ) -> Response {
-    answer(&s, async {
+    answer(async {
         token_caller(&s, &headers).await?;
         if domain_id != DOMAIN_ID {
             return Err(ServiceError::NotFound(format!(

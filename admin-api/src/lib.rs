@@ -61,7 +61,7 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            absolute_auth_uri,
+            keystone_challenge,
         ))
         // `layer` (not `route_layer`) so that the fallbacks are counted too.
         .layer(axum::middleware::from_fn_with_state(
@@ -71,19 +71,18 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
         .with_state(state)
 }
 
-/// A 401 names the identity endpoint absolutely, as keystonemiddleware does: families that
-/// answer without the state (Compute faults) say `Keystone uri="/v3"`, made whole here.
-async fn absolute_auth_uri(
+/// Token-authenticated families (identity, Compute) answer a 401 with the challenge
+/// keystonemiddleware sends, naming the identity endpoint absolutely. One place for all:
+/// a 401 that already carries a challenge (pdisk's Basic) keeps it.
+async fn keystone_challenge(
     axum::extract::State(s): axum::extract::State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let mut resp = next.run(req).await;
     let h = axum::http::header::WWW_AUTHENTICATE;
-    if resp
-        .headers()
-        .get(&h)
-        .is_some_and(|v| v == "Keystone uri=\"/v3\"")
+    if resp.status() == axum::http::StatusCode::UNAUTHORIZED
+        && !resp.headers().contains_key(&h)
         && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
             "Keystone uri=\"{}\"",
             s.service.public_url()

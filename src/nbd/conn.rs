@@ -70,7 +70,8 @@ enum Done {
 struct Outgoing {
     head: Option<HeaderBuf>,
     body: Bytes,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    /// The request's count permit, and its bytes permit (none for a refusal with no data).
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
 pub(crate) async fn serve<R, W>(shared: Arc<Shared>, mut r: R, mut w: W, peer: String)
@@ -475,7 +476,7 @@ where
                 let _ = tx.send(Outgoing {
                     head,
                     body,
-                    _permits: (count_permit, bytes_permit),
+                    _permits: (count_permit, Some(bytes_permit)),
                 });
                 continue;
             }
@@ -486,7 +487,7 @@ where
                 let _ = tx.send(Outgoing {
                     head,
                     body,
-                    _permits: (count_permit, bytes_permit),
+                    _permits: (count_permit, Some(bytes_permit)),
                 });
             });
         }
@@ -522,8 +523,6 @@ async fn drain<R: AsyncRead + Unpin>(
 ) -> io::Result<()> {
     let mode = session.mode;
     debug!(export = %session.name, "NBD connection closing: further requests get ESHUTDOWN");
-    // Holds no bytes: the refusals carry no payload.
-    let no_bytes = Arc::new(Semaphore::new(0));
     loop {
         while let Some(req) = decode_request(buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
             if req.command == Command::Disc {
@@ -540,14 +539,11 @@ async fn drain<R: AsyncRead + Unpin>(
             let Ok(permit) = count.clone().acquire_owned().await else {
                 return Ok(());
             };
-            let Ok(none) = no_bytes.clone().acquire_many_owned(0).await else {
-                return Ok(());
-            };
             let (head, body) = session.failure(&req, Errno::Shutdown, "the export is closing");
             let _ = tx.send(Outgoing {
                 head,
                 body,
-                _permits: (permit, none),
+                _permits: (permit, None),
             });
         }
         tokio::select! {

@@ -1684,7 +1684,7 @@ pub(super) fn heal_dirty_regions(
                 }
                 let ci = ((slot % sps) * bpc + blk) as usize;
                 let crc = crc32fast::hash(&buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK]);
-                if crc != seg.crc(ci) && (legacy || seg.prev_crc(ci) == Some(crc)) {
+                if crc != seg.crc(ci) && seg.crashed_write(ci, crc, legacy) {
                     seg.set_crc(ci, crc);
                     healed += 1;
                 }

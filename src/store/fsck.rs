@@ -71,6 +71,9 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
             ));
         }
     }
+    // A format-1 store (or one whose upgrade a crash interrupted) has no trustworthy previous
+    // CRCs: judged as open judges it.
+    let legacy = sb.version < super::FORMAT_VERSION;
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
@@ -134,13 +137,9 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
                 let data = &buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK];
                 let crc = crc32fast::hash(data);
                 if crc != seg.crc(ci) {
-                    // In an intent region, the data of the write before the last one is a
-                    // write that never landed (format 1 kept no previous CRC: any mismatch).
-                    let torn = match seg.prev_crc(ci) {
-                        Some(prev) => prev == crc,
-                        None => true,
-                    };
-                    if torn && meta.marked.contains(&super::meta::region_of(e.slot)) {
+                    if meta.marked.contains(&super::meta::region_of(e.slot))
+                        && seg.crashed_write(ci, crc, legacy)
+                    {
                         r.unflushed_blocks += 1;
                     } else {
                         r.checksum_errors += 1;
@@ -178,7 +177,7 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
         ));
     }
     if repair {
-        let healed = heal_dirty_regions(sb, meta, &segments, sb.version < super::FORMAT_VERSION)?;
+        let healed = heal_dirty_regions(sb, meta, &segments, legacy)?;
         if healed > 0 {
             r.repaired.push(format!(
                 "rewrote the checksums of {healed} unflushed blocks"

@@ -83,9 +83,10 @@ impl Segment {
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
+        let path = data_path(dir, index);
         let data = o
-            .open(data_path(dir, index))
-            .map_err(|e| super::recovery::with_path(e, &data_path(dir, index)))?;
+            .open(&path)
+            .map_err(|e| super::recovery::with_path(e, &path))?;
         if !direct {
             // No readahead: it caches runs in large folios (up to 2 MiB with an 8 MiB
             // read_ahead_kb), and a 4 KiB write into a large folio costs far more than into a
@@ -119,11 +120,9 @@ impl Segment {
         };
         let (crc_file, crc) = made(open_crc_file(&crc_path(dir, index), crc_len, create))?;
         let prev_path = prev_crc_path(dir, index);
-        let (prev_file, prev) = if create || (make_prev && !prev_path.exists()) {
-            let (f, m) = made(open_crc_file(&prev_path, crc_len, true))?;
-            (Some(f), Some(m))
-        } else if prev_path.exists() {
-            let (f, m) = open_crc_file(&prev_path, crc_len, false)?;
+        let have_prev = prev_path.exists();
+        let (prev_file, prev) = if create || make_prev || have_prev {
+            let (f, m) = made(open_crc_file(&prev_path, crc_len, create || !have_prev))?;
             (Some(f), Some(m))
         } else {
             (None, None)
@@ -150,10 +149,15 @@ impl Segment {
         &self.data
     }
 
-    fn crcs(&self) -> &[AtomicU32] {
+    /// A CRC map as words. Both maps are `blocks * 4` bytes (checked at open).
+    fn words<'a>(&self, map: &'a MmapMut) -> &'a [AtomicU32] {
         // SAFETY: the map is page-aligned, `blocks * 4` bytes long, and AtomicU32 has the
         // size and alignment of u32; all access goes through atomics.
-        unsafe { std::slice::from_raw_parts(self.crc.as_ptr().cast::<AtomicU32>(), self.blocks) }
+        unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU32>(), self.blocks) }
+    }
+
+    fn crcs(&self) -> &[AtomicU32] {
+        self.words(&self.crc)
     }
 
     /// Stored CRC of block `b` (segment-relative block index).
@@ -189,16 +193,17 @@ impl Segment {
     }
 
     fn prevs(&self) -> Option<&[AtomicU32]> {
-        // SAFETY: as `crcs`, for the previous-CRC map of the same length.
-        self.prev.as_ref().map(|m| unsafe {
-            std::slice::from_raw_parts(m.as_ptr().cast::<AtomicU32>(), self.blocks)
-        })
+        self.prev.as_ref().map(|m| self.words(m))
     }
 
-    /// The CRC block `b` had before its latest write (None without a previous-CRC file).
-    pub fn prev_crc(&self, b: usize) -> Option<u32> {
-        self.prevs()
-            .map(|p| u32::from_le(p[b].load(Ordering::Acquire)))
+    /// Whether data with CRC `crc`, found in block `b` after a crash, can be what a write cut
+    /// short left there: the data its previous CRC describes. Without previous CRCs (format
+    /// 1), or when `legacy` says they are not to be trusted yet, any data can.
+    pub fn crashed_write(&self, b: usize, crc: u32, legacy: bool) -> bool {
+        legacy
+            || self
+                .prevs()
+                .is_none_or(|p| u32::from_le(p[b].load(Ordering::Acquire)) == crc)
     }
 
     /// A write of block `b` with CRC `v` is about to be issued: the current CRC becomes the

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use serde_json::json;
@@ -79,15 +79,8 @@ impl IntoResponse for Fault {
     fn into_response(self) -> Response {
         let body =
             json!({ self.name(): { "message": self.message, "code": self.status.as_u16() } });
-        let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            // What keystonemiddleware sends, so clients know to fetch a token.
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Keystone uri=\"/v3\""),
-            );
-        }
-        resp
+        // A 401's `WWW-Authenticate` is added by the router (`keystone_challenge`).
+        (self.status, Json(body)).into_response()
     }
 }
 
