@@ -245,6 +245,49 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
         .unwrap();
 }
 
+/// A superblock (CRC intact) whose segment size is not the one the segments were made with:
+/// refused, naming both sizes, and nothing rewritten (the segment file is 1 GiB, so only the
+/// top-level files are compared).
+#[tokio::test]
+async fn superblock_with_another_segment_size_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    s.create_object(id, 1 << 20).await.unwrap();
+    s.write(id, 0, blocks(1, 0, 1), false).await.unwrap();
+    s.close().await.unwrap();
+    let sb = tmp.path().join("superblock");
+    let mut bigger = std::fs::read(&sb).unwrap();
+    bigger[16..24].copy_from_slice(&(2u64 << 30).to_le_bytes());
+    std::fs::write(&sb, with_version(bigger, 2)).unwrap();
+    // The top-level files (superblock, checkpoint, journals); not the segments.
+    let small = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file() && !p.ends_with("LOCK"))
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = small(tmp.path());
+    let e = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .err()
+        .expect("the store is refused");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("segment 0 is truncated")
+            && msg.contains(&(1u64 << 30).to_string())
+            && msg.contains(&(2u64 << 30).to_string()),
+        "{msg}"
+    );
+    assert_eq!(small(tmp.path()), before, "nothing was written");
+}
+
 /// Opening the store at `dir` fails and writes nothing: the error.
 async fn refused_untouched(dir: &Path) -> StoreError {
     let before = snapshot(dir);

@@ -103,10 +103,15 @@ impl Segment {
         if create && data.metadata()?.len() < sb.segment_bytes {
             data.set_len(sb.segment_bytes)?;
         }
-        if data.metadata()?.len() < sb.segment_bytes {
+        let have = data.metadata()?.len();
+        if have < sb.segment_bytes {
+            // Also what a superblock with a wrong segment size looks like: say both sizes.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("segment {index} is truncated"),
+                format!(
+                    "segment {index} is truncated: {have} bytes, the superblock's segment size is {}",
+                    sb.segment_bytes
+                ),
             ));
         }
         let made = |r: io::Result<(File, MmapMut)>| {
