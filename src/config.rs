@@ -192,6 +192,17 @@ pub struct Config {
     /// [default: http://<the --http address>]
     #[arg(long, env = "CAIRN_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
+
+    /// Threads running the daemon's async work (NBD requests, the HTTP API, the store's
+    /// callers). Fewer than the CPUs can pay when clients share the machine: see the README.
+    /// [default: the number of CPUs]
+    #[arg(
+        long,
+        env = "CAIRN_WORKERS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub workers: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]

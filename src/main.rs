@@ -187,7 +187,11 @@ fn plain(v: &serde_json::Value) -> String {
 }
 
 fn run_serve(cfg: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.workers {
+        rt.worker_threads(n.into());
+    }
+    let rt = rt
         .enable_all()
         .thread_name("cairn-worker")
         .build()

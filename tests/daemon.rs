@@ -71,6 +71,12 @@ fn serve_answers_healthz_version_metrics_and_json_404() {
         value("cairn_store_free_bytes") > 0.0,
         "free space is reported"
     );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        value("cairn_runtime_workers"),
+        cpus as f64,
+        "one worker per CPU by default"
+    );
     let http = |route: &str, status: &str| {
         samples.iter().any(|s| {
             s.name == "cairn_http_requests_total"
@@ -230,10 +236,18 @@ fn environment_variables_configure_the_daemon() {
         .env("CAIRN_NBD", format!("127.0.0.1:{}", common::free_port()))
         .env("CAIRN_MOUNT_DIR", &mount)
         .env("CAIRN_LOG_FORMAT", "json")
+        .env("CAIRN_WORKERS", "1")
         .current_dir(tmp.path())
         .keep(tmp)
         .start();
     assert_eq!(cairn.http().to_string(), addr, "CAIRN_HTTP not honoured");
+    let metrics = cairn.get("/metrics").body;
+    let workers = parse_metrics(&metrics)
+        .expect("metrics")
+        .into_iter()
+        .find(|s| s.name == "cairn_runtime_workers")
+        .map(|s| s.value);
+    assert_eq!(workers, Some(1.0), "CAIRN_WORKERS not honoured\n{metrics}");
     assert_eq!(cairn.get("/healthz").status, 200);
     assert!(data.join("store").is_dir(), "CAIRN_DATA_DIR not honoured");
     assert!(mount.is_dir(), "CAIRN_MOUNT_DIR not honoured");
@@ -332,6 +346,9 @@ fn startup_errors_exit_nonzero_with_a_clear_message() {
     let (status, _, err) = run_cairn(&["serve", "--http", "nowhere"]);
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("--http"), "{err}");
+    let (status, _, err) = run_cairn(&["serve", "--workers", "0"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--workers"), "{err}");
 }
 
 #[test]
@@ -357,6 +374,7 @@ fn help_explains_every_option_with_env_and_default() {
             "CAIRN_LOG_FORMAT",
             "CAIRN_LOG_LEVEL",
             "CAIRN_DIRECT_IO",
+            "CAIRN_WORKERS",
         ] {
             assert!(help.contains(needle), "{needle:?} missing from\n{help}");
         }

@@ -1,5 +1,5 @@
-//! Prometheus metrics: HTTP request counters (kept here) and store counters (read from the
-//! service at scrape time through a [`Collector`]).
+//! Prometheus metrics: HTTP request counters (kept here), store counters (read from the
+//! service at scrape time through a [`Collector`]) and the runtime's worker count.
 
 use std::{fmt, sync::Arc, time::Instant};
 
@@ -49,6 +49,7 @@ impl Metrics {
             http_requests.clone(),
         );
         registry.register_collector(Box::new(StoreCollector { service }));
+        registry.register_collector(Box::new(RuntimeCollector));
         Self {
             registry,
             http_requests,
@@ -118,6 +119,24 @@ struct StoreCollector {
 impl fmt::Debug for StoreCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreCollector").finish_non_exhaustive()
+    }
+}
+
+/// The async runtime the daemon runs on (read at scrape time, which runs on it).
+#[derive(Debug)]
+struct RuntimeCollector;
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut enc,
+                "cairn_runtime_workers",
+                "Worker threads of the async runtime (--workers)",
+                h.metrics().num_workers() as u64,
+            )?;
+        }
+        Ok(())
     }
 }
 
