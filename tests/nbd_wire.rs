@@ -184,8 +184,39 @@ fn handshake_corners_and_simple_replies() {
     assert_eq!(cl.simple(), (8, 0));
     assert_eq!(cl.data(4096), &pattern[..4096]);
 
-    // A payload above the 32 MiB limit is not read: the server ends the connection.
-    cl.request(Command::Write, 9, 0, 64 << 20, &[]);
+    // A payload above the 32 MiB limit is not read: the server ends the connection. Requests
+    // that arrived in the same write before it (started together, as a group) are still
+    // answered first.
+    let mut burst = Vec::new();
+    for k in 0..4u64 {
+        let req = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 10 + k,
+            offset: 12288 + k * 1024,
+            length: 1024,
+        };
+        burst.extend_from_slice(&req.encode(HeaderMode::Compact).expect("encode request"));
+    }
+    let fatal = Request {
+        flags: 0,
+        command: Command::Write,
+        cookie: 9,
+        offset: 0,
+        length: 64 << 20,
+    };
+    burst.extend_from_slice(&fatal.encode(HeaderMode::Compact).expect("encode request"));
+    cl.send(&burst);
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let (cookie, error) = cl.simple();
+        assert_eq!(error, 0, "request {cookie}");
+        let k = (cookie - 10) as usize;
+        assert_eq!(cl.data(1024), &pattern[k * 1024..(k + 1) * 1024]);
+        answered.push(cookie);
+    }
+    answered.sort();
+    assert_eq!(answered, [10, 11, 12, 13]);
     let mut tmp = [0u8; 4096];
     match cl.s.read(&mut tmp) {
         Ok(0) => {}

@@ -1,10 +1,13 @@
 //! One NBD connection: the fixed-newstyle handshake, then the transmission phase.
 //!
 //! Transmission runs as a reader (this task) and a writer task. The reader decodes requests
-//! and spawns one task per request; each task sends its finished reply (header + data, the
-//! data being the store's `Bytes`, never copied) to the writer, which writes replies in
-//! completion order with vectored writes, batching what is ready. Back-pressure: a request
-//! takes permits for its bytes (payload or read length) from a per-connection semaphore before
+//! and starts them as tasks: small requests that arrived together (up to 16, 64 KiB each)
+//! share one task and run concurrently inside it, larger ones get a task each. Each request
+//! sends its finished reply (header + data, the data being the store's `Bytes`, never copied)
+//! to the writer, which writes replies in completion order with vectored writes, batching
+//! what is ready. A spawn wakes an idle worker to steal the task: one spawn per group instead
+//! of one per request measured 4-12% more IOPS on the 4k rows of `scripts/bench/nbd`.
+//! Back-pressure: a request takes permits for its bytes (payload or read length) from a per-connection semaphore before
 //! its payload is read or its task spawned, and gives them back once its reply is written.
 
 use std::{io, io::IoSlice, sync::Arc};
@@ -428,21 +431,34 @@ where
     let (closing_tx, mut closing) = watch::channel(false);
     let watcher = tokio::spawn(watch_export(session.clone(), closing_tx));
     let mode = session.mode;
+    // Small requests that arrive together, started as one task when the socket has nothing
+    // more (or before the reader waits for anything).
+    let mut group: Vec<Pending> = Vec::new();
     let result: io::Result<()> = async {
         loop {
             let req = loop {
                 if *closing.borrow() {
+                    spawn_group(&session, &tx, &mut group);
                     return drain(&session, &mut r, &mut buf, &count, max_requests, &tx).await;
                 }
-                match decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD)).map_err(invalid)? {
-                    Some(req) => break req,
-                    None => tokio::select! {
-                        r = fill(&mut r, &mut buf) => r?,
-                        () = super::server::stopped(&mut closing) => {}
-                    },
+                let decoded = decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD));
+                match decoded {
+                    Ok(Some(req)) => break req,
+                    Ok(None) => {
+                        spawn_group(&session, &tx, &mut group);
+                        tokio::select! {
+                            r = fill(&mut r, &mut buf) => r?,
+                            () = super::server::stopped(&mut closing) => {}
+                        }
+                    }
+                    Err(e) => {
+                        spawn_group(&session, &tx, &mut group);
+                        return Err(invalid(e));
+                    }
                 }
             };
             if req.command == Command::Disc {
+                spawn_group(&session, &tx, &mut group);
                 return Ok(());
             }
             let payload_len = req.payload_len(mode) as usize;
@@ -450,12 +466,29 @@ where
                 Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
                 _ => payload_len,
             } as u32;
-            let Ok(count_permit) = count.clone().acquire_owned().await else {
-                return Ok(());
+            let count_permit = match count.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    spawn_group(&session, &tx, &mut group);
+                    let Ok(p) = count.clone().acquire_owned().await else {
+                        return Ok(());
+                    };
+                    p
+                }
             };
-            let Ok(bytes_permit) = bytes.clone().acquire_many_owned(cost).await else {
-                return Ok(());
+            let bytes_permit = match bytes.clone().try_acquire_many_owned(cost) {
+                Ok(p) => p,
+                Err(_) => {
+                    spawn_group(&session, &tx, &mut group);
+                    let Ok(p) = bytes.clone().acquire_many_owned(cost).await else {
+                        return Ok(());
+                    };
+                    p
+                }
             };
+            if buf.len() < payload_len {
+                spawn_group(&session, &tx, &mut group);
+            }
             while buf.len() < payload_len {
                 // Small payloads: read on past them, since the requests behind are usually
                 // in the socket already and one read can take several. Large ones: stop at
@@ -468,28 +501,26 @@ where
                 }
             }
             let payload = buf.split_to(payload_len).freeze();
+            let p = Pending {
+                req,
+                payload,
+                permits: (count_permit, Some(bytes_permit)),
+            };
             // Alone in flight with nothing more received: serve it here. A task of its own
             // would only add a spawn and a cross-thread wakeup to a queue-depth-1 client's
-            // latency; with company, requests run concurrently as their own tasks.
-            if count.available_permits() + 1 == max_requests && buf.is_empty() {
-                let (head, body) = session.handle(req, payload).await;
-                let _ = tx.send(Outgoing {
-                    head,
-                    body,
-                    _permits: (count_permit, Some(bytes_permit)),
-                });
+            // latency; with company, requests run concurrently in tasks.
+            if group.is_empty() && count.available_permits() + 1 == max_requests && buf.is_empty() {
+                run(&session, &tx, p).await;
                 continue;
             }
-            let session = session.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (head, body) = session.handle(req, payload).await;
-                let _ = tx.send(Outgoing {
-                    head,
-                    body,
-                    _permits: (count_permit, Some(bytes_permit)),
-                });
-            });
+            if cost as usize <= GROUP_COST_MAX {
+                group.push(p);
+                if group.len() >= GROUP_MAX {
+                    spawn_group(&session, &tx, &mut group);
+                }
+            } else {
+                spawn_one(session.clone(), tx.clone(), p);
+            }
         }
     }
     .await;
@@ -508,6 +539,57 @@ where
         Err(e) => warn!(%peer, "NBD writer task: {e}"),
         Ok(Ok(())) => {}
     }
+}
+
+/// A request read and admitted, not yet started.
+struct Pending {
+    req: Request,
+    payload: Bytes,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// Requests that arrived together run as one task (concurrently inside it): one spawn, and
+/// one wakeup of an idle worker, for the lot instead of one each.
+const GROUP_MAX: usize = 16;
+/// Larger requests run as tasks of their own: their copying and checksumming is worth
+/// spreading over the cores.
+const GROUP_COST_MAX: usize = 64 * 1024;
+
+fn spawn_group(
+    session: &Arc<Session>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    group: &mut Vec<Pending>,
+) {
+    if group.is_empty() {
+        return;
+    }
+    let (session, tx) = (session.clone(), tx.clone());
+    let mut group = std::mem::take(group);
+    if group.len() == 1 {
+        if let Some(p) = group.pop() {
+            spawn_one(session, tx, p);
+        }
+        return;
+    }
+    tokio::spawn(async move {
+        let mut running: futures_util::stream::FuturesUnordered<_> =
+            group.into_iter().map(|p| run(&session, &tx, p)).collect();
+        while futures_util::StreamExt::next(&mut running).await.is_some() {}
+    });
+}
+
+fn spawn_one(session: Arc<Session>, tx: mpsc::UnboundedSender<Outgoing>, p: Pending) {
+    tokio::spawn(async move { run(&session, &tx, p).await });
+}
+
+/// Serves one request and hands its reply to the writer.
+async fn run(session: &Session, tx: &mpsc::UnboundedSender<Outgoing>, p: Pending) {
+    let (head, body) = session.handle(p.req, p.payload).await;
+    let _ = tx.send(Outgoing {
+        head,
+        body,
+        _permits: p.permits,
+    });
 }
 
 /// The server is stopping or the export went away: until the requests in flight have been
