@@ -250,14 +250,7 @@ async fn damaged_newer_or_headless_stores_are_refused_untouched() {
 /// top-level files are compared).
 #[tokio::test]
 async fn superblock_with_another_segment_size_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .unwrap();
-    let id = Uuid::new_v4();
-    s.create_object(id, 1 << 20).await.unwrap();
-    s.write(id, 0, blocks(1, 0, 1), false).await.unwrap();
-    s.close().await.unwrap();
+    let (tmp, _) = closed_store_with(blocks(1, 0, 1)).await;
     let sb = tmp.path().join("superblock");
     let mut bigger = std::fs::read(&sb).unwrap();
     bigger[16..24].copy_from_slice(&(2u64 << 30).to_le_bytes());
