@@ -514,14 +514,7 @@ async fn reads_racing_delete_see_their_data_or_not_found() {
 /// made, the superblock says 2) and reads as before.
 #[tokio::test]
 async fn format_1_store_is_upgraded() {
-    let tmp = tempfile::tempdir().unwrap();
-    let id = Uuid::new_v4();
-    let s = Store::open(tmp.path(), StoreOptions::default())
-        .await
-        .unwrap();
-    s.create_object(id, 1 << 20).await.unwrap();
-    s.write(id, 0, blocks(7, 0, 4), false).await.unwrap();
-    s.close().await.unwrap();
+    let (tmp, id) = closed_store_with(blocks(7, 0, 4)).await;
 
     // Make it what format 1 wrote: superblock version 1, no .pcrc files.
     let sbp = tmp.path().join("superblock");
