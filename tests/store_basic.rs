@@ -92,6 +92,119 @@ async fn clone_is_cow_and_independent() {
     s.close().await.unwrap();
 }
 
+/// Bytes the segment files take on the host filesystem.
+fn segment_disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+        .sum()
+}
+
+/// Blocks of a shared chunk that one sharer discarded go, from the accounting and from the
+/// disk, as soon as the other sharer lets go of them (not at the next open), and the sharer
+/// that keeps the chunk can write them again.
+#[tokio::test]
+async fn blocks_one_sharer_discarded_go_when_the_other_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    s.create_object(a, 16 << 20).await.unwrap();
+    let data = pattern(3, 1 << 20);
+    s.write(a, 0, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let phys = s.stats().physical_bytes;
+    assert_eq!(phys, 1 << 20);
+    let disk = segment_disk_bytes(tmp.path());
+    s.clone_object(a, b).await.unwrap();
+    // `a` lets go of blocks 1..=4 of each of its sixteen 64 KiB chunks; `b` still has them.
+    let hole = 4 * 4096u64;
+    for c in 0..16u64 {
+        s.discard(a, c * 65536 + 4096, hole, false).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    assert_eq!(s.stats().physical_bytes, phys);
+    assert_eq!(s.object_info(a).unwrap().allocated_bytes, phys - 16 * hole);
+    // `b` goes (delete commits): nobody holds those blocks any more.
+    s.delete_object(b).await.unwrap();
+    assert_eq!(s.stats().physical_bytes, phys - 16 * hole);
+    // On the host too (less one block if the filesystem needed one for the split extents).
+    let freed = disk - segment_disk_bytes(tmp.path()).min(disk);
+    assert!(
+        (16 * hole - 4096..=16 * hole).contains(&freed),
+        "{freed} bytes punched"
+    );
+    let mut want = data.clone();
+    for c in 0..16usize {
+        want[c * 65536 + 4096..c * 65536 + 5 * 4096].fill(0);
+    }
+    assert_eq!(s.read(a, 0, 1 << 20).await.unwrap(), want);
+    // Written again, one of them reads back and counts again.
+    s.write(a, 65536 + 8192, Bytes::from(vec![7u8; 4096]), true)
+        .await
+        .unwrap();
+    want[65536 + 8192..65536 + 3 * 4096].fill(7);
+    assert_eq!(s.read(a, 0, 1 << 20).await.unwrap(), want);
+    assert_eq!(s.stats().physical_bytes, phys - 16 * hole + 4096);
+    // What a reopen derives from the maps is what the running store had.
+    s.close().await.unwrap();
+    let s = open(tmp.path()).await;
+    assert_eq!(s.stats().physical_bytes, phys - 16 * hole + 4096);
+    assert_eq!(s.read(a, 0, 1 << 20).await.unwrap(), want);
+    s.close().await.unwrap();
+    let report = cairn::store::fsck(tmp.path(), false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// The same, when the other sharer lets go by copying up (a write, no commit yet), and the
+/// keeper writes one of the dead blocks again before the commit that punches them: every
+/// byte of both objects stays as written and the accounting is exact throughout.
+#[tokio::test]
+async fn keeper_writes_a_dead_block_before_its_punch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    s.create_object(a, 1 << 20).await.unwrap();
+    let data = pattern(5, 65536);
+    s.write(a, 0, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    s.clone_object(a, b).await.unwrap();
+    s.discard(a, 4096, 4 * 4096, false).await.unwrap();
+    // `b` copies its chunk up: blocks 1..=4 of the old slot now belong to nobody.
+    s.write(b, 8 * 4096, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(s.stats().physical_bytes, 2 * 65536 - 4 * 4096);
+    // `a` writes one of them before any commit: a copy-up, not a write in place.
+    s.write(a, 2 * 4096, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    let mut want_a = data.clone();
+    want_a[4096..5 * 4096].fill(0);
+    want_a[2 * 4096..3 * 4096].fill(2);
+    let mut want_b = data.clone();
+    want_b[8 * 4096..9 * 4096].fill(1);
+    s.flush().await.unwrap();
+    assert_eq!(s.read(a, 0, 65536).await.unwrap(), want_a);
+    assert_eq!(s.read(b, 0, 65536).await.unwrap(), want_b);
+    // a: 13 blocks (16, less the 4 it discarded, plus the one it wrote back), b: 16.
+    assert_eq!(s.stats().physical_bytes, (13 + 16) * 4096);
+    s.close().await.unwrap();
+    let s = open(tmp.path()).await;
+    assert_eq!(s.stats().physical_bytes, (13 + 16) * 4096);
+    assert_eq!(s.read(a, 0, 65536).await.unwrap(), want_a);
+    assert_eq!(s.read(b, 0, 65536).await.unwrap(), want_b);
+    s.close().await.unwrap();
+    let report = cairn::store::fsck(tmp.path(), false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+}
+
 #[tokio::test]
 async fn discard_zeroes_and_extents() {
     let tmp = tempfile::tempdir().unwrap();

@@ -231,11 +231,14 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Flush => store.flush().await.unwrap(),
             Op::Reopen => {
                 store.flush().await.unwrap();
+                let physical = store.stats().physical_bytes;
                 store.clone().close().await.unwrap();
                 drop(store);
                 store = Store::open(tmp.path(), StoreOptions::default())
                     .await
                     .unwrap();
+                // Open derives sharing from the maps alone: the running count was exact.
+                prop_assert_eq!(store.stats().physical_bytes, physical, "physical bytes");
             }
         }
         for (id, m) in ids.iter().flatten() {

@@ -10,6 +10,7 @@
 //! outlasts every read in flight. A read that overlaps a write to the same blocks may see a
 //! torn block: its checksum fails, and the read is retried once holding its stripes (shared),
 //! which no write can tear. Only a mismatch on that retry is a checksum error.
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -432,7 +433,12 @@ impl Store {
                 async move {
                     let mut pos = off;
                     while pos < off + n {
-                        let take = (off + n - pos).min(ZEROS.len() as u64);
+                        let mut take = (off + n - pos).min(ZEROS.len() as u64);
+                        if may_deallocate {
+                            // Only the partial blocks at the ends come here: one block at a
+                            // time, so that a hole next to an allocated block stays a hole.
+                            take = take.min(bs - pos % bs);
+                        }
                         let _s = this
                             .lock_stripes(id, pos / chunk, (pos + take).div_ceil(chunk), true)
                             .await;
@@ -493,8 +499,8 @@ impl Store {
             }
         }
         self.commit(true).await?;
-        // With everything committed and nothing in flight, give back blocks that only a
-        // union of sharers' bitmaps still counted (see docs/store-format.md, "Reclaim").
+        // With everything committed and nothing in flight, re-derive sharing from the maps
+        // and punch whatever nobody holds (a safety net: run time already punches them).
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || -> Result<u64> {
             let segments = inner.segments.snapshot();
@@ -816,7 +822,11 @@ impl Store {
                 let old = obj.map.get(c as u32);
                 let (slot, mode, old_present) = match old {
                     None => (m.slots.allocate(sps, lane(c)), Mode::New, 0),
-                    Some(e) if m.slots.refcnt[e.slot as usize] == 1 => {
+                    // A slot with blocks waiting for their punch is copied up instead.
+                    Some(e)
+                        if m.slots.refcnt[e.slot as usize] == 1
+                            && !m.slots.punching.contains_key(&e.slot) =>
+                    {
                         (e.slot, Mode::InPlace, e.present)
                     }
                     Some(e) => (
@@ -1262,16 +1272,18 @@ impl Store {
     }
 
     /// Commit: make data durable, then the journal batch that refers to it; then reclaim
-    /// the slots that batch freed. Caller holds the commit mutex.
+    /// the slots and blocks that batch freed. Caller holds the commit mutex, so reclaims
+    /// run one at a time and in commit order.
     async fn commit(&self, force_checkpoint: bool) -> Result<()> {
         let mut j = self.inner.journal.lock().await;
-        let (batch, segs, freed, observed, snapshot, undo) = {
+        let (batch, segs, (freed, dead), observed, snapshot, undo) = {
             let mut m = self.inner.meta.lock();
             let m = &mut *m;
             let observed = self.inner.flush_requested.load(Ordering::SeqCst);
             if m.log.is_empty()
                 && m.dirty_segments.is_empty()
                 && m.slots.freed.is_empty()
+                && m.slots.dead.is_empty()
                 && !force_checkpoint
             {
                 self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
@@ -1303,6 +1315,7 @@ impl Store {
             let batch = Bytes::from(std::mem::take(&mut m.log));
             let segs: Vec<u32> = m.dirty_segments.drain().collect();
             let freed = std::mem::take(&mut m.slots.freed);
+            let dead = std::mem::take(&mut m.slots.dead);
             let snapshot = (force_checkpoint
                 || j.len + batch.len() as u64 > self.inner.checkpoint_bytes)
                 .then(|| m.encode_checkpoint(j.generation + 1, seq));
@@ -1312,7 +1325,7 @@ impl Store {
                 idle,
                 prev_seq,
             };
-            (batch, segs, freed, observed, snapshot, undo)
+            (batch, segs, (freed, dead), observed, snapshot, undo)
         };
         let (res, journaled) = self.commit_io(&mut j, batch, segs, snapshot).await;
         if let Err(e) = res {
@@ -1330,13 +1343,16 @@ impl Store {
                 m.marked.extend(undo.idle);
                 m.commit_seq = undo.prev_seq;
             }
-            // Freed slots wait for a commit known to be durable either way.
+            // Freed slots and blocks wait for a commit known to be durable either way.
             m.slots.freed.extend(freed);
+            for (slot, blocks) in dead {
+                *m.slots.dead.entry(slot).or_default() |= blocks;
+            }
             return Err(e);
         }
         drop(j);
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.reclaim(freed).await;
+        self.reclaim(freed, dead).await;
         self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
         Ok(())
     }
@@ -1420,9 +1436,10 @@ impl Store {
         Ok(())
     }
 
-    /// Punch slots freed by a durable commit, then let the allocator have them.
-    async fn reclaim(&self, freed: Vec<u32>) {
-        if freed.is_empty() {
+    /// Punch the blocks and slots a durable commit freed, then let the allocator have the
+    /// slots.
+    async fn reclaim(&self, freed: Vec<u32>, dead: HashMap<u32, u64>) {
+        if freed.is_empty() && dead.is_empty() {
             return;
         }
         // Reads that planned before the free may still be reading these slots.
@@ -1430,6 +1447,9 @@ impl Store {
         let chunk = self.inner.sb.chunk_size as u64;
         let segs = self.inner.segments.snapshot();
         let sps = self.inner.sb.slots_per_segment();
+        if !dead.is_empty() {
+            self.punch_dead(&dead, &segs).await;
+        }
         let ops: Vec<Op> = freed
             .iter()
             .filter_map(|&s| {
@@ -1451,6 +1471,50 @@ impl Store {
             }
             if m.slots.refcnt[s as usize] == 0 {
                 m.slots.mark_unused(s);
+            }
+        }
+    }
+
+    /// Punch blocks of shared slots that lost their last holder (their slots stay in use).
+    /// Nobody writes them meanwhile: those slots are copied up rather than written in place
+    /// until this is done (`Slots::punching`).
+    async fn punch_dead(&self, dead: &HashMap<u32, u64>, segs: &[Arc<Segment>]) {
+        let sps = self.inner.sb.slots_per_segment();
+        let mut ops = Vec::new();
+        {
+            let m = self.inner.meta.lock();
+            for (&slot, &blocks) in dead {
+                // A slot freed since goes whole, with the freed ones.
+                if m.slots.refcnt[slot as usize] == 0 {
+                    continue;
+                }
+                let Some(seg) = segs.get((slot / sps) as usize) else {
+                    continue;
+                };
+                for (s, n) in runs(blocks & !m.slots.live[slot as usize]) {
+                    let (foff, _) = self.locate(slot, s);
+                    ops.push(Op::Fallocate {
+                        fd: seg.fd(),
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off: foff,
+                        len: n as u64 * BLOCK as u64,
+                    });
+                }
+            }
+        }
+        for r in self.inner.uring.run(ops).await {
+            if let Err(e) = r {
+                // Unreferenced either way; the space comes back at the next open.
+                tracing::warn!(error = %e, "could not punch blocks nobody holds");
+            }
+        }
+        let mut m = self.inner.meta.lock();
+        for (slot, blocks) in dead {
+            if let Some(p) = m.slots.punching.get_mut(slot) {
+                *p &= !blocks;
+                if *p == 0 {
+                    m.slots.punching.remove(slot);
+                }
             }
         }
     }
@@ -1762,6 +1826,43 @@ mod tests {
         assert_eq!(read.await.unwrap().unwrap(), vec![7u8; 4096]);
         let st = s.stats();
         assert_eq!((st.read_retries, st.checksum_errors), (1, 0));
+        s.close().await.unwrap();
+    }
+
+    /// Blocks of a shared slot that lost their last holder are punched after the next
+    /// commit; until then the slot's remaining holder copies up instead of writing in place,
+    /// so the punch cannot land on its new data. After the commit it writes in place again.
+    #[tokio::test]
+    async fn slot_with_dead_blocks_is_copied_up_until_they_are_punched() {
+        let (_tmp, s, a, slot) = one_block_store().await;
+        let b = ObjectId::new_v4();
+        s.write(a, 4096, Bytes::from(vec![8u8; 4096]), false)
+            .await
+            .unwrap();
+        s.clone_object(a, b).await.unwrap();
+        s.discard(a, 4096, 4096, false).await.unwrap();
+        // `b` copies up: block 1 of `slot` now belongs to nobody.
+        s.write(b, 0, Bytes::from(vec![9u8; 4096]), false)
+            .await
+            .unwrap();
+        let slot_of = |id| s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
+        assert_eq!(slot_of(a), slot);
+        assert_eq!(s.inner.meta.lock().slots.punching.get(&slot), Some(&0b10));
+        s.write(a, 4096, Bytes::from(vec![6u8; 4096]), false)
+            .await
+            .unwrap();
+        let moved = slot_of(a);
+        assert_ne!(moved, slot, "wrote in place into a slot awaiting its punch");
+        s.flush().await.unwrap();
+        assert!(s.inner.meta.lock().slots.punching.is_empty());
+        s.write(a, 8192, Bytes::from(vec![5u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(slot_of(a), moved, "nothing pending: in place again");
+        let mut want = vec![7u8; 4096];
+        want.extend([6u8; 4096]);
+        want.extend([5u8; 4096]);
+        assert_eq!(s.read(a, 0, 3 * 4096).await.unwrap(), want);
         s.close().await.unwrap();
     }
 

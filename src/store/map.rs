@@ -35,10 +35,15 @@ pub enum Node {
     Leaf(Vec<(u8, Entry)>),
 }
 
-/// Receives slot reference changes caused by map mutations.
+/// Receives slot reference changes caused by map mutations, with the blocks each holding
+/// leaf has (so that a receiver can tell which blocks of a shared slot anyone still holds).
 pub trait SlotRefs {
-    fn incref(&mut self, slot: u32);
-    fn decref(&mut self, slot: u32);
+    /// A leaf holding `slot` with blocks `present` came to be.
+    fn incref(&mut self, slot: u32, present: u64);
+    /// A leaf holding `slot` with blocks `present` let go of it.
+    fn decref(&mut self, slot: u32, present: u64);
+    /// A leaf's entry kept `slot` and changed its blocks from `old` to `new`.
+    fn update(&mut self, slot: u32, old: u64, new: u64);
 }
 
 #[derive(Clone, Debug, Default)]
@@ -76,7 +81,7 @@ fn make_unique<'a>(node: &'a mut Arc<Node>, refs: &mut dyn SlotRefs) -> &'a mut 
         let copy = (**node).clone();
         if let Node::Leaf(entries) = &copy {
             for (_, e) in entries {
-                refs.incref(e.slot);
+                refs.incref(e.slot, e.present);
             }
         }
         *node = Arc::new(copy);
@@ -94,7 +99,7 @@ fn release_node(node: Arc<Node>, refs: &mut dyn SlotRefs) {
             }
             Node::Leaf(entries) => {
                 for (_, e) in entries {
-                    refs.decref(e.slot);
+                    refs.decref(e.slot, e.present);
                 }
             }
         }
@@ -211,12 +216,16 @@ impl Map {
                         }
                     };
                     match old {
-                        Some(o) if o.slot == entry.slot => {}
-                        Some(o) => {
-                            refs.incref(entry.slot);
-                            refs.decref(o.slot);
+                        Some(o) if o.slot == entry.slot => {
+                            if o.present != entry.present {
+                                refs.update(entry.slot, o.present, entry.present);
+                            }
                         }
-                        None => refs.incref(entry.slot),
+                        Some(o) => {
+                            refs.incref(entry.slot, entry.present);
+                            refs.decref(o.slot, o.present);
+                        }
+                        None => refs.incref(entry.slot, entry.present),
                     }
                     return old;
                 }
@@ -234,7 +243,7 @@ impl Map {
             self.root = None;
         }
         if let Some(o) = old {
-            refs.decref(o.slot);
+            refs.decref(o.slot, o.present);
         }
         old
     }
@@ -351,10 +360,11 @@ mod tests {
     #[derive(Default)]
     struct Counts(HashMap<u32, i64>);
     impl SlotRefs for Counts {
-        fn incref(&mut self, s: u32) {
+        fn incref(&mut self, s: u32, _: u64) {
             *self.0.entry(s).or_default() += 1;
         }
-        fn decref(&mut self, s: u32) {
+        fn update(&mut self, _: u32, _: u64, _: u64) {}
+        fn decref(&mut self, s: u32, _: u64) {
             let c = self.0.entry(s).or_default();
             *c -= 1;
             assert!(*c >= 0, "slot {s} refcount went negative");

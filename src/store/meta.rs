@@ -30,9 +30,18 @@ pub const LANES: usize = 2;
 #[derive(Default)]
 pub struct Slots {
     pub refcnt: Vec<u32>,
-    /// Union of the present bitmaps of the leaves holding the slot (exact while the slot
-    /// has one reference; may over-approximate once it had several).
+    /// Union of the present bitmaps of the leaves holding the slot: the blocks someone holds.
     pub live: Vec<u64>,
+    /// Per block, how many leaves hold it, for shared slots whose holders' bitmaps differ
+    /// (a holder discarded part of the chunk). A shared slot without an entry here has
+    /// `live` as every holder's bitmap, which is what clones and copied leaves give.
+    pub holders: HashMap<u32, Vec<u32>>,
+    /// Blocks that lost their last holder while their slot kept others (slot -> blocks),
+    /// since the last commit. Punched after that commit, like freed slots.
+    pub dead: HashMap<u32, u64>,
+    /// Slots with dead blocks not yet punched. They are not written in place until then
+    /// (writes copy up), so a punch never lands on data written after the blocks died.
+    pub punching: HashMap<u32, u64>,
     /// Allocated (referenced, being written, or awaiting its freeing commit).
     pub used: Vec<u64>,
     /// Next-fit position per lane.
@@ -113,22 +122,93 @@ impl Slots {
             self.physical_blocks + bits.count_ones() as u64 - old.count_ones() as u64;
         self.live[slot as usize] = bits;
     }
+
+    /// Per-block holder counts of a shared slot, made from `live` when its holders' bitmaps
+    /// were all equal until now.
+    fn holders_of(&mut self, slot: u32) -> &mut Vec<u32> {
+        let (n, live) = (self.refcnt[slot as usize], self.live[slot as usize]);
+        self.holders.entry(slot).or_insert_with(|| {
+            (0..64)
+                .map(|b| if live & (1 << b) != 0 { n } else { 0 })
+                .collect()
+        })
+    }
+
+    /// `live` from the per-block counts; blocks nobody holds any more are queued for a punch.
+    fn settle(&mut self, slot: u32) {
+        let Some(counts) = self.holders.get(&slot) else {
+            return;
+        };
+        let live = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .fold(0u64, |m, (b, _)| m | 1 << b);
+        let dead = self.live[slot as usize] & !live;
+        self.set_live(slot, live);
+        if dead != 0 {
+            *self.dead.entry(slot).or_default() |= dead;
+            *self.punching.entry(slot).or_default() |= dead;
+        }
+        if self.refcnt[slot as usize] <= 1 {
+            self.holders.remove(&slot);
+        }
+    }
+}
+
+fn count_blocks(counts: &mut [u32], bits: u64, add: bool) {
+    for (b, n) in counts.iter_mut().enumerate() {
+        if bits & (1 << b) != 0 {
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        }
+    }
 }
 
 impl SlotRefs for Slots {
-    fn incref(&mut self, slot: u32) {
+    fn incref(&mut self, slot: u32, present: u64) {
         self.ensure(slot);
-        self.refcnt[slot as usize] += 1;
         self.mark_used(slot);
+        let i = slot as usize;
+        if self.refcnt[i] == 0 {
+            self.refcnt[i] = 1;
+            self.set_live(slot, present);
+            return;
+        }
+        if present != self.live[i] || self.holders.contains_key(&slot) {
+            count_blocks(self.holders_of(slot), present, true);
+        }
+        self.refcnt[i] += 1;
+        self.settle(slot);
     }
-    fn decref(&mut self, slot: u32) {
+
+    fn decref(&mut self, slot: u32, present: u64) {
         let c = &mut self.refcnt[slot as usize];
         debug_assert!(*c > 0, "slot {slot} refcount underflow");
         *c = c.saturating_sub(1);
         if *c == 0 {
+            self.holders.remove(&slot);
             self.set_live(slot, 0);
             self.freed.push(slot);
+            return;
         }
+        if let Some(counts) = self.holders.get_mut(&slot) {
+            count_blocks(counts, present, false);
+            self.settle(slot);
+        }
+        // Otherwise every holder had `live`, and the ones left still do.
+    }
+
+    fn update(&mut self, slot: u32, old: u64, new: u64) {
+        if self.refcnt[slot as usize] <= 1 {
+            // The only holder: whatever punching the change needs is its writer's business
+            // (discard punches in place, under its stripes).
+            self.set_live(slot, new);
+            return;
+        }
+        let counts = self.holders_of(slot);
+        count_blocks(counts, old, false);
+        count_blocks(counts, new, true);
+        self.settle(slot);
     }
 }
 
@@ -248,12 +328,6 @@ impl Meta {
                 let old_bits = old.map_or(0, |e| e.present.count_ones() as u64);
                 obj.allocated_blocks =
                     obj.allocated_blocks + present.count_ones() as u64 - old_bits;
-                let live = if self.slots.refcnt[slot as usize] == 1 {
-                    present
-                } else {
-                    self.slots.live[slot as usize] | present
-                };
-                self.slots.set_live(slot, live);
             }
             Record::RemoveEntry { id, chunk } => {
                 let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
@@ -288,9 +362,7 @@ impl Meta {
             obj.map.visit_nodes(&mut seen, &mut |n| {
                 if let Node::Leaf(entries) = &**n {
                     for (_, e) in entries {
-                        slots.incref(e.slot);
-                        let live = slots.live[e.slot as usize] | e.present;
-                        slots.set_live(e.slot, live);
+                        slots.incref(e.slot, e.present);
                     }
                 }
             });

@@ -245,8 +245,8 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             uncommitted: batch.len() as u64,
         });
     }
-    // Replay keeps `live` as a union over sharers, which can over-approximate; derive it
-    // exactly from the final maps so that leak reclaim at open misses nothing.
+    // Derive sharing afresh from the final maps (replay queued punches it will not do),
+    // so that leak reclaim at open misses nothing.
     meta.derive_slots(segments * sb.slots_per_segment());
     if meta.slots_needed() > segments * sb.slots_per_segment() {
         return Err(StoreError::Damaged(format!(
