@@ -1260,12 +1260,7 @@ impl Store {
                     seg.replace_crc(self.locate(slot, blk).1, self.inner.zero_crc);
                 }
                 let (foff, _) = self.locate(slot, s);
-                ops.push(Op::Fallocate {
-                    fd: seg.fd(),
-                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off: foff,
-                    len: n as u64 * BLOCK as u64,
-                });
+                ops.push(punch_op(seg.fd(), foff, n as u64 * BLOCK as u64));
             }
         }
         self.inner.uring.run_all(&ops).await.map_err(map_io)
@@ -1453,12 +1448,8 @@ impl Store {
         let ops: Vec<Op> = freed
             .iter()
             .filter_map(|&s| {
-                segs.get((s / sps) as usize).map(|seg| Op::Fallocate {
-                    fd: seg.fd(),
-                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off: (s % sps) as u64 * chunk,
-                    len: chunk,
-                })
+                segs.get((s / sps) as usize)
+                    .map(|seg| punch_op(seg.fd(), (s % sps) as u64 * chunk, chunk))
             })
             .collect();
         let results = self.inner.uring.run(ops).await;
@@ -1493,12 +1484,7 @@ impl Store {
                 };
                 for (s, n) in runs(blocks & !m.slots.live[slot as usize]) {
                     let (foff, _) = self.locate(slot, s);
-                    ops.push(Op::Fallocate {
-                        fd: seg.fd(),
-                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off: foff,
-                        len: n as u64 * BLOCK as u64,
-                    });
+                    ops.push(punch_op(seg.fd(), foff, n as u64 * BLOCK as u64));
                 }
             }
         }
@@ -1517,6 +1503,16 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// Deallocate `len` bytes at `off` of `fd`, keeping its size.
+fn punch_op(fd: std::os::fd::RawFd, off: u64, len: u64) -> Op {
+    Op::Fallocate {
+        fd,
+        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
     }
 }
 
