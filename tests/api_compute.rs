@@ -495,6 +495,26 @@ fn servers_and_attachments_with_every_error() {
         409,
         "conflictingRequest",
     );
+    // A device path already taken, or the root disk's: nova's DevicePathInUse.
+    let vid3 = create_volume(&api, json!({"volume": {"size": 1}}))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    for dev in ["/dev/vdd", "/dev/vda", "/dev/vdb"] {
+        let m = fault(
+            &api.post(
+                &att,
+                &json!({"volumeAttachment": {"volumeId": vid3, "device": dev}}),
+            ),
+            409,
+            "conflictingRequest",
+        );
+        assert_eq!(m, format!("The supplied device path ({dev}) is in use."));
+    }
+    assert_eq!(
+        ok(&api.get(&format!("/os-volumes/{vid3}")), 200)["volume"]["status"],
+        "available"
+    );
     fault(
         &api.post(
             &format!("/servers/{NO_SUCH}/os-volume_attachments"),

@@ -699,12 +699,24 @@ impl Volumes {
                         .collect();
                 let device = match (&req.device, req.kind) {
                     (Some(d), _) => {
-                        if used.iter().any(|u| same_device(u, d)) {
-                            return Err(ServiceError::Conflict(format!(
-                                "Device {d} is already in use on server {}.",
-                                server.id
-                            ))
-                            .into());
+                        let in_use = used.iter().any(|u| same_device(u, d));
+                        match req.naming {
+                            // A Compute server boots from /dev/vda (nova's libvirt naming):
+                            // it is never free, and nova's refusal is DevicePathInUse.
+                            DeviceNaming::DevPath if in_use || same_device(d, "vda") => {
+                                return Err(ServiceError::Conflict(format!(
+                                    "The supplied device path ({d}) is in use."
+                                ))
+                                .into());
+                            }
+                            DeviceNaming::PdiskTarget if in_use => {
+                                return Err(ServiceError::Conflict(format!(
+                                    "Device {d} is already in use on server {}.",
+                                    server.id
+                                ))
+                                .into());
+                            }
+                            _ => {}
                         }
                         Some(d.clone())
                     }
