@@ -9,6 +9,14 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Create object `id` of `size` bytes holding `data` from offset 0.
+async fn object_with(s: &Store, id: Uuid, size: u64, data: &[u8]) {
+    s.create_object(id, size).await.unwrap();
+    s.write(id, 0, Bytes::copy_from_slice(data), false)
+        .await
+        .unwrap();
+}
+
 async fn open(dir: &std::path::Path) -> Store {
     Store::open(dir, StoreOptions::default())
         .await
@@ -61,11 +69,8 @@ async fn clone_is_cow_and_independent() {
     let s = open(tmp.path()).await;
     let a = Uuid::new_v4();
     let b = Uuid::new_v4();
-    s.create_object(a, 16 << 20).await.unwrap();
     let data = pattern(1, 1 << 20);
-    s.write(a, 0, Bytes::from(data.clone()), false)
-        .await
-        .unwrap();
+    object_with(&s, a, 16 << 20, &data).await;
     s.flush().await.unwrap();
     let phys = s.stats().physical_bytes;
     s.clone_object(a, b).await.unwrap();
@@ -111,11 +116,8 @@ async fn blocks_one_sharer_discarded_go_when_the_other_leaves() {
     let tmp = tempfile::tempdir().unwrap();
     let s = open(tmp.path()).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    s.create_object(a, 16 << 20).await.unwrap();
     let data = pattern(3, 1 << 20);
-    s.write(a, 0, Bytes::from(data.clone()), false)
-        .await
-        .unwrap();
+    object_with(&s, a, 16 << 20, &data).await;
     s.flush().await.unwrap();
     let phys = s.stats().physical_bytes;
     assert_eq!(phys, 1 << 20);
@@ -168,11 +170,8 @@ async fn keeper_writes_a_dead_block_before_its_punch() {
     let tmp = tempfile::tempdir().unwrap();
     let s = open(tmp.path()).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    s.create_object(a, 1 << 20).await.unwrap();
     let data = pattern(5, 65536);
-    s.write(a, 0, Bytes::from(data.clone()), false)
-        .await
-        .unwrap();
+    object_with(&s, a, 1 << 20, &data).await;
     s.clone_object(a, b).await.unwrap();
     s.discard(a, 4096, 4 * 4096, false).await.unwrap();
     // `b` copies its chunk up: blocks 1..=4 of the old slot now belong to nobody.

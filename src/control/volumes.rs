@@ -699,24 +699,22 @@ impl Volumes {
                         .collect();
                 let device = match (&req.device, req.kind) {
                     (Some(d), _) => {
-                        let in_use = used.iter().any(|u| same_device(u, d));
-                        match req.naming {
-                            // A Compute server boots from /dev/vda (nova's libvirt naming):
-                            // it is never free, and nova's refusal is DevicePathInUse.
-                            DeviceNaming::DevPath if in_use || same_device(d, "vda") => {
-                                return Err(ServiceError::Conflict(format!(
-                                    "The supplied device path ({d}) is in use."
-                                ))
-                                .into());
-                            }
-                            DeviceNaming::PdiskTarget if in_use => {
-                                return Err(ServiceError::Conflict(format!(
+                        // A Compute server boots from /dev/vda (nova's libvirt naming): it is
+                        // never free.
+                        let root = matches!(req.naming, DeviceNaming::DevPath)
+                            && same_device(d, "vda");
+                        if root || used.iter().any(|u| same_device(u, d)) {
+                            return Err(ServiceError::Conflict(match req.naming {
+                                // nova's DevicePathInUse.
+                                DeviceNaming::DevPath => {
+                                    format!("The supplied device path ({d}) is in use.")
+                                }
+                                DeviceNaming::PdiskTarget => format!(
                                     "Device {d} is already in use on server {}.",
                                     server.id
-                                ))
-                                .into());
-                            }
-                            _ => {}
+                                ),
+                            })
+                            .into());
                         }
                         Some(d.clone())
                     }

@@ -7,8 +7,9 @@
 //! to the writer, which writes replies in completion order with vectored writes, batching
 //! what is ready. A spawn wakes an idle worker to steal the task: one spawn per group instead
 //! of one per request measured 4-12% more IOPS on the 4k rows of `scripts/bench/nbd`.
-//! Back-pressure: a request takes permits for its bytes (payload or read length) from a per-connection semaphore before
-//! its payload is read or its task spawned, and gives them back once its reply is written.
+//! Back-pressure: a request takes permits for its bytes (payload or read length) from a
+//! per-connection semaphore before its payload is read or its task spawned, and gives them
+//! back once its reply is written.
 
 use std::{io, io::IoSlice, sync::Arc};
 
