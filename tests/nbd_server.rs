@@ -15,7 +15,16 @@ struct Nbd {
 
 impl Nbd {
     fn start() -> Nbd {
-        let c = Serve::new()
+        Nbd::serve(Serve::new())
+    }
+
+    /// On a data dir that outlives the daemon (for restarts).
+    fn start_in(dir: &std::path::Path) -> Nbd {
+        Nbd::serve(Serve::new().data_dir(dir))
+    }
+
+    fn serve(s: Serve) -> Nbd {
+        let c = s
             .arg("--admin-password")
             .arg("nbd-test-pw")
             .env("RUST_LOG", "info,cairn::nbd=debug")
@@ -411,6 +420,96 @@ print("OK")
     );
     let out = ok("/usr/bin/python3", &["-c", &script]);
     assert!(out.contains("OK"), "{out}");
+}
+
+/// What a client was told is durable survives `kill -9` of the daemon: writes flushed on
+/// their own connection or on another one (CAN_MULTI_CONN), FUA writes, and flushed trims and
+/// zeroes. Unflushed writes come back per 4 KiB block as either the old or the new data, never
+/// as anything else or a checksum error, and fsck is clean afterwards.
+#[test]
+fn flushed_writes_survive_kill9_of_the_daemon() {
+    let tmp = common::temp_dir();
+    let dir = tmp.path().join("data");
+    let mut n = Nbd::start_in(&dir);
+    let (id, _) = n.attached_volume("vm1");
+    // Shared by both scripts: the data of each region, regenerated from its seed.
+    let common = format!(
+        r#"
+import nbd, random, sys
+M = 1 << 20
+def data(seed, n):
+    return random.Random(seed).randbytes(n)
+def conn():
+    h = nbd.NBD()
+    h.set_export_name({id:?})
+    h.connect_unix({sock:?})
+    return h
+a, b = conn(), conn()
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let before = format!(
+        r#"{common}
+a.pwrite(data(1, M), 0)                       # flushed on the other connection
+a.pwrite(data(2, 65536), 512 * M + 3)         # unaligned, ditto
+b.flush()
+b.pwrite(data(4, M), 200 * M)
+b.trim(512 << 10, 200 * M + (256 << 10))
+b.zero(4096, 200 * M + (768 << 10), nbd.CMD_FLAG_NO_HOLE)
+b.zero(8192, 200 * M + (900 << 10))
+a.flush()
+a.pwrite(data(3, 256 << 10), 100 * M, nbd.CMD_FLAG_FUA)  # after the last flush
+a.pwrite(data(5, 65536), 0)                   # over flushed data, never flushed
+b.pwrite(data(6, M), 300 * M)                 # into a hole, never flushed
+print("ready", flush=True)
+sys.stdin.readline()
+"#
+    );
+    let (mut py, _) = python_until_ready(&before);
+    n.c.signal(libc::SIGKILL);
+    n.c.wait_exit(std::time::Duration::from_secs(30));
+    py.kill().expect("kill the client");
+    py.wait().expect("wait");
+
+    n = Nbd::start_in(&dir);
+    let list = ok(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!("nbd+unix:///?socket={}", n.socket().display()),
+        ],
+    );
+    assert!(list.contains(&id), "the attachment survives: {list}");
+    let after = format!(
+        r#"{common}
+def same(got, want, what):
+    assert got == want, what
+def either(off, old, new, what):
+    got = a.pread(len(new), off)
+    for i in range(0, len(new), 4096):
+        blk = got[i:i + 4096]
+        assert blk in (old[i:i + 4096], new[i:i + 4096]), (what, i)
+same(a.pread(M - 65536, 65536), data(1, M)[65536:], "flushed write")
+same(b.pread(65536, 512 * M + 3), data(2, 65536), "unaligned flushed write")
+same(a.pread(4098, 512 * M), bytes(3) + data(2, 65536)[:4095], "its first block")
+same(a.pread(256 << 10, 100 * M), data(3, 256 << 10), "FUA write")
+want = bytearray(data(4, M))
+want[256 << 10:768 << 10] = bytes(512 << 10)
+want[768 << 10:(768 << 10) + 4096] = bytes(4096)
+want[900 << 10:(900 << 10) + 8192] = bytes(8192)
+same(b.pread(M, 200 * M), bytes(want), "flushed trim and zeroes")
+either(0, data(1, M)[:65536], data(5, 65536), "unflushed overwrite")
+either(300 * M, bytes(M), data(6, M), "unflushed write into a hole")
+same(a.pread(M, 400 * M), bytes(M), "never written")
+print("OK", flush=True)
+"#
+    );
+    let out = ok("/usr/bin/python3", &["-c", &after]);
+    assert!(out.contains("OK"), "{out}");
+    assert_eq!(n.c.stop_with(libc::SIGTERM).code(), Some(0));
+    let (status, out, err) = run_cairn(&["fsck", "--data-dir", &n.data]);
+    assert_eq!(status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("clean"), "{out}");
 }
 
 /// Detaching a volume ends its export: open connections are closed, others stay.
