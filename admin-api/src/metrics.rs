@@ -190,7 +190,7 @@ impl Collector for StoreCollector {
         counter(
             e,
             "cairn_store_healed_blocks",
-            "Blocks repaired after a checksum error",
+            "Blocks of torn writes given back their previous checksum at open (the write never landed)",
             s.healed_blocks,
         )?;
         counter(
