@@ -315,3 +315,99 @@ async fn state_survives_reopen() {
     assert_eq!(s.read(id, 777, 300_000).await.unwrap(), pattern(6, 300_000));
     s.close().await.unwrap();
 }
+
+/// Shrinking to a size inside the old last block, when that block is partial, forgets the
+/// bytes past the new end: growing again reads zeros there.
+#[tokio::test]
+async fn shrink_within_the_last_block_forgets_its_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let id = Uuid::new_v4();
+    object_with(&s, id, 5000, &pattern(3, 5000)).await;
+    s.resize(id, 4500).await.unwrap();
+    s.resize(id, 5000).await.unwrap();
+    let mut want = pattern(3, 4500);
+    want.resize(5000, 0);
+    assert_eq!(s.read(id, 0, 5000).await.unwrap(), want);
+    s.close().await.unwrap();
+}
+
+/// A range whose end overflows u64 is out of range: an error, not a panic (debug builds
+/// checked arithmetic) or a wrapped range.
+#[tokio::test]
+async fn ranges_that_overflow_are_out_of_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let id = Uuid::new_v4();
+    object_with(&s, id, 1 << 20, &pattern(1, 4096)).await;
+    let far = u64::MAX - 10;
+    let w = s.write(id, far, Bytes::from(vec![1u8; 100]), false).await;
+    assert!(matches!(w, Err(StoreError::OutOfRange { .. })), "{w:?}");
+    let r = s.read(id, far, 100).await;
+    assert!(matches!(r, Err(StoreError::OutOfRange { .. })), "{r:?}");
+    let d = s.discard(id, far, 100, false).await;
+    assert!(matches!(d, Err(StoreError::OutOfRange { .. })), "{d:?}");
+    let z = s.write_zeroes(id, far, 100, true, false).await;
+    assert!(matches!(z, Err(StoreError::OutOfRange { .. })), "{z:?}");
+    assert_eq!(s.read(id, 0, 4096).await.unwrap(), pattern(1, 4096));
+    s.close().await.unwrap();
+}
+
+/// A caller that goes away during a commit (an HTTP client hanging up on a DELETE) does not
+/// stop it: the batch it took, with other objects' writes, still reaches the journal, so a
+/// later flush that says they are durable is right, and they survive a crash.
+#[tokio::test]
+async fn a_dropped_commit_still_lands() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    s.create_object(a, 1 << 20).await.unwrap();
+    s.create_object(b, 1 << 20).await.unwrap();
+    s.write(a, 0, Bytes::from(pattern(9, 4096)), false)
+        .await
+        .unwrap();
+    {
+        let mut delete = Box::pin(s.delete_object(b));
+        let pending = delete
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending();
+        assert!(pending, "the delete did not get as far as its commit");
+    }
+    s.flush().await.unwrap();
+    drop(s); // no close: as a crash leaves it
+    let s = open(tmp.path()).await;
+    assert_eq!(s.read(a, 0, 4096).await.unwrap(), pattern(9, 4096));
+    assert!(matches!(s.object_info(b), Err(StoreError::NotFound(_))));
+    s.close().await.unwrap();
+}
+
+/// `extents_upto` gives the first extents of `extents`, exactly, for any limit and range:
+/// what NBD block status with REQ_ONE (or a capped reply) stands on.
+#[tokio::test]
+async fn extents_upto_is_a_prefix_of_extents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path()).await;
+    let id = Uuid::new_v4();
+    s.create_object(id, 4 << 20).await.unwrap();
+    // Every other block over three chunks, then a run of six, then a hole to the end.
+    for b in (0..48u64).step_by(2) {
+        s.write(id, b * 4096, Bytes::from(pattern(b as u8, 4096)), false)
+            .await
+            .unwrap();
+    }
+    s.write(id, 100 * 4096, Bytes::from(pattern(1, 6 * 4096)), false)
+        .await
+        .unwrap();
+    for (off, len) in [(0, 4 << 20), (4095, 200_000), (8192 * 7 + 100, 1 << 20)] {
+        let all = s.extents(id, off, len).unwrap();
+        assert!(all.len() > 10, "{all:?}");
+        for k in 1..=all.len() + 2 {
+            let some = s.extents_upto(id, off, len, k).unwrap();
+            assert_eq!(some, all[..k.min(all.len())], "limit {k} at {off}+{len}");
+        }
+    }
+    s.close().await.unwrap();
+}

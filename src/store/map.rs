@@ -13,6 +13,7 @@
 //! Invariant: all mutation happens under the store's metadata lock, so `Arc` strong counts
 //! are exact sharing counts (nothing else holds node references).
 use std::collections::HashSet;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 pub const FAN_BITS: u32 = 8;
@@ -266,8 +267,21 @@ impl Map {
 
     /// Visit entries with `start <= idx < end` in ascending order.
     pub fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(u32, Entry)) {
+        self.try_for_each_in(start, end, |i, e| {
+            f(i, e);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Like [`Map::for_each_in`], stopping at the first `Break`.
+    pub fn try_for_each_in(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u32, Entry) -> ControlFlow<()>,
+    ) {
         if let Some(root) = &self.root {
-            walk(root, self.levels, 0, start, end, &mut f);
+            let _ = walk(root, self.levels, 0, start, end, &mut f);
         }
     }
 
@@ -319,7 +333,14 @@ fn remove_rec(
     }
 }
 
-fn walk(node: &Node, level: u8, base: u64, start: u64, end: u64, f: &mut impl FnMut(u32, Entry)) {
+fn walk(
+    node: &Node,
+    level: u8,
+    base: u64,
+    start: u64,
+    end: u64,
+    f: &mut impl FnMut(u32, Entry) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     let span = 1u64 << (FAN_BITS * (level as u32 - 1));
     match node {
         Node::Inner(children) => {
@@ -328,7 +349,7 @@ fn walk(node: &Node, level: u8, base: u64, start: u64, end: u64, f: &mut impl Fn
             let last = (end.saturating_sub(base).div_ceil(span)).min(FAN as u64) as usize;
             for (i, c) in children.iter().enumerate().take(last).skip(first) {
                 if let Some(c) = c {
-                    walk(c, level - 1, base + i as u64 * span, start, end, f);
+                    walk(c, level - 1, base + i as u64 * span, start, end, f)?;
                 }
             }
         }
@@ -346,10 +367,11 @@ fn walk(node: &Node, level: u8, base: u64, start: u64, end: u64, f: &mut impl Fn
                 if idx >= end {
                     break;
                 }
-                f(idx as u32, *e);
+                f(idx as u32, *e)?;
             }
         }
     }
+    ControlFlow::Continue(())
 }
 
 #[cfg(test)]

@@ -42,6 +42,14 @@ pub struct Slots {
     /// Slots with dead blocks not yet punched. They are not written in place until then
     /// (writes copy up), so a punch never lands on data written after the blocks died.
     pub punching: HashMap<u32, u64>,
+    /// Slots that lost a holder while others kept them, with the grace generation of that
+    /// moment. A read that planned through the holder that left may still be reading them,
+    /// so they are not written or punched in place (writes copy up) until a grace period
+    /// begun after the departure has passed (`Store::reclaim`). Freed slots need no entry:
+    /// nobody writes them before their own grace period.
+    pub departed: HashMap<u32, u64>,
+    /// Bumped by every commit; departures before a commit's bump are cleared by its reclaim.
+    pub grace_gen: u64,
     /// Allocated (referenced, being written, or awaiting its freeing commit).
     pub used: Vec<u64>,
     /// Next-fit position per lane.
@@ -187,10 +195,12 @@ impl SlotRefs for Slots {
         *c = c.saturating_sub(1);
         if *c == 0 {
             self.holders.remove(&slot);
+            self.departed.remove(&slot);
             self.set_live(slot, 0);
             self.freed.push(slot);
             return;
         }
+        self.departed.insert(slot, self.grace_gen);
         if let Some(counts) = self.holders.get_mut(&slot) {
             count_blocks(counts, present, false);
             self.settle(slot);
@@ -238,6 +248,12 @@ pub struct Meta {
     pub region_inflight: HashMap<u32, u32>,
     /// Segments with data or CRC writes since the last commit.
     pub dirty_segments: HashSet<u32>,
+    /// Maps of deleted objects, kept (with `defer_release`) until a grace period has passed:
+    /// nodes they share with a clone then stay shared, so the clone copies up rather than
+    /// writing in place under a read of the deleted object that is still in flight.
+    pub graveyard: Vec<Map>,
+    /// Set at run time; replay releases deleted maps at once.
+    pub defer_release: bool,
 }
 
 pub fn region_of(slot: u32) -> u32 {
@@ -258,6 +274,8 @@ impl Meta {
             region_epoch: HashMap::new(),
             region_inflight: HashMap::new(),
             dirty_segments: HashSet::new(),
+            graveyard: Vec::new(),
+            defer_release: false,
         }
     }
 
@@ -285,7 +303,11 @@ impl Meta {
             }
             Record::DeleteObject { id } => {
                 let obj = self.objects.remove(&id).ok_or(MetaError::NotFound(id))?;
-                obj.map.release(&mut self.slots);
+                if self.defer_release {
+                    self.graveyard.push(obj.map);
+                } else {
+                    obj.map.release(&mut self.slots);
+                }
             }
             Record::CloneObject { src, dst } => {
                 if self.objects.contains_key(&dst) {
