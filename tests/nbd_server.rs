@@ -512,6 +512,52 @@ print("OK", flush=True)
     assert!(out.contains("clean"), "{out}");
 }
 
+/// Block status over a volume more fragmented than one reply may describe: the reply is
+/// capped at 65536 descriptors, exact for the range it covers, and the client goes on from
+/// where it ended; with REQ_ONE (as qemu asks) it is one descriptor.
+#[test]
+fn block_status_of_a_fragmented_volume_is_capped_and_exact() {
+    let n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+blocks = 65536 + 4                  # every other 4 KiB block: twice as many extents
+buf = bytearray(b"\x5a" * 4096)
+for i in range(0, blocks, 2):
+    h.aio_pwrite(buf, i * 4096)
+    while h.aio_in_flight() >= 64:
+        h.poll(-1)
+        h.aio_peek_command_completed()
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+    h.aio_peek_command_completed()
+h.flush()
+def status(off, flags=0):
+    seen = []
+    h.block_status((1 << 30) - off, off, lambda m, o, e, err: seen.extend(e), flags)
+    return [(seen[i], seen[i + 1]) for i in range(0, len(seen), 2)]
+hole = nbd.STATE_HOLE | nbd.STATE_ZERO
+first = status(0)
+assert len(first) == 65536, len(first)
+assert all(d == (4096, 0 if k % 2 == 0 else hole) for k, d in enumerate(first)), first[:4]
+rest = status(65536 * 4096)
+assert rest == [(4096, 0), (4096, hole), (4096, 0), ((1 << 30) - 65539 * 4096, hole)], rest
+assert status(0, nbd.CMD_FLAG_REQ_ONE) == [(4096, 0)]
+assert status(4096, nbd.CMD_FLAG_REQ_ONE) == [(4096, hole)]
+h.shutdown()
+print("OK")
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let out = ok("/usr/bin/python3", &["-c", &script]);
+    assert!(out.contains("OK"), "{out}");
+}
+
 /// Detaching a volume ends its export: open connections are closed, others stay.
 #[test]
 fn detach_closes_the_exports_connections() {

@@ -277,6 +277,50 @@ fn extended_header_corners() {
     assert_eq!((chunk.cookie, chunk.ty), (3, ReplyType::OffsetData));
 }
 
+/// SET_META_CONTEXT replaces the selection "including when this command fails": after a
+/// good SET, a malformed one (a byte of trailing data) is refused and leaves nothing
+/// selected, so BLOCK_STATUS gets EINVAL.
+#[test]
+fn a_failed_set_meta_context_clears_the_selection() {
+    let c = Serve::new().arg("--admin-password").arg("pw").start();
+    let a = attached_volume(&c);
+    let mut cl = Client::connect(&c.data_dir().join("nbd.sock"));
+    cl.option(&OptionRequest::ExtendedHeaders);
+    assert!(matches!(
+        cl.reply(),
+        (Opt::ExtendedHeaders, OptionReply::Ack)
+    ));
+    let set = OptionRequest::SetMetaContext(MetaContextRequest {
+        name: a.clone(),
+        queries: vec!["base:allocation".into()],
+    });
+    cl.option(&set);
+    assert!(matches!(cl.reply(), (_, OptionReply::MetaContext { .. })));
+    assert!(matches!(cl.reply(), (_, OptionReply::Ack)));
+    // The same option with one byte more than its queries.
+    let mut bad = BytesMut::new();
+    set.encode(&mut bad).expect("encode option");
+    let len = u32::from_be_bytes(bad[12..16].try_into().expect("4 bytes")) + 1;
+    bad[12..16].copy_from_slice(&len.to_be_bytes());
+    bad.extend_from_slice(b"X");
+    cl.send(&bad);
+    cl.expect_error(RepError::Invalid);
+    cl.option(&OptionRequest::Go(InfoRequest {
+        name: a,
+        requests: vec![],
+    }));
+    while !matches!(cl.reply(), (Opt::Go, OptionReply::Ack)) {}
+    let req = Request {
+        flags: 0,
+        command: Command::BlockStatus,
+        cookie: 1,
+        offset: 0,
+        length: 1 << 20,
+    };
+    cl.send(&req.encode(HeaderMode::Extended).expect("encode request"));
+    assert_eq!(cl.error_chunk(1), NBD_EINVAL);
+}
+
 impl Client {
     /// The next reply in extended mode, which must be a chunk.
     fn chunk(&mut self) -> Chunk {

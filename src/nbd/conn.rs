@@ -47,6 +47,27 @@ struct Negotiated {
 const BASE_ALLOCATION_ID: u32 = 1;
 /// Largest range one BLOCK_STATUS reply describes (the spec lets it cover less than asked).
 const MAX_BLOCK_STATUS: u64 = 1 << 30;
+/// Most descriptors in one BLOCK_STATUS reply: bounds its size (1 MiB with extended headers)
+/// and the walk that builds it. A client asks again from where the reply ended.
+const MAX_STATUS_EXTENTS: usize = 1 << 16;
+
+/// What a request is charged against the connection's in-flight byte budget: its payload,
+/// or the most its reply can carry.
+fn reply_cost(req: &Request, payload_len: usize, mode: HeaderMode) -> usize {
+    match req.command {
+        Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
+        Command::BlockStatus => {
+            let n = if req.has_flags(NBD_CMD_FLAG_REQ_ONE) {
+                1
+            } else {
+                MAX_STATUS_EXTENTS
+            };
+            let per = if mode == HeaderMode::Extended { 16 } else { 8 };
+            64 + n * per
+        }
+        _ => payload_len,
+    }
+}
 
 /// What the transmission phase needs; shared by the request tasks.
 struct Session {
@@ -242,6 +263,10 @@ where
             OptionEvent::Rejected { opt, error } => {
                 if opt == Opt::ExportName {
                     return Err(invalid(error));
+                }
+                if opt == Opt::SetMetaContext {
+                    // SET replaces the selection "including when this command fails".
+                    neg.base_allocation = false;
                 }
                 send_reply(w, opt, &error.reply()).await?;
                 continue;
@@ -463,10 +488,7 @@ where
                 return Ok(());
             }
             let payload_len = req.payload_len(mode) as usize;
-            let cost = match req.command {
-                Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
-                _ => payload_len,
-            } as u32;
+            let cost = reply_cost(&req, payload_len, mode) as u32;
             let count_permit = match count.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
@@ -779,20 +801,19 @@ impl Session {
         }
         self.check_range(req, Errno::Inval)?;
         let len = req.length.min(MAX_BLOCK_STATUS);
+        let most = if req.has_flags(NBD_CMD_FLAG_REQ_ONE) {
+            1
+        } else {
+            MAX_STATUS_EXTENTS
+        };
         let extents = self
             .shared
             .store
-            .extents(self.object, req.offset, len)
+            .extents_upto(self.object, req.offset, len, most)
             .map_err(|e| (store_errno(&e), e.to_string()))?;
-        let take = if req.has_flags(NBD_CMD_FLAG_REQ_ONE) {
-            1
-        } else {
-            NBD_MAX_EXTENTS
-        };
         let descs: Vec<Extent> = extents
             .iter()
             .filter(|e| e.length > 0)
-            .take(take)
             .map(|e| Extent {
                 length: e.length,
                 flags: if e.allocated {
