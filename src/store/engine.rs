@@ -109,6 +109,9 @@ struct Inner {
     uring: Uring,
     segments: SegTable,
     seg_grow: tokio::sync::Mutex<()>,
+    /// Fault injection: hole punches of discards fail (EBADF).
+    #[cfg(test)]
+    fail_punches: AtomicBool,
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
     readers: Readers,
@@ -1360,17 +1363,55 @@ impl Store {
         }
         self.ensure_intents(intents).await?;
         let mut ops = Vec::new();
+        // (segment, file offset, CRC index, CRC before) of every block punched.
+        let mut before = Vec::new();
         for &(_, slot, _, drop, _) in items {
             let seg = self.seg_ref(slot);
             for (s, n) in runs(drop) {
                 for blk in s..s + n {
-                    seg.replace_crc(self.locate(slot, blk).1, self.inner.zero_crc);
+                    let (foff, ci) = self.locate(slot, blk);
+                    before.push((seg.clone(), foff, ci, seg.crc(ci)));
+                    seg.replace_crc(ci, self.inner.zero_crc);
                 }
                 let (foff, _) = self.locate(slot, s);
                 ops.push(punch_op(seg.fd(), foff, n as u64 * BLOCK as u64));
             }
         }
-        self.inner.uring.run_all(&ops).await.map_err(map_io)
+        #[cfg(test)]
+        if self.inner.fail_punches.load(Ordering::Relaxed) {
+            for op in &mut ops {
+                if let Op::Fallocate { fd, .. } = op {
+                    *fd = -1;
+                }
+            }
+        }
+        let res = self.inner.uring.run_all(&ops).await;
+        if res.is_err() {
+            self.settle_failed_punch(&before).await;
+        }
+        res.map_err(map_io)
+    }
+
+    /// A punch failed, and the blocks stay in the map: each gets back the CRC of what it now
+    /// holds, its old data or zeros, so that a failed discard does not turn intact data into
+    /// checksum errors. Anything else keeps the old CRC and reads as the damage it is.
+    async fn settle_failed_punch(&self, blocks: &[(Arc<Segment>, u64, usize, u32)]) {
+        for (seg, foff, ci, old) in blocks {
+            let buf = SharedBuf::new(AlignedBuf::for_overwrite(BLOCK));
+            let read = Op::Read {
+                fd: seg.fd(),
+                off: *foff,
+                buf: buf.clone(),
+                buf_off: 0,
+                len: BLOCK as u32,
+            };
+            let zeros = self.inner.uring.run_all(&[read]).await.is_ok()
+                && SharedBuf::into_inner(buf)
+                    .is_some_and(|b| crc32fast::hash(&b) == self.inner.zero_crc);
+            if !zeros {
+                seg.set_crc(*ci, *old);
+            }
+        }
     }
 
     /// Commit: make data durable, then the journal batch that refers to it; then reclaim
@@ -1845,6 +1886,8 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         uring,
         segments: table,
         seg_grow: Default::default(),
+        #[cfg(test)]
+        fail_punches: AtomicBool::new(false),
         meta: Mutex::new(meta),
         stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         readers: Readers::new(),
@@ -2150,5 +2193,25 @@ mod tests {
             report.errors.is_empty() && report.leaked_bytes == 0,
             "{report:?}"
         );
+    }
+
+    /// A discard whose hole punch fails is an error and changes nothing: the blocks keep
+    /// their data and read back without a checksum error.
+    #[tokio::test]
+    async fn a_failed_punch_leaves_the_blocks_readable() {
+        let (_tmp, s, id, _) = one_block_store().await;
+        s.write(id, 4096, Bytes::from(vec![8u8; 4096]), false)
+            .await
+            .unwrap();
+        s.inner.fail_punches.store(true, Ordering::Relaxed);
+        assert!(s.discard(id, 0, 4096, false).await.is_err());
+        s.inner.fail_punches.store(false, Ordering::Relaxed);
+        let mut want = vec![7u8; 4096];
+        want.extend([8u8; 4096]);
+        assert_eq!(s.read(id, 0, 8192).await.unwrap(), want);
+        assert_eq!(s.stats().checksum_errors, 0);
+        s.discard(id, 0, 4096, false).await.unwrap();
+        assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![0u8; 4096]);
+        s.close().await.unwrap();
     }
 }
