@@ -1427,6 +1427,7 @@ impl Store {
                 && m.dirty_segments.is_empty()
                 && m.slots.freed.is_empty()
                 && m.slots.dead.is_empty()
+                && m.graveyard.is_empty()
                 && !force_checkpoint
             {
                 self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
@@ -2212,6 +2213,59 @@ mod tests {
         assert_eq!(s.stats().checksum_errors, 0);
         s.discard(id, 0, 4096, false).await.unwrap();
         assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![0u8; 4096]);
+        s.close().await.unwrap();
+    }
+
+    /// A grave released by a reclaim dates the departures it causes back to that reclaim's
+    /// commit, which ends them. A departure of the same slot made after that commit (a read
+    /// through `b` may be reading it) must keep its own date and outlive the release.
+    #[tokio::test]
+    async fn a_graves_release_does_not_end_a_later_departure() {
+        let (_tmp, s, a, slot) = one_block_store().await;
+        let chunk = s.inner.sb.chunk_size as u64;
+        let (b, c) = (ObjectId::new_v4(), ObjectId::new_v4());
+        s.clone_object(a, b).await.unwrap();
+        s.clone_object(a, c).await.unwrap();
+        // `a` gets a leaf of its own: `slot` is held by a's leaf and the one b and c share.
+        s.write(a, chunk, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        let refs = |s: &Store| s.inner.meta.lock().slots.refcnt[slot as usize];
+        assert_eq!(refs(&s), 2);
+        let earlier_read = s.inner.readers.enter();
+        let delete = tokio::spawn({
+            let s = s.clone();
+            async move { s.delete_object(a).await }
+        });
+        while !s.inner.readers.is_waiting() {
+            tokio::task::yield_now().await;
+        }
+        // The delete's commit holds a's map for release after its grace period. A read
+        // through `b` plans on `slot`, then `b` copies chunk 0 up.
+        let read_through_b = s.inner.readers.enter();
+        s.write(b, 4096, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_ne!(slot_of(&s, b), slot);
+        drop(earlier_read);
+        // Until the release: `slot` is then held by c's leaf alone.
+        while refs(&s) != 1 {
+            tokio::task::yield_now().await;
+        }
+        assert!(s.inner.meta.lock().slots.departed.contains_key(&slot));
+        s.write(c, 0, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_ne!(
+            slot_of(&s, c),
+            slot,
+            "c wrote in place under a read through b"
+        );
+        drop(read_through_b);
+        delete.await.unwrap().unwrap();
+        assert_eq!(s.read(c, 0, 4096).await.unwrap(), vec![3u8; 4096]);
+        assert_eq!(s.read(b, 0, 4096).await.unwrap(), vec![7u8; 4096]);
         s.close().await.unwrap();
     }
 }

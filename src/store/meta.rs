@@ -200,7 +200,10 @@ impl SlotRefs for Slots {
             self.freed.push(slot);
             return;
         }
-        self.departed.insert(slot, self.grace_gen);
+        // A later departure keeps its later date (a grave released at reclaim dates its own
+        // departures back to the commit it came with).
+        let g = self.departed.entry(slot).or_insert(self.grace_gen);
+        *g = (*g).max(self.grace_gen);
         if let Some(counts) = self.holders.get_mut(&slot) {
             count_blocks(counts, present, false);
             self.settle(slot);
