@@ -514,8 +514,7 @@ impl Store {
         // The commit is a task of its own: a caller that goes away (an HTTP client that
         // hangs up, a timeout) must not stop it between taking the batch out of memory and
         // journaling it, which would lose the batch and let later flushes report it durable.
-        let this = self.clone();
-        tokio::spawn(async move {
+        self.detached(move |this| async move {
             let _c = this.inner.commit.lock().await;
             if this.inner.flush_done.load(Ordering::SeqCst) >= ticket {
                 return Ok(());
@@ -523,7 +522,16 @@ impl Store {
             this.commit(false).await
         })
         .await
-        .map_err(join_error)?
+    }
+
+    /// Run `f` in a task of its own and wait for it: dropping the caller's future does not
+    /// stop it. For work that must not end halfway (journal appends and commits).
+    async fn detached<T, F>(&self, f: impl FnOnce(Store) -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::spawn(f(self.clone())).await.map_err(join_error)?
     }
 
     /// Flush, write a checkpoint, and stop accepting I/O on every handle of this store.
@@ -555,10 +563,8 @@ impl Store {
                 m.region_epoch.clear();
             }
         }
-        let this = self.clone();
-        tokio::spawn(async move { this.commit(true).await })
-            .await
-            .map_err(join_error)??;
+        self.detached(|this| async move { this.commit(true).await })
+            .await?;
         // With everything committed and nothing in flight, re-derive sharing from the maps
         // and punch whatever nobody holds (a safety net: run time already punches them).
         let inner = self.inner.clone();
@@ -1166,10 +1172,8 @@ impl Store {
             return Ok(());
         }
         // Like a commit, the append runs to its end even if the writer goes away.
-        let this = self.clone();
-        tokio::spawn(async move { this.append_intents(regions).await })
+        self.detached(|this| async move { this.append_intents(regions).await })
             .await
-            .map_err(join_error)?
     }
 
     async fn append_intents(&self, regions: Vec<u32>) -> Result<()> {
@@ -1315,8 +1319,7 @@ impl Store {
                         present,
                     })?;
                     if sole {
-                        *m.slots.dead.entry(e.slot).or_default() |= drop;
-                        *m.slots.punching.entry(e.slot).or_default() |= drop;
+                        m.slots.bury(e.slot, drop);
                     }
                 } else {
                     let r = region_of(e.slot);
@@ -2039,20 +2042,19 @@ mod tests {
         s.write(b, 0, Bytes::from(vec![9u8; 4096]), false)
             .await
             .unwrap();
-        let slot_of = |id| s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
-        assert_eq!(slot_of(a), slot);
+        assert_eq!(slot_of(&s, a), slot);
         assert_eq!(s.inner.meta.lock().slots.punching.get(&slot), Some(&0b10));
         s.write(a, 4096, Bytes::from(vec![6u8; 4096]), false)
             .await
             .unwrap();
-        let moved = slot_of(a);
+        let moved = slot_of(&s, a);
         assert_ne!(moved, slot, "wrote in place into a slot awaiting its punch");
         s.flush().await.unwrap();
         assert!(s.inner.meta.lock().slots.punching.is_empty());
         s.write(a, 8192, Bytes::from(vec![5u8; 4096]), false)
             .await
             .unwrap();
-        assert_eq!(slot_of(a), moved, "nothing pending: in place again");
+        assert_eq!(slot_of(&s, a), moved, "nothing pending: in place again");
         let mut want = vec![7u8; 4096];
         want.extend([6u8; 4096]);
         want.extend([5u8; 4096]);

@@ -142,6 +142,15 @@ impl Slots {
         })
     }
 
+    /// Queue `blocks` of `slot`, which nobody holds any more, for a punch after the next
+    /// commit and its grace period; the slot is not written in place until then.
+    pub fn bury(&mut self, slot: u32, blocks: u64) {
+        if blocks != 0 {
+            *self.dead.entry(slot).or_default() |= blocks;
+            *self.punching.entry(slot).or_default() |= blocks;
+        }
+    }
+
     /// `live` from the per-block counts; blocks nobody holds any more are queued for a punch.
     fn settle(&mut self, slot: u32) {
         let Some(counts) = self.holders.get(&slot) else {
@@ -154,10 +163,7 @@ impl Slots {
             .fold(0u64, |m, (b, _)| m | 1 << b);
         let dead = self.live[slot as usize] & !live;
         self.set_live(slot, live);
-        if dead != 0 {
-            *self.dead.entry(slot).or_default() |= dead;
-            *self.punching.entry(slot).or_default() |= dead;
-        }
+        self.bury(slot, dead);
         if self.refcnt[slot as usize] <= 1 {
             self.holders.remove(&slot);
         }
