@@ -10,7 +10,7 @@
 //! outlasts every read in flight. A read that overlaps a write to the same blocks may see a
 //! torn block: its checksum fails, and the read is retried once holding its stripes (shared),
 //! which no write can tear. Only a mismatch on that retry is a checksum error.
-use std::collections::{HashMap, HashSet};
+use super::meta::{HashMap, HashSet};
 use std::fs::File;
 use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;

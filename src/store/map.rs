@@ -12,7 +12,7 @@
 //!
 //! Invariant: all mutation happens under the store's metadata lock, so `Arc` strong counts
 //! are exact sharing counts (nothing else holds node references).
-use std::collections::HashSet;
+use super::meta::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 

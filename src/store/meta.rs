@@ -1,7 +1,7 @@
 //! In-memory metadata: objects and their maps, slot reference counts, the slot allocator,
 //! dirty-region intents, and the journal buffer. Runtime changes and journal replay go
 //! through the same [`Meta::apply`], so what recovery rebuilds is what the runtime had.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
@@ -9,6 +9,12 @@ use uuid::Uuid;
 
 use super::format::{REGION_SLOTS, Record};
 use super::map::{Entry, Map, Node, SlotRefs};
+
+/// The metadata's tables are looked up on every read and write (the object by id, a slot's
+/// pending punch or departure). SipHash cost ~0.8% of a cached 4 KiB read; foldhash's
+/// quality variant is several times faster and keeps a per-process random seed.
+pub type HashMap<K, V> = StdHashMap<K, V, foldhash::quality::RandomState>;
+pub type HashSet<K> = StdHashSet<K, foldhash::quality::RandomState>;
 
 pub struct Object {
     pub size: u64,
@@ -272,17 +278,17 @@ pub fn region_of(slot: u32) -> u32 {
 impl Meta {
     pub fn new(chunk_size: u32, slots_per_segment: u32) -> Meta {
         Meta {
-            objects: HashMap::new(),
+            objects: HashMap::default(),
             slots: Slots::default(),
             chunk_size,
             slots_per_segment,
             log: Vec::new(),
             epoch: 1,
             commit_seq: 0,
-            marked: HashSet::new(),
-            region_epoch: HashMap::new(),
-            region_inflight: HashMap::new(),
-            dirty_segments: HashSet::new(),
+            marked: HashSet::default(),
+            region_epoch: HashMap::default(),
+            region_inflight: HashMap::default(),
+            dirty_segments: HashSet::default(),
             graveyard: Vec::new(),
             defer_release: false,
         }
@@ -388,7 +394,7 @@ impl Meta {
     pub fn derive_slots(&mut self, total_slots: u32) {
         let mut slots = Slots::default();
         slots.grow_to(total_slots);
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         for obj in self.objects.values() {
             obj.map.visit_nodes(&mut seen, &mut |n| {
                 if let Node::Leaf(entries) = &**n {
@@ -413,9 +419,9 @@ impl Meta {
 
     /// Serialise objects and maps (nodes deduplicated, children before parents).
     pub fn encode_checkpoint(&self, next_gen: u64, commit_seq: u64) -> Vec<u8> {
-        let mut ids: HashMap<*const Node, u32> = HashMap::new();
+        let mut ids: HashMap<*const Node, u32> = HashMap::default();
         let mut nodes = Vec::new();
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         let mut objs: Vec<(&Uuid, &Object)> = self.objects.iter().collect();
         objs.sort_by_key(|(id, _)| **id);
         for (_, obj) in &objs {

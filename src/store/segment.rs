@@ -83,10 +83,16 @@ impl Segment {
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
+        let noatime = |direct: bool| libc::O_NOATIME | if direct { libc::O_DIRECT } else { 0 };
         let path = data_path(dir, index);
-        let data = o
-            .open(&path)
-            .map_err(|e| super::recovery::with_path(e, &path))?;
+        // No atime: every cached read would otherwise read the clock and check whether the
+        // inode's atime needs a write (~2% of a 4 KiB read). Refused (EPERM) unless the
+        // daemon owns the file; then it is opened as usual.
+        let data = match o.clone().custom_flags(noatime(direct)).open(&path) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => o.open(&path),
+            r => r,
+        }
+        .map_err(|e| super::recovery::with_path(e, &path))?;
         if !direct {
             // No readahead: it caches runs in large folios (up to 2 MiB with an 8 MiB
             // read_ahead_kb), and a 4 KiB write into a large folio costs far more than into a
