@@ -1565,27 +1565,39 @@ impl Store {
                     .collect()
             };
             let (dir, sb, old) = (self.inner.dir.clone(), self.inner.sb.clone(), j.generation);
-            let file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
-                let f = recovery::create_journal(&dir, generation, &sb, &marks)?;
-                recovery::write_atomic(&dir, recovery::CHECKPOINT, &ckpt)?;
-                for g in (1..=old).rev() {
-                    match std::fs::remove_file(recovery::journal_path(&dir, g)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(f)
-            })
-            .await
-            .map_err(join_error)??;
-            let len = file.metadata()?.len();
+            type Switched = (File, u64, std::io::Result<()>);
+            let (file, len, rest) =
+                tokio::task::spawn_blocking(move || -> std::io::Result<Switched> {
+                    let f = recovery::create_journal(&dir, generation, &sb, &marks)?;
+                    let len = f.metadata()?.len();
+                    recovery::replace_file(&dir, recovery::CHECKPOINT, &ckpt)?;
+                    // Renamed: a crash may find the new checkpoint from here on, and for it
+                    // the old journals are stale (deleted at open). So the new journal is the
+                    // live one whatever fails below; appending to the old one lost what was
+                    // appended after (intents, found by review). The old journals go only
+                    // once the rename is durable: until then a crash may find the old
+                    // checkpoint, which needs them.
+                    let rest = recovery::sync_dir_after_rename(&dir).and_then(|()| {
+                        for g in (1..=old).rev() {
+                            match std::fs::remove_file(recovery::journal_path(&dir, g)) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Ok(())
+                    });
+                    Ok((f, len, rest))
+                })
+                .await
+                .map_err(join_error)??;
             *j = Journal {
                 file,
                 generation,
                 len,
                 torn: false,
             };
+            rest?;
         }
         Ok(())
     }
@@ -1994,6 +2006,66 @@ mod tests {
         s.flush().await.unwrap();
         let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
         (tmp, s, id, slot)
+    }
+
+    /// What a process killed in the middle of an in-place write of block 0 of `slot` leaves:
+    /// the new CRC is stored (before the data write), the data write never landed. Puts
+    /// `old` back under a store that has been dropped.
+    fn undo_data_write(dir: &Path, slot: u32, old: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let sb = recovery::read_superblock(dir).unwrap();
+        let sps = sb.slots_per_segment();
+        let foff = (slot % sps) as u64 * sb.chunk_size as u64;
+        let seg = dir
+            .join(recovery::SEGMENTS)
+            .join(format!("{:08}.seg", slot / sps));
+        let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+        f.write_all_at(old, foff).unwrap();
+    }
+
+    /// A checkpoint whose rename happened but whose directory sync then failed: the new
+    /// checkpoint is the one on disk, so the journal it names is the live one from then on.
+    /// Appending to the old one (stale for the new checkpoint, deleted at open) lost the
+    /// intent of a later in-place write, and a crash in that write left its block (flushed
+    /// data, new CRC) a checksum error instead of healing it.
+    #[tokio::test]
+    async fn appends_after_a_checkpoint_whose_directory_sync_failed_are_not_lost() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            checkpoint_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let s = Store::open(tmp.path(), opts.clone()).await.unwrap();
+        let id = ObjectId::new_v4();
+        s.create_object(id, 16 << 20).await.unwrap();
+        s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        let slot = slot_of(&s, id);
+        // 128 new chunks: ~5 KiB of records, so this commit writes a checkpoint.
+        s.write(id, 1 << 20, Bytes::from(vec![1u8; 8 << 20]), false)
+            .await
+            .unwrap();
+        recovery::fault::arm(tmp.path(), "directory sync after a rename");
+        assert!(s.flush().await.is_err(), "the injected failure is reported");
+        // An in-place write: its region's intent goes to the journal first.
+        s.write(id, 0, Bytes::from(vec![8u8; 4096]), false)
+            .await
+            .unwrap();
+        assert!(s.inner.meta.lock().marked.contains(&region_of(slot)));
+        drop(s); // killed before the data write landed:
+        undo_data_write(tmp.path(), slot, &[7u8; 4096]);
+        let s = Store::open(tmp.path(), opts).await.unwrap();
+        assert_eq!(
+            s.read(id, 0, 4096).await.unwrap(),
+            vec![7u8; 4096],
+            "the flushed block, healed"
+        );
+        assert_eq!(s.read(id, 1 << 20, 4096).await.unwrap(), vec![1u8; 4096]);
+        s.close().await.unwrap();
+        let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
     }
 
     /// A read that overlaps a write may find a block whose CRC does not match yet: it is

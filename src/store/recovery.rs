@@ -15,6 +15,41 @@ pub const CHECKPOINT: &str = "checkpoint";
 pub const LOCK: &str = "LOCK";
 pub const SEGMENTS: &str = "segments";
 
+/// Fault injection for tests: [`fault::arm`] makes the next pass through a named point, for
+/// a store under a given directory, fail there. A point stands either for a step that fails
+/// (the caller carries on with the error) or for a process killed at that step: the error
+/// then cuts everything after it short, cleanup included, and the test drops the store at once.
+#[cfg(test)]
+pub(super) mod fault {
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static ARMED: Mutex<Vec<(PathBuf, &'static str)>> = Mutex::new(Vec::new());
+
+    pub fn arm(dir: &Path, point: &'static str) {
+        ARMED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((dir.to_path_buf(), point));
+    }
+
+    /// Fail once if `point` is armed for a directory that holds `path`.
+    pub fn point(path: &Path, point: &'static str) -> io::Result<()> {
+        let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+        match armed
+            .iter()
+            .position(|(d, p)| *p == point && path.starts_with(d))
+        {
+            Some(i) => {
+                armed.remove(i);
+                Err(io::Error::other(format!("injected fault at {point}")))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 pub fn journal_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("journal-{generation:016}"))
 }
@@ -46,6 +81,20 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Write `name` atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    replace_file(dir, name, data)?;
+    sync_dir_after_rename(dir)
+}
+
+/// The directory sync that makes a rename durable.
+pub fn sync_dir_after_rename(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    fault::point(dir, "directory sync after a rename")?;
+    sync_dir(dir)
+}
+
+/// Replace `name` by `data`: temp file, fsync, rename. Not durable until the directory is
+/// synced; once this returns, a crash may find either version.
+pub fn replace_file(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
@@ -55,8 +104,7 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
+    fs::rename(&tmp, dir.join(name))
 }
 
 pub fn read_superblock(dir: &Path) -> Result<Superblock> {
