@@ -2068,6 +2068,46 @@ mod tests {
         assert!(report.is_clean(), "{report:?}");
     }
 
+    /// A process killed while it creates a journal (a checkpoint's, or the one every open
+    /// starts with) left the file there, empty, under its final name: every later open
+    /// refused the store ("has a bad header").
+    #[tokio::test]
+    async fn a_crash_while_a_journal_is_created_leaves_a_store_that_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            checkpoint_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let s = Store::open(tmp.path(), opts.clone()).await.unwrap();
+        let id = ObjectId::new_v4();
+        s.create_object(id, 16 << 20).await.unwrap();
+        s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        // 128 new chunks: this commit writes a checkpoint, and dies creating its journal
+        // (after its batch is in the journal).
+        s.write(id, 1 << 20, Bytes::from(vec![1u8; 8 << 20]), false)
+            .await
+            .unwrap();
+        recovery::fault::arm(tmp.path(), "journal file created");
+        assert!(s.flush().await.is_err());
+        drop(s);
+        let s = Store::open(tmp.path(), opts.clone()).await.unwrap();
+        assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+        assert_eq!(s.read(id, 1 << 20, 4096).await.unwrap(), vec![1u8; 4096]);
+        drop(s);
+        // An open killed creating its fresh journal.
+        recovery::fault::arm(tmp.path(), "journal file created");
+        assert!(Store::open(tmp.path(), opts.clone()).await.is_err());
+        let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        let s = Store::open(tmp.path(), opts).await.unwrap();
+        assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+        assert_eq!(s.read(id, 1 << 20, 4096).await.unwrap(), vec![1u8; 4096]);
+        s.close().await.unwrap();
+    }
+
     /// A read that overlaps a write may find a block whose CRC does not match yet: it is
     /// retried holding its stripe, after the write, and is not a checksum error.
     #[tokio::test]

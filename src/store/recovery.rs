@@ -150,7 +150,10 @@ pub fn create(dir: &Path, chunk_size: u32) -> Result<Superblock> {
     Ok(sb)
 }
 
-/// Create journal `generation` holding `records` (synced), and sync the directory.
+/// Create journal `generation` holding `records` (synced), and sync the directory. The
+/// file is written under a temporary name and renamed into place complete: a journal whose
+/// creation a crash cut short would otherwise be there empty, and open refuses a journal
+/// without a valid header.
 pub fn create_journal(
     dir: &Path,
     generation: u64,
@@ -161,15 +164,21 @@ pub fn create_journal(
     for r in records {
         r.encode(&mut buf);
     }
+    let path = journal_path(dir, generation);
+    // Not a journal name to `list_journals` (the generation does not parse).
+    let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(journal_path(dir, generation))?;
+        .open(&tmp)?;
+    #[cfg(test)]
+    fault::point(dir, "journal file created")?;
     f.write_all(&buf)?;
     f.sync_all()?;
+    fs::rename(&tmp, &path)?;
     sync_dir(dir)?;
     Ok(f)
 }
