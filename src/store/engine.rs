@@ -1995,9 +1995,13 @@ mod tests {
     /// with the slot that holds it.
     async fn one_block_store() -> (tempfile::TempDir, Store, ObjectId, u32) {
         let tmp = tempfile::tempdir().unwrap();
-        let s = Store::open(tmp.path(), StoreOptions::default())
-            .await
-            .unwrap();
+        let (s, id, slot) = one_block_store_in(tmp.path()).await;
+        (tmp, s, id, slot)
+    }
+
+    /// [`one_block_store`] in `dir`.
+    async fn one_block_store_in(dir: &Path) -> (Store, ObjectId, u32) {
+        let s = Store::open(dir, StoreOptions::default()).await.unwrap();
         let id = ObjectId::new_v4();
         s.create_object(id, 1 << 20).await.unwrap();
         s.write(id, 0, Bytes::from(vec![7u8; 4096]), false)
@@ -2005,7 +2009,7 @@ mod tests {
             .unwrap();
         s.flush().await.unwrap();
         let slot = s.inner.meta.lock().objects[&id].map.get(0).unwrap().slot;
-        (tmp, s, id, slot)
+        (s, id, slot)
     }
 
     /// What a process killed in the middle of an in-place write of block 0 of `slot` leaves:
@@ -2106,6 +2110,48 @@ mod tests {
         assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
         assert_eq!(s.read(id, 1 << 20, 4096).await.unwrap(), vec![1u8; 4096]);
         s.close().await.unwrap();
+    }
+
+    /// A process killed while it creates a segment's files (data, CRCs, previous CRCs) left
+    /// a `.seg` without the files beside it, or one not yet full-sized: every later open
+    /// refused the store, although no map referred to that segment yet.
+    #[tokio::test]
+    async fn a_crash_while_a_segment_is_created_leaves_a_store_that_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, id, _) = one_block_store_in(tmp.path()).await;
+        s.resize(id, 2 << 20).await.unwrap();
+        assert_eq!(s.stats().segments, 1);
+        drop(s);
+        // A write at 1 MiB allocates in the other lane, in segment 1, which it creates.
+        for step in 0..3 {
+            recovery::fault::arm_nth(tmp.path(), "segment file created", step);
+            let s = Store::open(tmp.path(), StoreOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("killed at step {step}, reopened: {e}"));
+            assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+            let e = s.write(id, 1 << 20, Bytes::from(vec![9u8; 4096]), false);
+            let e = e.await.expect_err("the creation was cut short");
+            assert!(e.to_string().contains("injected"), "step {step}: {e}");
+            drop(s);
+            let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+            assert!(report.is_clean(), "step {step}: {report:?}");
+        }
+        let s = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        s.write(id, 1 << 20, Bytes::from(vec![9u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(s.stats().segments, 2);
+        s.close().await.unwrap();
+        let s = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+        assert_eq!(s.read(id, 1 << 20, 4096).await.unwrap(), vec![9u8; 4096]);
+        s.close().await.unwrap();
+        let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+        assert!(report.is_clean() && report.leaked_bytes == 0, "{report:?}");
     }
 
     /// A read that overlaps a write may find a block whose CRC does not match yet: it is

@@ -25,13 +25,24 @@ pub(super) mod fault {
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    static ARMED: Mutex<Vec<(PathBuf, &'static str)>> = Mutex::new(Vec::new());
+    /// (directory, point, passes to let through first)
+    static ARMED: Mutex<Vec<(PathBuf, &'static str, u32)>> = Mutex::new(Vec::new());
 
     pub fn arm(dir: &Path, point: &'static str) {
+        arm_nth(dir, point, 0);
+    }
+
+    /// Fail the pass through `point` after `skip` others.
+    pub fn arm_nth(dir: &Path, point: &'static str, skip: u32) {
         ARMED
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((dir.to_path_buf(), point));
+            .push((dir.to_path_buf(), point, skip));
+    }
+
+    /// Whether `e` is an injected fault (a killed process cleans nothing up).
+    pub fn injected(e: &io::Error) -> bool {
+        e.to_string().starts_with("injected fault at ")
     }
 
     /// Fail once if `point` is armed for a directory that holds `path`.
@@ -39,8 +50,12 @@ pub(super) mod fault {
         let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
         match armed
             .iter()
-            .position(|(d, p)| *p == point && path.starts_with(d))
+            .position(|(d, p, _)| *p == point && path.starts_with(d))
         {
+            Some(i) if armed[i].2 > 0 => {
+                armed[i].2 -= 1;
+                Ok(())
+            }
             Some(i) => {
                 armed.remove(i);
                 Err(io::Error::other(format!("injected fault at {point}")))

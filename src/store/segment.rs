@@ -36,23 +36,41 @@ pub fn prev_crc_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("{index:08}.pcrc"))
 }
 
-/// Open (or create) a CRC file of `len` bytes and map it. Created files get their blocks
-/// allocated: a store into an unbacked page of a shared mapping on a full filesystem is a
-/// SIGBUS for the whole daemon, not an error, so running out of space must happen here.
-fn open_crc_file(path: &Path, len: u64, create: bool) -> io::Result<(File, MmapMut)> {
+/// Create a CRC file of `len` bytes with its blocks allocated: a store into an unbacked page
+/// of a shared mapping on a full filesystem is a SIGBUS for the whole daemon, not an error, so
+/// running out of space must happen here. Made as `<name>.tmp`, synced and renamed, so that
+/// a crash never leaves a short file under the final name (open refuses it as truncated).
+fn make_crc_file(path: &Path, len: u64) -> io::Result<()> {
+    let tmp = tmp_path(path);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| super::recovery::with_path(e, &tmp))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `<path>.tmp`: a name that neither `count_segments` nor open takes for a segment's file.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".tmp");
+    PathBuf::from(p)
+}
+
+/// Open a CRC file of `len` bytes and map it.
+fn open_crc_file(path: &Path, len: u64) -> io::Result<(File, MmapMut)> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(create)
         .open(path)
         .map_err(|e| super::recovery::with_path(e, path))?;
-    if create {
-        // SAFETY: plain syscall on a descriptor we own.
-        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
     if f.metadata()?.len() < len {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -65,10 +83,41 @@ fn open_crc_file(path: &Path, len: u64, create: bool) -> io::Result<(File, MmapM
     Ok((f, map))
 }
 
+/// Make the files of new segment `index`: the CRC files, then the data file, each complete
+/// and synced under a temporary name and then renamed. A segment exists (`count_segments`
+/// goes by the `.seg` files) only once all three are whole: a crash in the middle once left
+/// a `.seg` without its CRC files, or not yet full-sized, and every later open refused the
+/// store. What a crash leaves here is replaced when the segment is made again.
+fn make_files(dir: &Path, index: u32, sb: &Superblock) -> io::Result<()> {
+    let crc_len = (sb.segment_bytes / BLOCK as u64) * 4;
+    make_crc_file(&crc_path(dir, index), crc_len)?;
+    #[cfg(test)]
+    super::recovery::fault::point(dir, "segment file created")?;
+    make_crc_file(&prev_crc_path(dir, index), crc_len)?;
+    #[cfg(test)]
+    super::recovery::fault::point(dir, "segment file created")?;
+    // The renames above are durable before the data file can be.
+    super::recovery::sync_dir(dir)?;
+    let path = data_path(dir, index);
+    let tmp = tmp_path(&path);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| super::recovery::with_path(e, &tmp))?;
+    f.set_len(sb.segment_bytes)?;
+    f.sync_all()?;
+    #[cfg(test)]
+    super::recovery::fault::point(dir, "segment file created")?;
+    std::fs::rename(&tmp, &path)
+}
+
 impl Segment {
-    /// Open segment `index`, creating its files if `create` (data sparse, CRC files
-    /// allocated). `make_prev`: create a missing previous-CRC file (a format-1 segment being
-    /// upgraded); otherwise such a segment has none.
+    /// Open segment `index`, creating its files first if `create` (data sparse, CRC files
+    /// allocated; the caller syncs the directory). `make_prev`: create a missing
+    /// previous-CRC file (a format-1 segment being upgraded); otherwise such a segment has
+    /// none.
     pub fn open(
         dir: &Path,
         index: u32,
@@ -77,9 +126,24 @@ impl Segment {
         create: bool,
         make_prev: bool,
     ) -> io::Result<Segment> {
+        if create && let Err(e) = make_files(dir, index, sb) {
+            #[cfg(test)]
+            if super::recovery::fault::injected(&e) {
+                // A process killed there: nothing is cleaned up.
+                return Err(e);
+            }
+            // A segment that cannot be complete is not left behind half made.
+            let _ = std::fs::remove_file(data_path(dir, index));
+            for path in [crc_path(dir, index), prev_crc_path(dir, index)] {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(tmp_path(&path));
+            }
+            let _ = std::fs::remove_file(tmp_path(&data_path(dir, index)));
+            return Err(e);
+        }
         let blocks = (sb.segment_bytes / BLOCK as u64) as usize;
         let mut o = OpenOptions::new();
-        o.read(true).write(true).create(create);
+        o.read(true).write(true);
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
@@ -106,9 +170,6 @@ impl Segment {
             }
         }
         let crc_len = (blocks * 4) as u64;
-        if create && data.metadata()?.len() < sb.segment_bytes {
-            data.set_len(sb.segment_bytes)?;
-        }
         let have = data.metadata()?.len();
         if have < sb.segment_bytes {
             // Also what a superblock with a wrong segment size looks like: say both sizes.
@@ -120,20 +181,14 @@ impl Segment {
                 ),
             ));
         }
-        let made = |r: io::Result<(File, MmapMut)>| {
-            if r.is_err() && create {
-                // A segment that cannot be complete is not left behind half made.
-                let _ = std::fs::remove_file(data_path(dir, index));
-                let _ = std::fs::remove_file(crc_path(dir, index));
-                let _ = std::fs::remove_file(prev_crc_path(dir, index));
-            }
-            r
-        };
-        let (crc_file, crc) = made(open_crc_file(&crc_path(dir, index), crc_len, create))?;
+        let (crc_file, crc) = open_crc_file(&crc_path(dir, index), crc_len)?;
         let prev_path = prev_crc_path(dir, index);
         let have_prev = prev_path.exists();
-        let (prev_file, prev) = if create || make_prev || have_prev {
-            let (f, m) = made(open_crc_file(&prev_path, crc_len, create || !have_prev))?;
+        if make_prev && !have_prev {
+            make_crc_file(&prev_path, crc_len)?;
+        }
+        let (prev_file, prev) = if make_prev || have_prev {
+            let (f, m) = open_crc_file(&prev_path, crc_len)?;
             (Some(f), Some(m))
         } else {
             (None, None)
