@@ -2154,6 +2154,28 @@ mod tests {
         assert!(report.is_clean() && report.leaked_bytes == 0, "{report:?}");
     }
 
+    /// A process killed while it creates a store (its first open) left the journal and the
+    /// checkpoint without the superblock, which goes last; every later open refused the
+    /// directory as a damaged store, and the daemon could not start again.
+    #[tokio::test]
+    async fn a_crash_while_a_store_is_created_leaves_a_directory_that_opens() {
+        for (point, skip) in [
+            ("journal file created", 0),
+            ("directory sync after a rename", 0),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            recovery::fault::arm_nth(tmp.path(), point, skip);
+            assert!(
+                Store::open(tmp.path(), StoreOptions::default())
+                    .await
+                    .is_err()
+            );
+            let (s, id, _) = one_block_store_in(tmp.path()).await;
+            assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+            s.close().await.unwrap();
+        }
+    }
+
     /// A read that overlaps a write may find a block whose CRC does not match yet: it is
     /// retried holding its stripe, after the write, and is not a checksum error.
     #[tokio::test]

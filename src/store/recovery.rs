@@ -136,14 +136,27 @@ pub fn read_superblock(dir: &Path) -> Result<Superblock> {
 /// Create the files of a new, empty store. Refuses a directory that holds store files
 /// without a superblock: that is a damaged store, not an empty one.
 pub fn create(dir: &Path, chunk_size: u32) -> Result<Superblock> {
+    let mut leftovers = Vec::new();
     for e in fs::read_dir(dir)? {
         let name = e?.file_name();
-        if name != LOCK {
+        if name == LOCK {
+            continue;
+        }
+        if !creation_leftover(dir, &name)? {
             return Err(StoreError::Damaged(format!(
                 "{} has no superblock but is not empty ({}); refusing to create a store over it",
                 dir.display(),
                 name.to_string_lossy()
             )));
+        }
+        if name != SEGMENTS {
+            leftovers.push(dir.join(name));
+        }
+    }
+    if !leftovers.is_empty() {
+        tracing::info!(dir = %dir.display(), "a store creation was cut short; creating it again");
+        for path in leftovers {
+            fs::remove_file(path)?;
         }
     }
     if !chunk_size.is_power_of_two()
@@ -163,6 +176,33 @@ pub fn create(dir: &Path, chunk_size: u32) -> Result<Superblock> {
     // The superblock goes last: its presence means the store is complete.
     write_atomic(dir, SUPERBLOCK, &sb.encode())?;
     Ok(sb)
+}
+
+/// Whether `name` in `dir`, which has no superblock, is what a [`create`] cut short by a
+/// crash leaves: an empty segment directory, journal 1, a checkpoint that names journal 1 and
+/// holds no object, temporary files. Nothing was ever stored there: the superblock goes last,
+/// and the first open replaces journal 1 and that checkpoint. Such a directory is made into a
+/// store again; refusing it (as a damaged store) left a daemon killed in its first start
+/// unable to start again. Anything else is refused.
+fn creation_leftover(dir: &Path, name: &std::ffi::OsStr) -> Result<bool> {
+    let Some(name) = name.to_str() else {
+        return Ok(false);
+    };
+    let path = dir.join(name);
+    if name == SEGMENTS {
+        return Ok(path.is_dir() && fs::read_dir(&path)?.next().is_none());
+    }
+    if name == CHECKPOINT {
+        let raw = fs::read(&path)?;
+        let mut meta = Meta::new(format::DEFAULT_CHUNK, 1 << 14);
+        return Ok(matches!(meta.decode_checkpoint(&raw), Ok((1, 0))) && meta.objects.is_empty());
+    }
+    let journal_1 = journal_path(dir, 1);
+    let journal_1 = journal_1.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    Ok(name == journal_1
+        || name
+            .strip_suffix(".tmp")
+            .is_some_and(|base| base == journal_1 || base == CHECKPOINT || base == SUPERBLOCK))
 }
 
 /// Create journal `generation` holding `records` (synced), and sync the directory. The
