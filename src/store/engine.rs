@@ -112,6 +112,10 @@ struct Inner {
     /// Fault injection: hole punches of discards fail (EBADF).
     #[cfg(test)]
     fail_punches: AtomicBool,
+    /// A segment sync failed: what it could not write back may be lost, and Linux reports
+    /// that once (the pages are clean now, and a second fsync returns success). No commit
+    /// goes through from then on; reopening recovers what is on disk.
+    sync_failed: AtomicBool,
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
     readers: Readers,
@@ -1421,6 +1425,12 @@ impl Store {
     /// the slots and blocks that batch freed. Caller holds the commit mutex, so reclaims
     /// run one at a time and in commit order.
     async fn commit(&self, force_checkpoint: bool) -> Result<()> {
+        if self.inner.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "a segment sync failed earlier, so writes since the last commit may not be on disk; \
+                 nothing more is committed until the store is reopened",
+            )));
+        }
         let mut j = self.inner.journal.lock().await;
         let (batch, segs, mut reclaim, observed, snapshot, undo) = {
             let mut m = self.inner.meta.lock();
@@ -1521,6 +1531,10 @@ impl Store {
         snapshot: Option<Vec<u8>>,
     ) -> (Result<()>, bool) {
         if let Err(e) = self.sync_segments(segs).await {
+            // Not retried: a second fsync would return success over the pages this one could
+            // not write back (found by review: a flush then acknowledged data that was gone).
+            self.inner.sync_failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "segment sync failed; commits stop until the store is reopened");
             return (Err(e), false);
         }
         if let Err(e) = self.journal_append(j, batch).await {
@@ -1904,6 +1918,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         seg_grow: Default::default(),
         #[cfg(test)]
         fail_punches: AtomicBool::new(false),
+        sync_failed: AtomicBool::new(false),
         meta: Mutex::new(meta),
         stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         readers: Readers::new(),
