@@ -80,8 +80,8 @@ impl LoopFs {
 
     /// Drop the ext4's page cache: what is left is what reached the device.
     fn remount(&self) {
-        // The store's io_uring reaper lets go of its rings (and the files registered with
-        // them) shortly after the store is dropped.
+        // The kernel lets go of the files registered with a closed io_uring in a work item
+        // of its own, after the close: EBUSY until then.
         let mnt = self.mnt.to_str().unwrap();
         for _ in 0..100 {
             let st = Command::new("umount")
@@ -150,7 +150,10 @@ fn a_flush_after_a_failed_segment_sync_does_not_acknowledge_lost_data() {
         drop(s);
         second.is_ok()
     });
+    // Every task and blocking thread that held the store's files is gone after this.
+    drop(rt);
     fs.remount();
+    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let s = Store::open(&dir, StoreOptions::default()).await.unwrap();
         assert_eq!(s.read(A, 0, BS).await.unwrap(), block(1));
