@@ -1849,15 +1849,23 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
             tracing::info!(journal = %j.path.display(), uncommitted = j.uncommitted, "dropped an unflushed journal tail");
         }
     }
-    // Format 1 kept no previous CRCs: its intent regions are healed by the old rule, once.
     let legacy = sb.version < super::format::FORMAT_VERSION;
-    let healed = heal_dirty_regions(&sb, &meta, &segments, legacy)?;
+    let unmatched = Unmatched::for_store(dir, &sb);
+    let healed = heal_dirty_regions(&sb, &meta, &segments, unmatched)?;
     let leaked = reclaim_leaks(&sb, &meta, &segments)?;
-    if healed > 0 || leaked > 0 {
+    if healed.total() > 0 || leaked > 0 {
         tracing::info!(
-            healed_blocks = healed,
+            healed_blocks = healed.restored,
             reclaimed_bytes = leaked,
             "crash recovery"
+        );
+    }
+    if healed.taken > 0 {
+        tracing::warn!(
+            blocks = healed.taken,
+            "blocks written in place before the machine restarted matched neither checksum; \
+             taken as written, with checksums of the data on disk (old or new data: the \
+             writes to them were never flushed)"
         );
     }
     for s in &segments {
@@ -1895,13 +1903,17 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     {
         std::fs::remove_file(j)?;
     }
+    // From here on this session may write: a later open judges what it left by this boot.
+    recovery::record_boot(dir)?;
     meta.commit_seq = loaded.commit_seq;
     // Reads run from here on: a deleted object's map outlives the reads in flight on it.
     meta.defer_release = true;
     let len = file.metadata()?.len();
     let uring = Uring::new(256)?;
     let counters = Counters::default();
-    counters.healed_blocks.store(healed, Ordering::Relaxed);
+    counters
+        .healed_blocks
+        .store(healed.total(), Ordering::Relaxed);
     let table = SegTable::new((u32::MAX as usize).div_ceil(sb.slots_per_segment() as usize) + 1);
     for seg in segments {
         register_data_file(&uring, &seg);
@@ -1939,17 +1951,54 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     })
 }
 
+/// How open judges a block of an intent region that matches neither of its CRCs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unmatched {
+    /// Damage: it stays a checksum error. After a process crash the page cache outlived
+    /// the process, so each block holds the data its current or previous CRC describes.
+    Damage,
+    /// Taken as written, its CRC recomputed: the machine restarted (a power loss or kernel
+    /// crash writes back data and CRC pages each on its own, so neither CRC need describe
+    /// the data on disk, old or new), or the store is format 1 (no previous CRCs).
+    Written,
+}
+
+impl Unmatched {
+    /// The rule for the store in `dir`, as it is on disk now.
+    pub(super) fn for_store(dir: &Path, sb: &Superblock) -> Unmatched {
+        if sb.version < super::format::FORMAT_VERSION || recovery::restarted_since_open(dir) {
+            Unmatched::Written
+        } else {
+            Unmatched::Damage
+        }
+    }
+}
+
+/// What re-checksumming the intent regions did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Healed {
+    /// Blocks whose data matched their previous CRC (the write after it never landed).
+    pub restored: u64,
+    /// Blocks that matched neither CRC, taken as written by [`Unmatched::Written`].
+    pub taken: u64,
+}
+
+impl Healed {
+    pub fn total(self) -> u64 {
+        self.restored + self.taken
+    }
+}
+
 /// Re-checksum the present blocks of intent regions after a crash: a block whose data has
-/// its previous CRC (the write after it never landed) gets that CRC back. A block matching
-/// neither CRC is damage and stays a checksum error. `legacy` (format 1, no previous CRCs):
-/// any mismatch there is taken for a torn write. Returns the number of blocks healed.
+/// its previous CRC (the write after it never landed) gets that CRC back; one that matches
+/// neither is judged by `unmatched`.
 pub(super) fn heal_dirty_regions(
     sb: &Superblock,
     meta: &Meta,
     segments: &[Arc<Segment>],
-    legacy: bool,
-) -> Result<u64> {
-    let mut healed = 0;
+    unmatched: Unmatched,
+) -> Result<Healed> {
+    let mut healed = Healed::default();
     let sps = sb.slots_per_segment();
     let bpc = sb.blocks_per_chunk();
     let mut regions: Vec<u32> = meta.marked.iter().copied().collect();
@@ -1972,10 +2021,17 @@ pub(super) fn heal_dirty_regions(
                 }
                 let ci = ((slot % sps) * bpc + blk) as usize;
                 let crc = crc32fast::hash(&buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK]);
-                if crc != seg.crc(ci) && seg.crashed_write(ci, crc, legacy) {
-                    seg.set_crc(ci, crc);
-                    healed += 1;
+                if crc == seg.crc(ci) {
+                    continue;
                 }
+                if seg.crashed_write(ci, crc) {
+                    healed.restored += 1;
+                } else if unmatched == Unmatched::Written {
+                    healed.taken += 1;
+                } else {
+                    continue;
+                }
+                seg.set_crc(ci, crc);
             }
         }
     }
@@ -2194,18 +2250,20 @@ mod tests {
     /// Power loss after one unflushed in-place rewrite of a flushed block. The CRC files are
     /// shared mappings, and the data a file of its own: until the next commit syncs them,
     /// the kernel writes back the dirty pages of each whenever it likes (and O_DIRECT data
-    /// is on the device at once). Recovery accepts a block of an intent region only if it
-    /// matches its current or its previous CRC as they are on disk, so:
-    /// - the new data reached the disk, neither CRC page did: neither CRC describes it;
-    /// - the data did not, the `.crc` page did and the `.pcrc` page did not: the flushed
-    ///   data is there, intact, and neither CRC on disk describes it either.
+    /// is on the device at once). So the disk may hold:
+    /// - the new data, and neither CRC page: neither CRC on disk describes the block;
+    /// - the old, flushed data, the new `.crc` page and the old `.pcrc` page: neither
+    ///   describes it either.
     ///
-    /// Both read as checksum errors. (docs/store-format.md said only a block rewritten
-    /// several times could, and only over data never flushed.)
+    /// After a restart of the machine (another boot ID), recovery takes such a block of an
+    /// intent region as written: it reads back old or new data, as a disk would. Without a
+    /// restart the page cache outlived the process, the CRCs agree with the data as it left
+    /// them, and the same image can only be damage: it stays a checksum error (found by
+    /// review: both images read as checksum errors after any crash).
     #[tokio::test]
-    #[ignore = "known: nothing orders the CRC pages against the data before a commit"]
-    async fn power_loss_after_one_unflushed_rewrite_is_not_a_checksum_error() {
-        for data_landed in [true, false] {
+    async fn after_a_power_loss_a_block_rewritten_in_place_reads_old_or_new_data() {
+        for (data_landed, restarted) in [(true, true), (false, true), (true, false), (false, false)]
+        {
             let tmp = tempfile::tempdir().unwrap();
             let (s, id, slot) = one_block_store_in(tmp.path()).await;
             let seg = tmp.path().join(recovery::SEGMENTS);
@@ -2225,15 +2283,34 @@ mod tests {
             } else {
                 undo_data_write(tmp.path(), slot, &[7u8; 4096]);
             }
+            if restarted {
+                std::fs::write(tmp.path().join(recovery::BOOT), "another boot\n").unwrap();
+            }
+            let pre = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+            assert_eq!(
+                (pre.restart_blocks, pre.checksum_errors),
+                if restarted { (1, 0) } else { (0, 1) },
+                "{pre:?}"
+            );
             let s = Store::open(tmp.path(), StoreOptions::default())
                 .await
                 .unwrap();
             let got = s.read(id, 0, 4096).await;
-            assert!(
-                matches!(&got, Ok(b) if b[..] == [7u8; 4096] || b[..] == [8u8; 4096]),
-                "data landed: {data_landed}: {got:?}"
-            );
+            let case = format!("data landed: {data_landed}, restarted: {restarted}: {got:?}");
+            if restarted {
+                let want: &[u8] = if data_landed {
+                    &[8u8; 4096]
+                } else {
+                    &[7u8; 4096]
+                };
+                assert!(matches!(&got, Ok(b) if b[..] == *want), "{case}");
+                assert_eq!(s.stats().healed_blocks, 1, "{case}");
+            } else {
+                assert!(matches!(got, Err(StoreError::Checksum { .. })), "{case}");
+            }
             s.close().await.unwrap();
+            let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+            assert_eq!(report.is_clean(), restarted, "{case}: {report:?}");
         }
     }
 

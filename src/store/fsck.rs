@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::buf::AlignedBuf;
-use super::engine::{heal_dirty_regions, pread_exact, reclaim_leaks};
+use super::engine::{Unmatched, heal_dirty_regions, pread_exact, reclaim_leaks};
 use super::format::BLOCK;
 use super::recovery;
 use super::segment::Segment;
@@ -26,6 +26,10 @@ pub struct FsckReport {
     /// Blocks written in place when the store last stopped without a commit; their CRCs
     /// are rewritten by the next open (or `--repair`).
     pub unflushed_blocks: u64,
+    /// Blocks of intent regions that match neither of their CRCs while the machine has
+    /// restarted since the store was last open: a power loss leaves data and CRC pages
+    /// apart. Taken as written (their CRCs recomputed) by the next open (or `--repair`).
+    pub restart_blocks: u64,
     /// Regions (16 MiB of slots) with a write intent: the next open re-reads and
     /// re-checksums them. A store closed cleanly has none.
     pub intent_regions: u64,
@@ -71,9 +75,8 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
             ));
         }
     }
-    // A format-1 store (or one whose upgrade a crash interrupted) has no trustworthy previous
-    // CRCs: judged as open judges it.
-    let legacy = sb.version < super::FORMAT_VERSION;
+    // Judged as open judges it: see `Unmatched`.
+    let unmatched = Unmatched::for_store(dir, sb);
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
@@ -137,10 +140,11 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
                 let data = &buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK];
                 let crc = crc32fast::hash(data);
                 if crc != seg.crc(ci) {
-                    if meta.marked.contains(&super::meta::region_of(e.slot))
-                        && seg.crashed_write(ci, crc, legacy)
-                    {
+                    let intent = meta.marked.contains(&super::meta::region_of(e.slot));
+                    if intent && seg.crashed_write(ci, crc) {
                         r.unflushed_blocks += 1;
+                    } else if intent && unmatched == Unmatched::Written {
+                        r.restart_blocks += 1;
                     } else {
                         r.checksum_errors += 1;
                         r.errors.push(format!(
@@ -165,6 +169,13 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
             r.unflushed_blocks
         ));
     }
+    if r.restart_blocks > 0 {
+        r.notes.push(format!(
+            "{} blocks of regions written at the time of a machine restart match neither checksum \
+             (data and checksums were written back apart); open takes them as written",
+            r.restart_blocks
+        ));
+    }
     for (i, seg) in segments.iter().enumerate() {
         for (_, len) in recovery::scan_leaks(seg.file(), i as u32, sb, meta)? {
             r.leaked_bytes += len;
@@ -177,10 +188,17 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
         ));
     }
     if repair {
-        let healed = heal_dirty_regions(sb, meta, &segments, legacy)?;
-        if healed > 0 {
+        let healed = heal_dirty_regions(sb, meta, &segments, unmatched)?;
+        if healed.restored > 0 {
             r.repaired.push(format!(
-                "rewrote the checksums of {healed} unflushed blocks"
+                "rewrote the checksums of {} unflushed blocks",
+                healed.restored
+            ));
+        }
+        if healed.taken > 0 {
+            r.repaired.push(format!(
+                "took {} blocks written at the time of a machine restart as written",
+                healed.taken
             ));
         }
         let punched = reclaim_leaks(sb, meta, &segments)?;

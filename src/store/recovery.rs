@@ -14,6 +14,8 @@ pub const SUPERBLOCK: &str = "superblock";
 pub const CHECKPOINT: &str = "checkpoint";
 pub const LOCK: &str = "LOCK";
 pub const SEGMENTS: &str = "segments";
+/// The boot ID of the machine when the store was last opened for writing.
+pub const BOOT: &str = "boot";
 
 /// Fault injection for tests: [`fault::arm`] makes the next pass through a named point, for
 /// a store under a given directory, fail there. A point stands either for a step that fails
@@ -88,6 +90,34 @@ pub fn lock(dir: &Path) -> Result<File> {
         return Err(e.into());
     }
     Ok(f)
+}
+
+/// This boot of the machine (Linux's random boot ID), if the kernel says.
+pub fn boot_id() -> Option<String> {
+    let id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Whether the machine may have restarted since the store was last opened for writing: the
+/// boot recorded then is not this one, or either is unknown. A process crash leaves the page
+/// cache, so a block and its CRCs agree as the process left them; a restart (power loss,
+/// kernel crash) keeps only what writeback had put on disk, each file on its own.
+pub fn restarted_since_open(dir: &Path) -> bool {
+    let recorded = fs::read_to_string(dir.join(BOOT)).ok();
+    match (recorded, boot_id()) {
+        (Some(r), Some(now)) => r.trim() != now,
+        _ => true,
+    }
+}
+
+/// Record this boot (durably), before anything is written in this session.
+pub fn record_boot(dir: &Path) -> io::Result<()> {
+    let id = boot_id().unwrap_or_default();
+    if fs::read_to_string(dir.join(BOOT)).is_ok_and(|r| r.trim() == id && !id.is_empty()) {
+        return Ok(());
+    }
+    write_atomic(dir, BOOT, format!("{id}\n").as_bytes())
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -262,14 +262,12 @@ impl Segment {
         self.prev.as_ref().map(|m| self.words(m))
     }
 
-    /// Whether data with CRC `crc`, found in block `b` after a crash, can be what a write cut
+    /// Whether data with CRC `crc`, found in block `b` after a crash, is what a write cut
     /// short left there: the data its previous CRC describes. Without previous CRCs (format
-    /// 1), or when `legacy` says they are not to be trusted yet, any data can.
-    pub fn crashed_write(&self, b: usize, crc: u32, legacy: bool) -> bool {
-        legacy
-            || self
-                .prevs()
-                .is_none_or(|p| u32::from_le(p[b].load(Ordering::Acquire)) == crc)
+    /// 1, or the file lost) nothing is known to be one.
+    pub fn crashed_write(&self, b: usize, crc: u32) -> bool {
+        self.prevs()
+            .is_some_and(|p| u32::from_le(p[b].load(Ordering::Acquire)) == crc)
     }
 
     /// A write of block `b` with CRC `v` is about to be issued: the current CRC becomes the
