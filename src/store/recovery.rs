@@ -245,6 +245,14 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             uncommitted: batch.len() as u64,
         });
     }
+    // Journal `next_gen` is made (and synced) before any checkpoint naming it is renamed into
+    // place, and outlives it: without it, committed changes since the checkpoint are lost,
+    // and the space they wrote would look unreferenced (and be punched at open).
+    if journals.is_empty() {
+        return Err(StoreError::Damaged(format!(
+            "journal generation {next_gen} is missing (the checkpoint names it)"
+        )));
+    }
     // Derive sharing afresh from the final maps (replay queued punches it will not do),
     // so that leak reclaim at open misses nothing.
     meta.derive_slots(segments * sb.slots_per_segment());
