@@ -79,3 +79,83 @@ async fn missing_journal_is_refused() {
         "written data was punched"
     );
 }
+
+/// One flipped byte early in the journal, with later commits intact after it: damage, not a
+/// torn tail (a crash tears only the last append). Taking it for a tail dropped every later
+/// commit and punched the data they wrote; fsck called the store clean.
+#[tokio::test]
+async fn damaged_record_before_durable_commits_is_refused() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    crashed_store(
+        tmp.path(),
+        &[
+            (0, fill(1, 65536)),
+            (1 << 20, fill(2, 65536)),
+            (2 << 20, fill(3, 65536)),
+        ],
+    )
+    .await;
+    let js = journals(tmp.path());
+    assert_eq!(js.len(), 1);
+    // Header (40 bytes), then the CreateObject record: flip a byte of its payload.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&js[0])
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 40 + 12).unwrap();
+    f.write_all_at(&[b[0] ^ 1], 40 + 12).unwrap();
+    drop(f);
+    let disk = segment_data_bytes(tmp.path());
+    let e = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .err()
+        .expect("a journal damaged before durable commits is refused");
+    assert!(
+        matches!(&e, StoreError::Damaged(m) if m.contains("not a torn tail")),
+        "{e}"
+    );
+    assert!(matches!(
+        cairn::store::fsck(tmp.path(), true),
+        Err(StoreError::Damaged(_))
+    ));
+    assert_eq!(
+        segment_data_bytes(tmp.path()),
+        disk,
+        "written data was punched"
+    );
+}
+
+/// A torn last append (its Commit cut off, or intact after a torn record of the same
+/// append) is still a torn tail: dropped, and the store opens.
+#[tokio::test]
+async fn torn_last_append_is_still_dropped() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let id = crashed_store(
+        tmp.path(),
+        &[(0, fill(1, 65536)), (1 << 20, fill(2, 65536))],
+    )
+    .await;
+    let j = journals(tmp.path()).pop().unwrap();
+    let raw = std::fs::read(&j).unwrap();
+    // The last append is the second write's SetEntry (9 + 32 bytes) and its Commit (9 + 8):
+    // damage its SetEntry; its Commit stays intact.
+    let set_entry = raw.len() - 17 - 41;
+    let f = std::fs::OpenOptions::new().write(true).open(&j).unwrap();
+    f.write_all_at(&[raw[set_entry + 20] ^ 1], set_entry as u64 + 20)
+        .unwrap();
+    drop(f);
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.read(id, 0, 65536).await.unwrap(), fill(1, 65536));
+    assert_eq!(
+        s.read(id, 1 << 20, 65536).await.unwrap(),
+        vec![0u8; 65536],
+        "the torn batch is dropped"
+    );
+    s.close().await.unwrap();
+}

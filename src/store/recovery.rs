@@ -185,6 +185,26 @@ pub fn count_segments(dir: &Path) -> Result<u32> {
     Ok(idx.len() as u32)
 }
 
+/// In `tail`, the bytes of a journal after the record where replay stopped: an intact Commit
+/// record (at any offset) more than one past `last`, the last commit replayed, as (offset,
+/// sequence). A crash tears only the last append, which holds at most one Commit (`last` + 1),
+/// so such a record means the journal was damaged before commits that were durable, and
+/// taking the damage for a torn tail would drop them (and punch their data as unreferenced).
+fn commit_after_tear(tail: &[u8], last: u64) -> Option<(usize, u64)> {
+    const COMMIT_LEN: usize = format::RECORD_HEADER + 8;
+    (1..tail.len().saturating_sub(COMMIT_LEN - 1)).find_map(|i| {
+        let at = &tail[i..];
+        // Cheap filter first: payload length 8, type 9.
+        if at[..4] != 8u32.to_le_bytes() || at[8] != 9 {
+            return None;
+        }
+        match Record::decode(at) {
+            Some((Record::Commit { seq }, _)) if seq > last.saturating_add(1) => Some((i, seq)),
+            _ => None,
+        }
+    })
+}
+
 /// Load the committed state: checkpoint plus every committed journal batch after it.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let sb = read_superblock(dir)?;
@@ -236,6 +256,14 @@ pub fn load(dir: &Path) -> Result<Loaded> {
                 }
                 other => batch.push(other),
             }
+        }
+        if let Some((at, seq)) = commit_after_tear(&data[off..], commit_seq) {
+            return Err(StoreError::Damaged(format!(
+                "{}: the record at byte {off} is damaged, and commit {seq} follows it intact at \
+                 byte {}: not a torn tail",
+                path.display(),
+                off + at
+            )));
         }
         journals.push(JournalInfo {
             generation: g,
