@@ -159,3 +159,86 @@ async fn torn_last_append_is_still_dropped() {
     );
     s.close().await.unwrap();
 }
+
+fn recrc(raw: &mut [u8]) {
+    let n = raw.len() - 4;
+    let crc = crc32fast::hash(&raw[..n]);
+    raw[n..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A cleanly closed store holding one object of `size` bytes with `writes`.
+async fn closed_store(dir: &Path, size: u64, writes: &[(u64, Vec<u8>)]) -> Uuid {
+    let s = Store::open(dir, StoreOptions::default()).await.unwrap();
+    let id = Uuid::from_u128(7);
+    s.create_object(id, size).await.unwrap();
+    for (off, data) in writes {
+        s.write(id, *off, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
+    }
+    s.close().await.unwrap();
+    id
+}
+
+/// Open in a task of its own, so that a panic is an outcome rather than the test's end.
+async fn open_outcome(dir: &Path) -> Result<Option<StoreError>, tokio::task::JoinError> {
+    let dir = dir.to_path_buf();
+    tokio::spawn(async move { Store::open(&dir, StoreOptions::default()).await.err() }).await
+}
+
+/// A checkpoint (its CRC intact) whose map points at slot u32::MAX: an error, not a panic
+/// (nor, for a slot somewhat lower, tens of GiB of slot tables).
+#[tokio::test]
+async fn checkpoint_slot_past_the_segments_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
+    let p = tmp.path().join("checkpoint");
+    let mut raw = std::fs::read(&p).unwrap();
+    // Magic 8, version 4, next generation 8, sequence 8, node count 4; then the one leaf:
+    // kind 1, count 2, then (key 1, slot 4, present 8).
+    assert_eq!((raw[32], raw[33]), (0, 1));
+    raw[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+    recrc(&mut raw);
+    std::fs::write(&p, &raw).unwrap();
+    let r = open_outcome(tmp.path()).await;
+    assert!(
+        matches!(&r, Ok(Some(StoreError::Damaged(m))) if m.contains("slot 4294967295")),
+        "{r:?}"
+    );
+    assert!(matches!(
+        cairn::store::fsck(tmp.path(), false),
+        Err(StoreError::Damaged(_))
+    ));
+}
+
+/// Journal records (their CRCs intact) naming slot u32::MAX or intent region u32::MAX.
+#[tokio::test]
+async fn journal_records_past_the_segments_are_errors() {
+    use cairn::store::format::Record;
+    for rec in [
+        Record::SetEntry {
+            id: Uuid::from_u128(7),
+            chunk: 0,
+            slot: u32::MAX,
+            present: 1,
+        },
+        Record::Intent { region: u32::MAX },
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
+        let j = journals(tmp.path()).pop().unwrap();
+        let mut raw = std::fs::read(&j).unwrap();
+        rec.encode(&mut raw);
+        Record::Commit { seq: 1000 }.encode(&mut raw);
+        std::fs::write(&j, &raw).unwrap();
+        let r = open_outcome(tmp.path()).await;
+        assert!(
+            matches!(&r, Ok(Some(StoreError::Damaged(m))) if m.contains("4294967295")),
+            "{rec:?}: {r:?}"
+        );
+        assert!(matches!(
+            cairn::store::fsck(tmp.path(), false),
+            Err(StoreError::Damaged(_))
+        ));
+    }
+}

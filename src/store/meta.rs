@@ -408,6 +408,22 @@ impl Meta {
         self.slots = slots;
     }
 
+    /// A slot at or past `total` that some map references, if any.
+    pub fn slot_beyond(&self, total: u32) -> Option<u32> {
+        let mut seen = HashSet::default();
+        let mut found = None;
+        for obj in self.objects.values() {
+            obj.map.visit_nodes(&mut seen, &mut |n| {
+                if let Node::Leaf(entries) = &**n
+                    && let Some((_, e)) = entries.iter().find(|(_, e)| e.slot >= total)
+                {
+                    found = Some(e.slot);
+                }
+            });
+        }
+        found
+    }
+
     /// Highest referenced slot + 1.
     pub fn slots_needed(&self) -> u32 {
         self.slots

@@ -213,7 +213,31 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let mut meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
     let (next_gen, mut commit_seq) = meta.decode_checkpoint(&raw)?;
     let segments = count_segments(dir)?;
-    meta.derive_slots(segments * sb.slots_per_segment());
+    // Every slot the metadata names must lie in a segment file. Checked before anything is
+    // counted: slot tables are sized by the highest slot (u32::MAX overflowed, and a slot
+    // near it allocated tens of GiB).
+    let total = segments as u64 * sb.slots_per_segment() as u64;
+    let total = u32::try_from(total).map_err(|_| {
+        StoreError::Damaged(format!(
+            "{segments} segment files are more than slots can address"
+        ))
+    })?;
+    if let Some(slot) = meta.slot_beyond(total) {
+        return Err(StoreError::Damaged(format!(
+            "checkpoint: a map references slot {slot} but only {segments} segment files exist"
+        )));
+    }
+    meta.derive_slots(total);
+    // A record naming a slot (or an intent region) past the segment files.
+    let beyond = |rec: &Record| match *rec {
+        Record::SetEntry { slot, .. } if slot >= total => Some(format!("slot {slot}")),
+        Record::Intent { region } | Record::IntentClear { region }
+            if region as u64 * format::REGION_SLOTS as u64 >= total as u64 =>
+        {
+            Some(format!("intent region {region}"))
+        }
+        _ => None,
+    };
 
     let mut journals = Vec::new();
     let mut stale = Vec::new();
@@ -239,15 +263,27 @@ pub fn load(dir: &Path) -> Result<Loaded> {
                 )));
             }
         }
+        let out_of_range = |rec: &Record| {
+            beyond(rec).map_or(Ok(()), |what| {
+                Err(StoreError::Damaged(format!(
+                    "{}: a record names {what}, but only {segments} segment files exist",
+                    path.display()
+                )))
+            })
+        };
         let mut off = JOURNAL_HEADER;
         let mut batch: Vec<Record> = Vec::new();
         let mut committed_end = off;
         while let Some((rec, n)) = Record::decode(&data[off..]) {
             off += n;
             match rec {
-                Record::Intent { .. } => meta.apply(&rec)?,
+                Record::Intent { .. } => {
+                    out_of_range(&rec)?;
+                    meta.apply(&rec)?
+                }
                 Record::Commit { seq } => {
                     for r in batch.drain(..) {
+                        out_of_range(&r)?;
                         meta.apply(&r)
                             .map_err(|e| StoreError::Damaged(format!("{}: {e}", path.display())))?;
                     }
@@ -283,8 +319,8 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     }
     // Derive sharing afresh from the final maps (replay queued punches it will not do),
     // so that leak reclaim at open misses nothing.
-    meta.derive_slots(segments * sb.slots_per_segment());
-    if meta.slots_needed() > segments * sb.slots_per_segment() {
+    meta.derive_slots(total);
+    if meta.slots_needed() > total {
         return Err(StoreError::Damaged(format!(
             "maps reference slot {} but only {segments} segment files exist",
             meta.slots_needed() - 1
