@@ -242,3 +242,32 @@ async fn journal_records_past_the_segments_are_errors() {
         ));
     }
 }
+
+/// A checkpoint (its CRC intact) whose object says depth 1 while its root is an inner node:
+/// an error, not a panic in the map walks.
+#[tokio::test]
+async fn checkpoint_depth_that_differs_from_the_tree_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 64 MiB: 1024 chunks, a two-level map.
+    closed_store(tmp.path(), 64 << 20, &[(0, fill(1, 4096))]).await;
+    let p = tmp.path().join("checkpoint");
+    let good = std::fs::read(&p).unwrap();
+    // The last object record: id 16, size 8, depth 1, root 4; then the CRC.
+    let at = good.len() - 4 - 4 - 1;
+    assert_eq!(good[at], 2);
+    for depth in [1u8, 3] {
+        let mut raw = good.clone();
+        raw[at] = depth;
+        recrc(&mut raw);
+        std::fs::write(&p, &raw).unwrap();
+        let r = open_outcome(tmp.path()).await;
+        assert!(
+            matches!(&r, Ok(Some(StoreError::Damaged(m))) if m.contains("depth")),
+            "depth {depth}: {r:?}"
+        );
+        assert!(matches!(
+            cairn::store::fsck(tmp.path(), false),
+            Err(StoreError::Damaged(_))
+        ));
+    }
+}

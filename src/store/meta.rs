@@ -520,10 +520,18 @@ impl Meta {
         let seq = p.get_u64_le();
         let count = p.get_u32_le() as usize;
         let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(count.min(1 << 24));
+        // Each node's height (a leaf is 1). The walks trust a map's depth to say where its
+        // leaves are: an inner node where a leaf belongs made them shift by a negative
+        // amount (a panic, or in a release build reads of the wrong chunks).
+        let mut heights: Vec<u8> = Vec::with_capacity(count.min(1 << 24));
         for _ in 0..count {
             need(p, 3)?;
             let kind = p.get_u8();
             let n = p.get_u16_le() as usize;
+            if kind > 1 {
+                return Err(bad("unknown node kind"));
+            }
+            let mut height = 1u8;
             let node = if kind == 0 {
                 need(p, n * 13)?;
                 let mut entries = Vec::with_capacity(n);
@@ -540,14 +548,23 @@ impl Meta {
             } else {
                 need(p, n * 5)?;
                 let mut children = vec![None; super::map::FAN];
+                let mut below = None;
                 for _ in 0..n {
                     let i = p.get_u8() as usize;
                     let c = p.get_u32_le() as usize;
                     children[i] = Some(nodes.get(c).ok_or_else(|| bad("dangling node"))?.clone());
+                    if *below.get_or_insert(heights[c]) != heights[c] {
+                        return Err(bad("inner node with children of different heights"));
+                    }
+                }
+                height = below.ok_or_else(|| bad("inner node without children"))? + 1;
+                if height > super::map::MAX_LEVELS {
+                    return Err(bad("tree deeper than any map"));
                 }
                 Node::Inner(children)
             };
             nodes.push(Arc::new(node));
+            heights.push(height);
         }
         need(p, 4)?;
         let nobj = p.get_u32_le() as usize;
@@ -558,6 +575,7 @@ impl Meta {
             let size = p.get_u64_le();
             let levels = p.get_u8();
             let root = p.get_u32_le();
+            let root_idx = root as usize;
             let root = if root == u32::MAX {
                 None
             } else {
@@ -570,6 +588,9 @@ impl Meta {
             };
             if !(1..=super::map::MAX_LEVELS).contains(&levels) {
                 return Err(bad("bad tree depth"));
+            }
+            if root.is_some() && heights[root_idx] != levels {
+                return Err(bad("tree depth differs from the object's"));
             }
             let map = Map::from_parts(root, levels);
             let mut allocated = 0u64;
