@@ -1809,12 +1809,16 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
         // A format-1 segment gets its previous-CRC file here (the store is upgraded below).
+        // The last segment, when no map references it, may be one whose creation a crash cut
+        // short (its data file made, not yet sized, CRC files missing): completed, since
+        // nothing in it is anyone's data. Refusing it kept the store from ever opening.
+        let unreferenced_tail = i + 1 == loaded.segments && !references_segment(&sb, &meta, i);
         segments.push(Arc::new(Segment::open(
             &seg_dir,
             i,
             &sb,
             opts.direct_io,
-            false,
+            unreferenced_tail,
             true,
         )?));
     }
@@ -1910,6 +1914,11 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         zero_crc: super::format::crc_of_zero_block(),
         _lock: lock,
     })
+}
+
+/// Whether any map references a slot of segment `seg`, or of a later one.
+pub(super) fn references_segment(sb: &Superblock, meta: &Meta, seg: u32) -> bool {
+    meta.slots_needed() as u64 > seg as u64 * sb.slots_per_segment() as u64
 }
 
 /// Re-checksum the present blocks of intent regions after a crash: a block whose data has

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::buf::AlignedBuf;
-use super::engine::{heal_dirty_regions, pread_exact, reclaim_leaks};
+use super::engine::{heal_dirty_regions, pread_exact, reclaim_leaks, references_segment};
 use super::format::BLOCK;
 use super::recovery;
 use super::segment::Segment;
@@ -79,6 +79,12 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
     for i in 0..loaded.segments {
         match Segment::open(&seg_dir, i, sb, false, false, false) {
             Ok(s) => segments.push(Arc::new(s)),
+            Err(e) if i + 1 == loaded.segments && !references_segment(sb, meta, i) => {
+                r.notes.push(format!(
+                    "segment {i}: {e}; no map references it (its creation was cut short), \
+                     open completes it"
+                ));
+            }
             Err(e) => {
                 r.errors.push(format!("segment {i}: {e}"));
                 return Ok(r);
