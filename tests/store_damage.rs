@@ -317,3 +317,53 @@ async fn segment_whose_creation_was_cut_short_does_not_brick_the_store() {
     let report = cairn::store::fsck(tmp.path(), false).unwrap();
     assert!(!report.is_clean(), "{report:?}");
 }
+
+/// A format-2 store stopped by a crash with an intent region marked, one block there
+/// damaged (not written since its commit), and the segment's `.pcrc` lost. fsck must call
+/// that block damage, and `--repair` must not take it for a torn write and give it a CRC
+/// that matches the damage.
+#[tokio::test]
+async fn lost_previous_crcs_do_not_make_damage_a_torn_write() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let chunk = fill(1, 65536);
+    // Chunk 0 written, then its block 0 rewritten in place: the region has an intent.
+    let id = crashed_store(tmp.path(), &[(0, chunk.clone()), (0, fill(2, 4096))]).await;
+    // Damage block 5, which the second write did not touch.
+    let seg_path = tmp.path().join("segments/00000000.seg");
+    let seg = std::fs::read(&seg_path).unwrap();
+    let at = seg
+        .chunks(4096)
+        .position(|b| b == &chunk[5 * 4096..6 * 4096])
+        .unwrap() as u64
+        * 4096;
+    drop(seg);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg_path)
+        .unwrap();
+    f.write_all_at(b"rot", at + 100).unwrap();
+    drop(f);
+    std::fs::remove_file(tmp.path().join("segments/00000000.pcrc")).unwrap();
+
+    let report = cairn::store::fsck(tmp.path(), false).unwrap();
+    assert_eq!(report.intent_regions, 1, "{report:?}");
+    assert_eq!(
+        (report.checksum_errors, report.unflushed_blocks),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(
+        report.errors.iter().any(|e| e.contains("00000000.pcrc")),
+        "{report:?}"
+    );
+    let report = cairn::store::fsck(tmp.path(), true).unwrap();
+    assert!(report.repaired.is_empty(), "{report:?}");
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    let r = s.read(id, 5 * 4096, 4096).await;
+    assert!(matches!(r, Err(StoreError::Checksum { .. })), "{r:?}");
+    assert_eq!(s.read(id, 0, 4096).await.unwrap(), fill(2, 4096));
+    s.close().await.unwrap();
+}

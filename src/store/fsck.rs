@@ -78,7 +78,15 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
         match Segment::open(&seg_dir, i, sb, false, false, false) {
-            Ok(s) => segments.push(Arc::new(s)),
+            Ok(s) => {
+                if !legacy && s.prev_crc_fd().is_none() {
+                    r.errors.push(format!(
+                        "segment {i}: its previous-CRC file ({i:08}.pcrc) is missing: blocks \
+                         of intent regions cannot be told from damage"
+                    ));
+                }
+                segments.push(Arc::new(s))
+            }
             Err(e) if i + 1 == loaded.segments && !references_segment(sb, meta, i) => {
                 r.notes.push(format!(
                     "segment {i}: {e}; no map references it (its creation was cut short), \

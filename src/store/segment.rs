@@ -208,13 +208,14 @@ impl Segment {
     }
 
     /// Whether data with CRC `crc`, found in block `b` after a crash, can be what a write cut
-    /// short left there: the data its previous CRC describes. Without previous CRCs (format
-    /// 1), or when `legacy` says they are not to be trusted yet, any data can.
+    /// short left there: the data its previous CRC describes. When `legacy` (format 1) says
+    /// previous CRCs are not kept, any data can. A format-2 segment without its previous
+    /// CRCs (the file lost) cannot tell a torn write from damage: none is taken for one.
     pub fn crashed_write(&self, b: usize, crc: u32, legacy: bool) -> bool {
         legacy
             || self
                 .prevs()
-                .is_none_or(|p| u32::from_le(p[b].load(Ordering::Acquire)) == crc)
+                .is_some_and(|p| u32::from_le(p[b].load(Ordering::Acquire)) == crc)
     }
 
     /// A write of block `b` with CRC `v` is about to be issued: the current CRC becomes the
