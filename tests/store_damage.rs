@@ -367,3 +367,56 @@ async fn lost_previous_crcs_do_not_make_damage_a_torn_write() {
     assert_eq!(s.read(id, 0, 4096).await.unwrap(), fill(2, 4096));
     s.close().await.unwrap();
 }
+
+/// A checkpoint (its CRC intact) giving an object a size past the largest an object can
+/// have (2^32 chunks): refused. Chunk indices are u32, so a write past 2^32 chunks landed
+/// on chunk (index mod 2^32), overwriting the object's own data.
+#[tokio::test]
+async fn object_size_past_the_maximum_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
+    let p = tmp.path().join("checkpoint");
+    let mut raw = std::fs::read(&p).unwrap();
+    // The object record: id 16, size 8, depth 1, root 4; then the CRC.
+    let at = raw.len() - 4 - 4 - 1 - 8;
+    assert_eq!(raw[at..at + 8], (1u64 << 20).to_le_bytes());
+    let max = (1u64 << 32) * 65536;
+    raw[at..at + 8].copy_from_slice(&(max + 65536).to_le_bytes());
+    recrc(&mut raw);
+    std::fs::write(&p, &raw).unwrap();
+    let r = Store::open(tmp.path(), StoreOptions::default()).await;
+    if let Ok(s) = &r {
+        // What the size let through: chunk 2^32 is chunk 0.
+        s.write(id, max, Bytes::from(vec![0xEEu8; 4096]), false)
+            .await
+            .unwrap();
+        assert!(
+            s.read(id, 0, 4096).await.unwrap() == fill(1, 4096),
+            "a write past 2^32 chunks overwrote chunk 0"
+        );
+    }
+    assert!(
+        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("size")),
+        "{:?}",
+        r.err()
+    );
+    // The same size from a committed Resize in the journal.
+    let tmp = tempfile::tempdir().unwrap();
+    let id = closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
+    let j = journals(tmp.path()).pop().unwrap();
+    let mut raw = std::fs::read(&j).unwrap();
+    use cairn::store::format::Record;
+    Record::Resize {
+        id,
+        size: max + 65536,
+    }
+    .encode(&mut raw);
+    Record::Commit { seq: 1000 }.encode(&mut raw);
+    std::fs::write(&j, &raw).unwrap();
+    let r = Store::open(tmp.path(), StoreOptions::default()).await;
+    assert!(
+        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("size")),
+        "{:?}",
+        r.err()
+    );
+}

@@ -298,10 +298,21 @@ impl Meta {
         size.div_ceil(self.chunk_size as u64)
     }
 
+    /// Chunk indices are u32: an object of more chunks would have chunks that alias (a write
+    /// past 2^32 chunks landing on chunk index mod 2^32). The runtime refuses such sizes
+    /// before logging them; one on disk is damage.
+    fn check_size(&self, id: Uuid, size: u64) -> Result<(), String> {
+        if self.chunks_for(size) > 1 << 32 {
+            return Err(format!("object {id}: size {size} is past 2^32 chunks"));
+        }
+        Ok(())
+    }
+
     /// Apply a record to the in-memory state.
     pub fn apply(&mut self, rec: &Record) -> Result<(), MetaError> {
         match *rec {
             Record::CreateObject { id, size } => {
+                self.check_size(id, size).map_err(MetaError::Damaged)?;
                 if self.objects.contains_key(&id) {
                     return Err(MetaError::Exists(id));
                 }
@@ -338,6 +349,7 @@ impl Meta {
                 self.objects.insert(dst, copy);
             }
             Record::Resize { id, size } => {
+                self.check_size(id, size).map_err(MetaError::Damaged)?;
                 let chunks = self.chunks_for(size);
                 let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
                 let mut dropped = 0u64;
@@ -592,13 +604,15 @@ impl Meta {
             if root.is_some() && heights[root_idx] != levels {
                 return Err(bad("tree depth differs from the object's"));
             }
+            let id = Uuid::from_bytes(id);
+            self.check_size(id, size).map_err(|m| bad(&m))?;
             let map = Map::from_parts(root, levels);
             let mut allocated = 0u64;
             map.for_each_in(0, u64::MAX, |_, e| {
                 allocated += e.present.count_ones() as u64
             });
             self.objects.insert(
-                Uuid::from_bytes(id),
+                id,
                 Object {
                     size,
                     map,
