@@ -1835,12 +1835,16 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
         // A format-1 segment gets its previous-CRC file here (the store is upgraded below).
+        // The last segment, when no map references it, may be one whose creation a crash cut
+        // short (its data file made, not yet sized, CRC files missing): completed, since
+        // nothing in it is anyone's data. Refusing it kept the store from ever opening.
+        let unreferenced_tail = i + 1 == loaded.segments && !references_segment(&sb, &meta, i);
         segments.push(Arc::new(Segment::open(
             &seg_dir,
             i,
             &sb,
             opts.direct_io,
-            false,
+            unreferenced_tail,
             true,
         )?));
     }
@@ -1987,6 +1991,11 @@ impl Healed {
     pub fn total(self) -> u64 {
         self.restored + self.taken
     }
+}
+
+/// Whether any map references a slot of segment `seg`, or of a later one.
+pub(super) fn references_segment(sb: &Superblock, meta: &Meta, seg: u32) -> bool {
+    meta.slots_needed() as u64 > seg as u64 * sb.slots_per_segment() as u64
 }
 
 /// Re-checksum the present blocks of intent regions after a crash: a block whose data has

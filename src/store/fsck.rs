@@ -4,7 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::buf::AlignedBuf;
-use super::engine::{Unmatched, heal_dirty_regions, pread_exact, reclaim_leaks};
+use super::engine::{
+    Unmatched, heal_dirty_regions, pread_exact, reclaim_leaks, references_segment,
+};
 use super::format::BLOCK;
 use super::recovery;
 use super::segment::Segment;
@@ -76,12 +78,27 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
         }
     }
     // Judged as open judges it: see `Unmatched`.
+    let legacy = sb.version < super::FORMAT_VERSION;
     let unmatched = Unmatched::for_store(dir, sb);
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
         match Segment::open(&seg_dir, i, sb, false, false, false) {
-            Ok(s) => segments.push(Arc::new(s)),
+            Ok(s) => {
+                if !legacy && s.prev_crc_fd().is_none() {
+                    r.errors.push(format!(
+                        "segment {i}: its previous-CRC file ({i:08}.pcrc) is missing: blocks \
+                         of intent regions cannot be told from damage"
+                    ));
+                }
+                segments.push(Arc::new(s))
+            }
+            Err(e) if i + 1 == loaded.segments && !references_segment(sb, meta, i) => {
+                r.notes.push(format!(
+                    "segment {i}: {e}; no map references it (its creation was cut short), \
+                     open completes it"
+                ));
+            }
             Err(e) => {
                 r.errors.push(format!("segment {i}: {e}"));
                 return Ok(r);

@@ -298,10 +298,21 @@ impl Meta {
         size.div_ceil(self.chunk_size as u64)
     }
 
+    /// Chunk indices are u32: an object of more chunks would have chunks that alias (a write
+    /// past 2^32 chunks landing on chunk index mod 2^32). The runtime refuses such sizes
+    /// before logging them; one on disk is damage.
+    fn check_size(&self, id: Uuid, size: u64) -> Result<(), String> {
+        if self.chunks_for(size) > 1 << 32 {
+            return Err(format!("object {id}: size {size} is past 2^32 chunks"));
+        }
+        Ok(())
+    }
+
     /// Apply a record to the in-memory state.
     pub fn apply(&mut self, rec: &Record) -> Result<(), MetaError> {
         match *rec {
             Record::CreateObject { id, size } => {
+                self.check_size(id, size).map_err(MetaError::Damaged)?;
                 if self.objects.contains_key(&id) {
                     return Err(MetaError::Exists(id));
                 }
@@ -338,6 +349,7 @@ impl Meta {
                 self.objects.insert(dst, copy);
             }
             Record::Resize { id, size } => {
+                self.check_size(id, size).map_err(MetaError::Damaged)?;
                 let chunks = self.chunks_for(size);
                 let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
                 let mut dropped = 0u64;
@@ -406,6 +418,22 @@ impl Meta {
         }
         slots.freed.clear();
         self.slots = slots;
+    }
+
+    /// A slot at or past `total` that some map references, if any.
+    pub fn slot_beyond(&self, total: u32) -> Option<u32> {
+        let mut seen = HashSet::default();
+        let mut found = None;
+        for obj in self.objects.values() {
+            obj.map.visit_nodes(&mut seen, &mut |n| {
+                if let Node::Leaf(entries) = &**n
+                    && let Some((_, e)) = entries.iter().find(|(_, e)| e.slot >= total)
+                {
+                    found = Some(e.slot);
+                }
+            });
+        }
+        found
     }
 
     /// Highest referenced slot + 1.
@@ -504,10 +532,18 @@ impl Meta {
         let seq = p.get_u64_le();
         let count = p.get_u32_le() as usize;
         let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(count.min(1 << 24));
+        // Each node's height (a leaf is 1). The walks trust a map's depth to say where its
+        // leaves are: an inner node where a leaf belongs made them shift by a negative
+        // amount (a panic, or in a release build reads of the wrong chunks).
+        let mut heights: Vec<u8> = Vec::with_capacity(count.min(1 << 24));
         for _ in 0..count {
             need(p, 3)?;
             let kind = p.get_u8();
             let n = p.get_u16_le() as usize;
+            if kind > 1 {
+                return Err(bad("unknown node kind"));
+            }
+            let mut height = 1u8;
             let node = if kind == 0 {
                 need(p, n * 13)?;
                 let mut entries = Vec::with_capacity(n);
@@ -524,14 +560,23 @@ impl Meta {
             } else {
                 need(p, n * 5)?;
                 let mut children = vec![None; super::map::FAN];
+                let mut below = None;
                 for _ in 0..n {
                     let i = p.get_u8() as usize;
                     let c = p.get_u32_le() as usize;
                     children[i] = Some(nodes.get(c).ok_or_else(|| bad("dangling node"))?.clone());
+                    if *below.get_or_insert(heights[c]) != heights[c] {
+                        return Err(bad("inner node with children of different heights"));
+                    }
+                }
+                height = below.ok_or_else(|| bad("inner node without children"))? + 1;
+                if height > super::map::MAX_LEVELS {
+                    return Err(bad("tree deeper than any map"));
                 }
                 Node::Inner(children)
             };
             nodes.push(Arc::new(node));
+            heights.push(height);
         }
         need(p, 4)?;
         let nobj = p.get_u32_le() as usize;
@@ -542,6 +587,7 @@ impl Meta {
             let size = p.get_u64_le();
             let levels = p.get_u8();
             let root = p.get_u32_le();
+            let root_idx = root as usize;
             let root = if root == u32::MAX {
                 None
             } else {
@@ -555,13 +601,18 @@ impl Meta {
             if !(1..=super::map::MAX_LEVELS).contains(&levels) {
                 return Err(bad("bad tree depth"));
             }
+            if root.is_some() && heights[root_idx] != levels {
+                return Err(bad("tree depth differs from the object's"));
+            }
+            let id = Uuid::from_bytes(id);
+            self.check_size(id, size).map_err(|m| bad(&m))?;
             let map = Map::from_parts(root, levels);
             let mut allocated = 0u64;
             map.for_each_in(0, u64::MAX, |_, e| {
                 allocated += e.present.count_ones() as u64
             });
             self.objects.insert(
-                Uuid::from_bytes(id),
+                id,
                 Object {
                     size,
                     map,

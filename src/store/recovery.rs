@@ -327,6 +327,26 @@ pub fn count_segments(dir: &Path) -> Result<u32> {
     Ok(idx.len() as u32)
 }
 
+/// In `tail`, the bytes of a journal after the record where replay stopped: an intact Commit
+/// record (at any offset) more than one past `last`, the last commit replayed, as (offset,
+/// sequence). A crash tears only the last append, which holds at most one Commit (`last` + 1),
+/// so such a record means the journal was damaged before commits that were durable, and
+/// taking the damage for a torn tail would drop them (and punch their data as unreferenced).
+fn commit_after_tear(tail: &[u8], last: u64) -> Option<(usize, u64)> {
+    const COMMIT_LEN: usize = format::RECORD_HEADER + 8;
+    (1..tail.len().saturating_sub(COMMIT_LEN - 1)).find_map(|i| {
+        let at = &tail[i..];
+        // Cheap filter first: payload length 8, type 9.
+        if at[..4] != 8u32.to_le_bytes() || at[8] != 9 {
+            return None;
+        }
+        match Record::decode(at) {
+            Some((Record::Commit { seq }, _)) if seq > last.saturating_add(1) => Some((i, seq)),
+            _ => None,
+        }
+    })
+}
+
 /// Load the committed state: checkpoint plus every committed journal batch after it.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let sb = read_superblock(dir)?;
@@ -335,7 +355,31 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let mut meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
     let (next_gen, mut commit_seq) = meta.decode_checkpoint(&raw)?;
     let segments = count_segments(dir)?;
-    meta.derive_slots(segments * sb.slots_per_segment());
+    // Every slot the metadata names must lie in a segment file. Checked before anything is
+    // counted: slot tables are sized by the highest slot (u32::MAX overflowed, and a slot
+    // near it allocated tens of GiB).
+    let total = segments as u64 * sb.slots_per_segment() as u64;
+    let total = u32::try_from(total).map_err(|_| {
+        StoreError::Damaged(format!(
+            "{segments} segment files are more than slots can address"
+        ))
+    })?;
+    if let Some(slot) = meta.slot_beyond(total) {
+        return Err(StoreError::Damaged(format!(
+            "checkpoint: a map references slot {slot} but only {segments} segment files exist"
+        )));
+    }
+    meta.derive_slots(total);
+    // A record naming a slot (or an intent region) past the segment files.
+    let beyond = |rec: &Record| match *rec {
+        Record::SetEntry { slot, .. } if slot >= total => Some(format!("slot {slot}")),
+        Record::Intent { region } | Record::IntentClear { region }
+            if region as u64 * format::REGION_SLOTS as u64 >= total as u64 =>
+        {
+            Some(format!("intent region {region}"))
+        }
+        _ => None,
+    };
 
     let mut journals = Vec::new();
     let mut stale = Vec::new();
@@ -361,15 +405,27 @@ pub fn load(dir: &Path) -> Result<Loaded> {
                 )));
             }
         }
+        let out_of_range = |rec: &Record| {
+            beyond(rec).map_or(Ok(()), |what| {
+                Err(StoreError::Damaged(format!(
+                    "{}: a record names {what}, but only {segments} segment files exist",
+                    path.display()
+                )))
+            })
+        };
         let mut off = JOURNAL_HEADER;
         let mut batch: Vec<Record> = Vec::new();
         let mut committed_end = off;
         while let Some((rec, n)) = Record::decode(&data[off..]) {
             off += n;
             match rec {
-                Record::Intent { .. } => meta.apply(&rec)?,
+                Record::Intent { .. } => {
+                    out_of_range(&rec)?;
+                    meta.apply(&rec)?
+                }
                 Record::Commit { seq } => {
                     for r in batch.drain(..) {
+                        out_of_range(&r)?;
                         meta.apply(&r)
                             .map_err(|e| StoreError::Damaged(format!("{}: {e}", path.display())))?;
                     }
@@ -379,6 +435,14 @@ pub fn load(dir: &Path) -> Result<Loaded> {
                 other => batch.push(other),
             }
         }
+        if let Some((at, seq)) = commit_after_tear(&data[off..], commit_seq) {
+            return Err(StoreError::Damaged(format!(
+                "{}: the record at byte {off} is damaged, and commit {seq} follows it intact at \
+                 byte {}: not a torn tail",
+                path.display(),
+                off + at
+            )));
+        }
         journals.push(JournalInfo {
             generation: g,
             path,
@@ -387,10 +451,18 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             uncommitted: batch.len() as u64,
         });
     }
+    // Journal `next_gen` is made (and synced) before any checkpoint naming it is renamed into
+    // place, and outlives it: without it, committed changes since the checkpoint are lost,
+    // and the space they wrote would look unreferenced (and be punched at open).
+    if journals.is_empty() {
+        return Err(StoreError::Damaged(format!(
+            "journal generation {next_gen} is missing (the checkpoint names it)"
+        )));
+    }
     // Derive sharing afresh from the final maps (replay queued punches it will not do),
     // so that leak reclaim at open misses nothing.
-    meta.derive_slots(segments * sb.slots_per_segment());
-    if meta.slots_needed() > segments * sb.slots_per_segment() {
+    meta.derive_slots(total);
+    if meta.slots_needed() > total {
         return Err(StoreError::Damaged(format!(
             "maps reference slot {} but only {segments} segment files exist",
             meta.slots_needed() - 1
