@@ -474,3 +474,31 @@ async fn presence_bits_past_the_chunk_are_an_error() {
         r.err()
     );
 }
+
+/// A format-1 store whose upgrade a crash cut short while it made a `.pcrc` (the file
+/// created, not yet allocated): the next open completes the upgrade.
+#[tokio::test]
+async fn upgrade_cut_short_while_making_a_pcrc_is_completed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
+    let sbp = tmp.path().join("superblock");
+    let mut sb = std::fs::read(&sbp).unwrap();
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+    recrc(&mut sb);
+    std::fs::write(&sbp, &sb).unwrap();
+    let pcrc = tmp.path().join("segments/00000000.pcrc");
+    std::fs::write(&pcrc, b"").unwrap();
+    let s = Store::open(tmp.path(), StoreOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.read(id, 0, 4096).await.unwrap(), fill(1, 4096));
+    s.close().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&pcrc).unwrap().len(),
+        (1 << 30) / 4096 * 4
+    );
+    assert_eq!(
+        u32::from_le_bytes(std::fs::read(&sbp).unwrap()[8..12].try_into().unwrap()),
+        2
+    );
+}

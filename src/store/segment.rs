@@ -68,7 +68,8 @@ fn open_crc_file(path: &Path, len: u64, create: bool) -> io::Result<(File, MmapM
 impl Segment {
     /// Open segment `index`, creating its files if `create` (data sparse, CRC files
     /// allocated). `make_prev`: create a missing previous-CRC file (a format-1 segment being
-    /// upgraded); otherwise such a segment has none.
+    /// upgraded), or complete one whose making a crash cut short (created, not yet
+    /// allocated); otherwise such a segment has none.
     pub fn open(
         dir: &Path,
         index: u32,
@@ -133,7 +134,8 @@ impl Segment {
         let prev_path = prev_crc_path(dir, index);
         let have_prev = prev_path.exists();
         let (prev_file, prev) = if create || make_prev || have_prev {
-            let (f, m) = made(open_crc_file(&prev_path, crc_len, create || !have_prev))?;
+            // Allocating an already complete file is a no-op.
+            let (f, m) = made(open_crc_file(&prev_path, crc_len, create || make_prev))?;
             (Some(f), Some(m))
         } else {
             (None, None)
