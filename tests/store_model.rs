@@ -1,6 +1,8 @@
 //! Model-based test: random sequences of store operations against an in-memory model.
 //! Every read is compared byte for byte, allocation is compared block for block, and the
-//! store is closed and reopened in the middle of sequences so replay is checked too.
+//! store is closed and reopened in the middle of sequences so replay is checked too. After
+//! every flush and delete (which commit), the store's physical bytes are what the segment
+//! files really hold (SEEK_DATA/SEEK_HOLE): freed space has been punched.
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -105,6 +107,34 @@ fn pattern(seed: u8, off: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Bytes of data (not holes) in the store's segment files.
+fn disk_data_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir.join("segments")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "seg") {
+            continue;
+        }
+        let f = std::fs::File::open(&p).unwrap();
+        let len = f.metadata().unwrap().len() as i64;
+        let mut pos = 0;
+        while pos < len {
+            // SAFETY: lseek on a descriptor we own; results checked.
+            let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data after pos
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+            assert!(hole >= data);
+            total += (hole - data) as u64;
+            pos = hole;
+        }
+    }
+    total
+}
+
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let tmp = tempfile::tempdir().unwrap();
     let mut store = Store::open(tmp.path(), StoreOptions::default())
@@ -130,6 +160,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         (off, len.min(size - off))
     };
     for op in ops {
+        let commits = matches!(op, Op::Flush | Op::Delete { .. });
         match op {
             Op::Write {
                 obj,
@@ -241,6 +272,19 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(store.stats().physical_bytes, physical, "physical bytes");
             }
         }
+        let st = store.stats();
+        if commits {
+            prop_assert_eq!(st.physical_bytes, disk_data_bytes(tmp.path()), "disk");
+        }
+        let live = ids.iter().flatten();
+        prop_assert_eq!(
+            st.allocated_bytes,
+            live.clone().map(|(_, m)| m.allocated_bytes()).sum::<u64>()
+        );
+        prop_assert_eq!(
+            st.logical_bytes,
+            live.map(|(_, m)| m.data.len() as u64).sum::<u64>()
+        );
         for (id, m) in ids.iter().flatten() {
             let info = store.object_info(*id).unwrap();
             prop_assert_eq!(info.size, m.data.len() as u64);
@@ -275,6 +319,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     store.flush().await.unwrap();
     prop_assert_eq!(store.stats().physical_bytes, 0);
+    prop_assert_eq!(disk_data_bytes(tmp.path()), 0);
     store.close().await.unwrap();
     let report = cairn::store::fsck(tmp.path(), false).unwrap();
     prop_assert!(report.is_clean(), "{:?}", report);

@@ -298,6 +298,18 @@ impl Meta {
         size.div_ceil(self.chunk_size as u64)
     }
 
+    /// Presence bits past the chunk's blocks name blocks of the next chunks' range: the
+    /// runtime never sets them (a copy-up would read them past its chunk buffer).
+    fn check_present(&self, present: u64) -> Result<(), String> {
+        let bpc = self.chunk_size / super::format::BLOCK as u32;
+        if bpc < 64 && present >> bpc != 0 {
+            return Err(format!(
+                "presence bitmap {present:#x} has bits past the chunk's {bpc} blocks"
+            ));
+        }
+        Ok(())
+    }
+
     /// Chunk indices are u32: an object of more chunks would have chunks that alias (a write
     /// past 2^32 chunks landing on chunk index mod 2^32). The runtime refuses such sizes
     /// before logging them; one on disk is damage.
@@ -367,6 +379,7 @@ impl Meta {
                 slot,
                 present,
             } => {
+                self.check_present(present).map_err(MetaError::Damaged)?;
                 let obj = self.objects.get_mut(&id).ok_or(MetaError::NotFound(id))?;
                 if chunk as u64 >= obj.size.div_ceil(self.chunk_size as u64) {
                     return Err(MetaError::Damaged(format!(
@@ -551,6 +564,7 @@ impl Meta {
                     let k = p.get_u8();
                     let slot = p.get_u32_le();
                     let present = p.get_u64_le();
+                    self.check_present(present).map_err(|m| bad(&m))?;
                     entries.push((k, Entry { slot, present }));
                 }
                 if !entries.windows(2).all(|w| w[0].0 < w[1].0) {

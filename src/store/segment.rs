@@ -42,19 +42,28 @@ pub fn prev_crc_path(dir: &Path, index: u32) -> PathBuf {
 /// a crash never leaves a short file under the final name (open refuses it as truncated).
 fn make_crc_file(path: &Path, len: u64) -> io::Result<()> {
     let tmp = tmp_path(path);
-    let f = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)
         .map_err(|e| super::recovery::with_path(e, &tmp))?;
+    allocate_crc_file(&tmp, len)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Allocate all `len` bytes of an existing CRC file (see [`make_crc_file`]) and sync it.
+fn allocate_crc_file(path: &Path, len: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| super::recovery::with_path(e, path))?;
     // SAFETY: plain syscall on a descriptor we own.
     let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    f.sync_all()
 }
 
 /// `<path>.tmp`: a name that neither `count_segments` nor open takes for a segment's file.
@@ -116,8 +125,8 @@ fn make_files(dir: &Path, index: u32, sb: &Superblock) -> io::Result<()> {
 impl Segment {
     /// Open segment `index`, creating its files first if `create` (data sparse, CRC files
     /// allocated; the caller syncs the directory). `make_prev`: create a missing
-    /// previous-CRC file (a format-1 segment being upgraded); otherwise such a segment has
-    /// none.
+    /// previous-CRC file (a format-1 segment being upgraded), or complete one whose making a
+    /// crash cut short (created, not yet allocated); otherwise such a segment has none.
     pub fn open(
         dir: &Path,
         index: u32,
@@ -186,6 +195,10 @@ impl Segment {
         let have_prev = prev_path.exists();
         if make_prev && !have_prev {
             make_crc_file(&prev_path, crc_len)?;
+        } else if make_prev {
+            // An older binary made it in place: a crash may have left it short. Allocating a
+            // complete file is a no-op, and zeroed previous CRCs heal nothing.
+            allocate_crc_file(&prev_path, crc_len)?;
         }
         let (prev_file, prev) = if make_prev || have_prev {
             let (f, m) = open_crc_file(&prev_path, crc_len)?;
