@@ -1907,6 +1907,9 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     {
         std::fs::remove_file(j)?;
     }
+    for j in &loaded.foreign_journals {
+        tracing::warn!(path = %j.display(), "not this store's journal (left alone)");
+    }
     // From here on this session may write: a later open judges what it left by this boot.
     recovery::record_boot(dir)?;
     meta.commit_seq = loaded.commit_seq;

@@ -77,6 +77,12 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
             ));
         }
     }
+    for j in &loaded.foreign_journals {
+        r.notes.push(format!(
+            "{}: named like an old journal but not this store's (left alone)",
+            j.display()
+        ));
+    }
     // Judged as open judges it: see `Unmatched`.
     let legacy = sb.version < super::FORMAT_VERSION;
     let unmatched = Unmatched::for_store(dir, sb);

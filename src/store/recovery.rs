@@ -284,7 +284,18 @@ pub struct Loaded {
     pub commit_seq: u64,
     pub journals: Vec<JournalInfo>,
     pub stale_journals: Vec<PathBuf>,
+    /// Named like an old journal but with another store's (or no valid) header: kept.
+    pub foreign_journals: Vec<PathBuf>,
     pub segments: u32,
+}
+
+/// Whether the file at `path` starts with the header of journal `generation` of store `id`.
+fn journal_header_is(path: &Path, generation: u64, id: uuid::Uuid) -> Result<bool> {
+    let mut head = Vec::with_capacity(JOURNAL_HEADER);
+    fs::File::open(path)
+        .and_then(|f| f.take(JOURNAL_HEADER as u64).read_to_end(&mut head))
+        .map_err(|e| with_path(e, path))?;
+    Ok(format::decode_journal_header(&head) == Some((generation, id)))
 }
 
 fn list_journals(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
@@ -383,10 +394,17 @@ pub fn load(dir: &Path) -> Result<Loaded> {
 
     let mut journals = Vec::new();
     let mut stale = Vec::new();
+    let mut foreign = Vec::new();
     let mut expect = next_gen;
     for (g, path) in list_journals(dir)? {
         if g < next_gen {
-            stale.push(path);
+            // Deleted at open, so only when it is this store's: a file that merely has a
+            // journal's name (copied in by hand, from another store) is left alone.
+            if journal_header_is(&path, g, sb.store_id)? {
+                stale.push(path);
+            } else {
+                foreign.push(path);
+            }
             continue;
         }
         if g != expect {
@@ -475,6 +493,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         commit_seq,
         journals,
         stale_journals: stale,
+        foreign_journals: foreign,
         segments,
     })
 }
