@@ -343,7 +343,7 @@ async fn run(
         multiattach_limit: cfg.multiattach_limit,
     };
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings);
-    let exports = CatalogExports::new(catalog, Some(svc.volume_changes()));
+    let exports = CatalogExports::new(catalog, Some(svc.export_fence()));
     let nbd = nbd.serve(store, std::sync::Arc::new(exports));
     svc.identity()
         .bootstrap(layout, cfg.admin_password.as_deref())

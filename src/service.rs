@@ -57,9 +57,9 @@ impl DaemonService {
         &self.identity
     }
 
-    /// Changes whenever volumes or attachments change (see [`Volumes::subscribe`]).
-    pub fn volume_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.volumes.subscribe()
+    /// Where detaching a volume ends its NBD export (see [`crate::nbd::Fence`]).
+    pub fn export_fence(&self) -> std::sync::Arc<crate::nbd::Fence> {
+        self.volumes.fence()
     }
 
     /// From now on `/healthz` answers 503, so load balancers stop sending new work while

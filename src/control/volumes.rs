@@ -7,26 +7,30 @@
 //! attachment and is refused, never both accepted.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use admin_api::model::*;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use super::{Settings, TxError, new_id, now, parse_ts, ts};
+use crate::nbd::{Fence, fence::Ending};
 use crate::{
     catalog::Catalog,
     store::{Store, StoreError},
 };
 
 const GIB: u64 = 1 << 30;
+/// How long a detach waits for the volume's NBD connections to let go of the store.
+const EXPORT_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct Volumes {
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
     pub(crate) settings: Settings,
-    /// Bumped after every committed change, so the NBD server can end the exports of volumes
-    /// that were detached or deleted.
-    changes: tokio::sync::watch::Sender<u64>,
+    /// Where the exports of volumes that lost their last attachment are ended: a detach
+    /// answers only once the volume's NBD connections no longer reach the store.
+    fence: Arc<Fence>,
 }
 
 type Tx<T> = Result<T, TxError>;
@@ -284,8 +288,9 @@ fn resolve_target(
 }
 
 /// Removes one attachment and moves the volume on: in-use -> detaching -> available (or
-/// back to in-use while other attachments remain).
-fn remove_attachment(conn: &Connection, a: &Attachment) -> Tx<()> {
+/// back to in-use while other attachments remain). When it was the last one, the volume's
+/// export ends (its connections are told now, before the commit: see `await_ended`).
+fn remove_attachment(conn: &Connection, a: &Attachment, fence: &Arc<Fence>) -> Tx<Option<Ending>> {
     conn.execute("DELETE FROM attachments WHERE id = ?1", [&a.id])?;
     let status: String = conn.query_row(
         "SELECT status FROM volumes WHERE id = ?1",
@@ -307,7 +312,7 @@ fn remove_attachment(conn: &Connection, a: &Attachment) -> Tx<()> {
         };
         set_status(conn, &a.volume_id, VolumeStatus::Detaching, to)?;
     }
-    Ok(())
+    Ok((remaining == 0).then(|| fence.end(&a.volume_id.to_ascii_lowercase())))
 }
 
 impl Volumes {
@@ -316,13 +321,33 @@ impl Volumes {
             catalog,
             store,
             settings,
-            changes: tokio::sync::watch::Sender::new(0),
+            fence: Fence::new(),
         }
     }
 
-    /// Changes whenever a volume transaction commits.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Where this service ends NBD exports (handed to the NBD server's export source).
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
+    }
+
+    /// Wait until the connections of exports ended in a transaction (`Fence::end`, called
+    /// there so that a caller dropped mid-way cannot lose it) take no more requests and the
+    /// ones they took are done with the store. Bounded, so that a store stuck in I/O cannot
+    /// hang the API: past the bound the detach still answers, and says so in the log.
+    async fn await_ended(&self, endings: Vec<Ending>) {
+        for e in endings {
+            let name = e.name().to_owned();
+            if tokio::time::timeout(EXPORT_END_WAIT, e.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    volume = %name,
+                    connections = self.fence.live(&name),
+                    "detached, but NBD connections still have requests in the store after {EXPORT_END_WAIT:?}"
+                );
+            }
+        }
     }
 
     /// Runs `f` in one IMMEDIATE transaction (the write lock is taken before the first read,
@@ -333,11 +358,7 @@ impl Volumes {
         T: Send + 'static,
     {
         let settings = self.settings.clone();
-        let out = super::immediate(&self.catalog, move |conn| f(conn, &settings)).await;
-        if out.is_ok() {
-            self.changes.send_modify(|n| *n += 1);
-        }
-        out
+        super::immediate(&self.catalog, move |conn| f(conn, &settings)).await
     }
 
     pub async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
@@ -621,16 +642,22 @@ impl Volumes {
         need(caller, Role::Member, "server:delete")?;
         let caller = caller.clone();
         let id = id.to_owned();
-        self.tx(move |conn, s| {
-            let server = resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
-                .ok_or_else(|| not_found("Server", &id))?;
-            for a in load_attachments(conn, "a.server_id = ?1", &server.id, s)? {
-                remove_attachment(conn, &a)?;
-            }
-            conn.execute("DELETE FROM servers WHERE id = ?1", [&server.id])?;
-            Ok(())
-        })
-        .await
+        let fence = self.fence.clone();
+        let ended = self
+            .tx(move |conn, s| {
+                let server =
+                    resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
+                        .ok_or_else(|| not_found("Server", &id))?;
+                let mut ended = Vec::new();
+                for a in load_attachments(conn, "a.server_id = ?1", &server.id, s)? {
+                    ended.extend(remove_attachment(conn, &a, &fence)?);
+                }
+                conn.execute("DELETE FROM servers WHERE id = ?1", [&server.id])?;
+                Ok(ended)
+            })
+            .await?;
+        self.await_ended(ended).await;
+        Ok(())
     }
 
     pub async fn attach(&self, caller: &Caller, req: AttachRequest) -> ServiceResult<Attachment> {
@@ -760,7 +787,8 @@ impl Volumes {
         let caller = caller.clone();
         let shown = volume_id.to_owned();
         let pdisk_rules = matches!(target, AttachTarget::Vm { .. });
-        let a = self
+        let fence = self.fence.clone();
+        let (a, ended) = self
             .tx(move |conn, s| {
                 let key = canonical(&shown).ok_or_else(|| not_found("Volume", &shown))?;
                 let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
@@ -796,10 +824,11 @@ impl Volumes {
                         ServiceError::BadRequest("Disk have not been hot-plugged".into()).into(),
                     );
                 }
-                remove_attachment(conn, &a)?;
-                Ok(a)
+                let ended = remove_attachment(conn, &a, &fence)?;
+                Ok((a, ended))
             })
             .await?;
+        self.await_ended(ended.into_iter().collect()).await;
         tracing::info!(volume = %a.volume_id, server = %a.server_id, "volume detached");
         Ok(a)
     }
@@ -811,17 +840,22 @@ impl Volumes {
     ) -> ServiceResult<Vec<Attachment>> {
         need(caller, Role::Member, "volume:detach")?;
         let caller = caller.clone();
-        self.tx(move |conn, s| {
-            let Some(server) = resolve_target(conn, &caller, &target, false)? else {
-                return Ok(Vec::new());
-            };
-            let all = load_attachments(conn, "a.server_id = ?1", &server.id, s)?;
-            for a in &all {
-                remove_attachment(conn, a)?;
-            }
-            Ok(all)
-        })
-        .await
+        let fence = self.fence.clone();
+        let (all, ended) = self
+            .tx(move |conn, s| {
+                let Some(server) = resolve_target(conn, &caller, &target, false)? else {
+                    return Ok((Vec::new(), Vec::new()));
+                };
+                let all = load_attachments(conn, "a.server_id = ?1", &server.id, s)?;
+                let mut ended = Vec::new();
+                for a in &all {
+                    ended.extend(remove_attachment(conn, a, &fence)?);
+                }
+                Ok((all, ended))
+            })
+            .await?;
+        self.await_ended(ended).await;
+        Ok(all)
     }
 
     pub async fn list_attachments(

@@ -20,6 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use super::fence::Ticket;
 use super::proto::*;
 use super::server::{Export, Shared};
 use crate::store::{ObjectId, StoreError};
@@ -119,6 +120,23 @@ where
             return;
         }
     };
+    // Joined before the export is checked once more: a detach that committed before the
+    // join fails the check, and one after it ends the ticket (and waits for this
+    // connection to stop using the store).
+    let ticket = shared.source.fence().map(|f| f.join(&export.name));
+    if ticket.is_some() {
+        match lookup(&shared, &export.name).await {
+            Ok(Some(e)) if e.object == export.object => {}
+            Ok(_) => {
+                info!(%peer, export = %export.name, "NBD export ended during the handshake: closing");
+                return;
+            }
+            Err(e) => {
+                warn!(%peer, export = %export.name, "NBD export lookup: {e}");
+                return;
+            }
+        }
+    }
     // Contexts selected for another export than the one opened are no selection (the spec
     // has the client name the same export in SET_META_CONTEXT and GO).
     if neg.meta_export != Some(export.object) {
@@ -148,7 +166,7 @@ where
         base_allocation: neg.base_allocation,
         shared,
     });
-    transmission(session, r, w, buf, &peer).await;
+    transmission(session, ticket, r, w, buf, &peer).await;
 }
 
 fn transmission_flags(export: &Export, neg: &Negotiated) -> u16 {
@@ -439,8 +457,14 @@ fn export_size(shared: &Shared, export: &Export) -> io::Result<u64> {
         .map_err(io::Error::other)
 }
 
-async fn transmission<R, W>(session: Arc<Session>, mut r: R, w: W, mut buf: BytesMut, peer: &str)
-where
+async fn transmission<R, W>(
+    session: Arc<Session>,
+    ticket: Option<Ticket>,
+    mut r: R,
+    w: W,
+    mut buf: BytesMut,
+    peer: &str,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -455,7 +479,11 @@ where
     // Turns true when the server stops or the export goes away: answer the requests in
     // flight, refuse further ones with ESHUTDOWN (`drain`), close.
     let (closing_tx, mut closing) = watch::channel(false);
-    let watcher = tokio::spawn(watch_export(session.clone(), closing_tx));
+    let ended = ticket.as_ref().map(|t| t.ended());
+    let watcher = tokio::spawn(watch_export(session.clone(), ended, closing_tx));
+    // Every admitted request holds a clone until it is done with the store; the reader lets
+    // go of its own when it stops admitting. The export's fence waits for the last one.
+    let mut admit = ticket.map(Arc::new);
     let mode = session.mode;
     // Small requests that arrive together, started as one task when the socket has nothing
     // more (or before the reader waits for anything).
@@ -465,6 +493,7 @@ where
             let req = loop {
                 if *closing.borrow() {
                     spawn_group(&session, &tx, &mut group);
+                    admit = None;
                     return drain(&session, &mut r, &mut buf, &count, max_requests, &tx).await;
                 }
                 let decoded = decode_request(&mut buf, mode, u64::from(MAX_PAYLOAD));
@@ -528,6 +557,7 @@ where
                 req,
                 payload,
                 permits: (count_permit, Some(bytes_permit)),
+                _admitted: admit.clone(),
             };
             // Alone in flight with nothing more received: serve it here. A task of its own
             // would only add a spawn and a cross-thread wakeup to a queue-depth-1 client's
@@ -547,6 +577,8 @@ where
         }
     }
     .await;
+    // Admits nothing more (the client left, or disconnected): not held while replies drain.
+    drop(admit);
     if let Err(e) = result {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             debug!(%peer, "NBD client closed the connection");
@@ -569,6 +601,8 @@ struct Pending {
     req: Request,
     payload: Bytes,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    /// The connection's fence ticket, held until the request is done with the store.
+    _admitted: Option<Arc<Ticket>>,
 }
 
 /// Requests that arrived together run as one task (concurrently inside it): one spawn, and
@@ -706,25 +740,18 @@ async fn writer<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
-/// Sets `closing` when the server shuts down or the session's export is no longer offered
-/// (its volume was detached or deleted).
-async fn watch_export(session: Arc<Session>, closing: watch::Sender<bool>) {
+/// Sets `closing` when the server shuts down or the session's export ends (`ended`: its
+/// volume was detached or deleted).
+async fn watch_export(
+    session: Arc<Session>,
+    ended: Option<impl Future<Output = ()>>,
+    closing: watch::Sender<bool>,
+) {
     let mut stop = session.shared.shutdown.clone();
-    let changes = session.shared.source.changes();
     let gone = async {
-        let Some(mut changes) = changes else {
-            return std::future::pending().await;
-        };
-        loop {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            match session.shared.source.lookup(&session.name).await {
-                Ok(Some(e)) if e.object == session.object => {}
-                Ok(_) => return,
-                // The catalog is unreachable (shutting down): keep serving until told.
-                Err(e) => debug!(export = %session.name, "NBD export lookup: {e}"),
-            }
+        match ended {
+            Some(ended) => ended.await,
+            None => std::future::pending().await,
         }
     };
     let ended = tokio::select! {

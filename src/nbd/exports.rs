@@ -1,21 +1,23 @@
 //! The daemon's [`ExportSource`]: a volume is an export (named by its UUID) while it has at
 //! least one attachment; read-only when every attachment is.
 
-use tokio::sync::watch;
+use std::sync::Arc;
+
 use uuid::Uuid;
 
+use super::fence::Fence;
 use super::server::{Export, ExportSource};
 use crate::catalog::Catalog;
 
 pub struct CatalogExports {
     catalog: Catalog,
-    changes: Option<watch::Receiver<u64>>,
+    fence: Option<Arc<Fence>>,
 }
 
 impl CatalogExports {
-    /// `changes` ticks when attachments may have changed (the volume service's counter).
-    pub fn new(catalog: Catalog, changes: Option<watch::Receiver<u64>>) -> Self {
-        CatalogExports { catalog, changes }
+    /// `fence`: where the volume service ends exports (see [`Fence`]).
+    pub fn new(catalog: Catalog, fence: Option<Arc<Fence>>) -> Self {
+        CatalogExports { catalog, fence }
     }
 }
 
@@ -48,8 +50,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Export>> {
 
 #[async_trait::async_trait]
 impl ExportSource for CatalogExports {
-    fn changes(&self) -> Option<watch::Receiver<u64>> {
-        self.changes.clone()
+    fn fence(&self) -> Option<Arc<Fence>> {
+        self.fence.clone()
     }
 
     async fn lookup(&self, name: &str) -> Result<Option<Export>, String> {

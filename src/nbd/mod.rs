@@ -5,8 +5,10 @@
 
 mod conn;
 pub mod exports;
+pub mod fence;
 pub mod proto;
 pub mod server;
 
 pub use exports::CatalogExports;
+pub use fence::Fence;
 pub use server::{Export, ExportSource, NbdConfig, NbdListeners, NbdServer};

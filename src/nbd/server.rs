@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::fence::Fence;
 use crate::store::{ObjectId, Store};
 
 /// One export as the server sees it.
@@ -42,9 +43,10 @@ pub trait ExportSource: Send + Sync + 'static {
     async fn lookup(&self, name: &str) -> Result<Option<Export>, String>;
     /// Every export offered now.
     async fn list(&self) -> Result<Vec<Export>, String>;
-    /// Ticks when exports may have gone away; connections then look their export up again
-    /// and close if it is no longer offered. `None`: exports never go away.
-    fn changes(&self) -> Option<watch::Receiver<u64>> {
+    /// Where ending an export is announced: its connections then stop taking requests, and
+    /// whoever ended it waits until they no longer reach the store (see [`Fence`]).
+    /// `None`: exports never go away under a connection.
+    fn fence(&self) -> Option<Arc<Fence>> {
         None
     }
 }
