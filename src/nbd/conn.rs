@@ -320,15 +320,26 @@ where
                 return Ok(Some((export, neg)));
             }
             OptionRequest::Info(info) | OptionRequest::Go(info) => {
-                let Some(export) = lookup(shared, &info.name).await? else {
-                    let msg = format!(
-                        "no export {:?}: the name must be the UUID of an attached volume",
-                        info.name
-                    );
-                    send_reply(w, opt, &OptionReply::error(RepError::UnknownExport, msg)).await?;
-                    continue;
+                let found = match find(shared, &info.name).await {
+                    Ok(None) => Err(OptionReply::error(
+                        RepError::UnknownExport,
+                        format!(
+                            "no export {:?}: the name must be the UUID of an attached volume",
+                            info.name
+                        ),
+                    )),
+                    Ok(Some(e)) => export_size(shared, &e)
+                        .map(|size| (e, size))
+                        .map_err(|e| unavailable(shared, e)),
+                    Err(rep) => Err(rep),
                 };
-                let size = export_size(shared, &export)?;
+                let (export, size) = match found {
+                    Ok(x) => x,
+                    Err(rep) => {
+                        send_reply(w, opt, &rep).await?;
+                        continue;
+                    }
+                };
                 let mut replies = vec![OptionReply::Info(Info::Export {
                     size,
                     flags: transmission_flags(&export, &neg),
@@ -359,7 +370,13 @@ where
                 }
             }
             OptionRequest::List => {
-                let exports = shared.source.list().await.map_err(io::Error::other)?;
+                let exports = match shared.source.list().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        send_reply(w, opt, &unavailable(shared, io::Error::other(e))).await?;
+                        continue;
+                    }
+                };
                 for e in exports {
                     let rep = OptionReply::Server {
                         name: e.name,
@@ -401,10 +418,18 @@ where
                     send_reply(w, opt, &OptionReply::error(RepError::Invalid, msg)).await?;
                     continue;
                 }
-                let Some(meta_export) = lookup(shared, &m.name).await? else {
-                    let msg = format!("no export {:?}", m.name);
-                    send_reply(w, opt, &OptionReply::error(RepError::UnknownExport, msg)).await?;
-                    continue;
+                let meta_export = match find(shared, &m.name).await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => {
+                        let msg = format!("no export {:?}", m.name);
+                        let rep = OptionReply::error(RepError::UnknownExport, msg);
+                        send_reply(w, opt, &rep).await?;
+                        continue;
+                    }
+                    Err(rep) => {
+                        send_reply(w, opt, &rep).await?;
+                        continue;
+                    }
                 };
                 if set {
                     neg.meta_export = Some(meta_export.object);
@@ -447,6 +472,28 @@ fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
 
 async fn lookup(shared: &Shared, name: &str) -> io::Result<Option<Export>> {
     shared.source.lookup(name).await.map_err(io::Error::other)
+}
+
+/// [`lookup`] for an option that can be refused: what the catalog cannot answer becomes the
+/// option's error reply, and negotiation goes on (only EXPORT_NAME may hang up).
+async fn find(shared: &Shared, name: &str) -> Result<Option<Export>, OptionReply> {
+    lookup(shared, name)
+        .await
+        .map_err(|e| unavailable(shared, e))
+}
+
+/// The error reply for an export the server cannot look at now: `NBD_REP_ERR_SHUTDOWN`
+/// while it stops (the catalog closes then), else `NBD_REP_ERR_UNKNOWN` ("not available").
+fn unavailable(shared: &Shared, e: io::Error) -> OptionReply {
+    warn!("NBD export lookup during negotiation: {e}");
+    if *shared.shutdown.borrow() {
+        OptionReply::error(RepError::Shutdown, "the server is stopping")
+    } else {
+        OptionReply::error(
+            RepError::UnknownExport,
+            format!("the export is not available now: {e}"),
+        )
+    }
 }
 
 fn export_size(shared: &Shared, export: &Export) -> io::Result<u64> {
@@ -579,6 +626,7 @@ async fn transmission<R, W>(
     .await;
     // Admits nothing more (the client left, or disconnected): not held while replies drain.
     drop(admit);
+    let ended_here = result.is_ok();
     if let Err(e) = result {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             debug!(%peer, "NBD client closed the connection");
@@ -592,8 +640,36 @@ async fn transmission<R, W>(
     match writer.await {
         Ok(Err(e)) => debug!(%peer, "NBD writer: {e}"),
         Err(e) => warn!(%peer, "NBD writer task: {e}"),
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => {
+            if ended_here {
+                linger(&mut r).await;
+            }
+        }
     }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// And how much of it.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// The server ended the connection (export ended, shutdown, or after DISC) and the writer
+/// has sent every reply and its FIN. Closing a socket with unread input makes the kernel
+/// send RST, and a peer that gets RST drops what it had not read yet: replies, among them
+/// the success of writes that were done. So read and discard until the client closes too
+/// (it does on the FIN), within a bound.
+async fn linger<R: AsyncRead + Unpin>(r: &mut R) {
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while total < LINGER_BYTES {
+            match r.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// A request read and admitted, not yet started.
