@@ -1026,3 +1026,116 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::server::{ExportSource, NbdConfig};
+    use crate::store::{Store, StoreOptions};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// Fault injection: a catalog that fails every query.
+    struct Failing;
+
+    #[async_trait::async_trait]
+    impl ExportSource for Failing {
+        async fn lookup(&self, _: &str) -> Result<Option<Export>, String> {
+            Err("catalog unavailable (injected)".into())
+        }
+        async fn list(&self) -> Result<Vec<Export>, String> {
+            Err("catalog unavailable (injected)".into())
+        }
+    }
+
+    async fn reply(c: &mut DuplexStream, buf: &mut BytesMut) -> Option<(Opt, OptionReply)> {
+        loop {
+            if let Some(r) = OptionReply::decode(buf, 1 << 20).expect("option reply") {
+                return Some(r);
+            }
+            if c.read_buf(buf).await.expect("read") == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// The spec lets only EXPORT_NAME hang up: INFO, GO, LIST and the meta-context options
+    /// get an error reply when the catalog cannot answer, and negotiation goes on.
+    #[tokio::test]
+    async fn a_catalog_failure_is_an_error_reply_not_a_hangup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), StoreOptions::default())
+            .await
+            .expect("store");
+        let (_stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            source: Arc::new(Failing),
+            cfg: NbdConfig::new(([127, 0, 0, 1], 0).into(), dir.path().join("nbd.sock")),
+            shutdown,
+        });
+        let (mut c, server) = tokio::io::duplex(1 << 20);
+        let (sr, sw) = tokio::io::split(server);
+        let served = tokio::spawn(serve(shared, sr, sw, "test".into()));
+
+        let mut buf = BytesMut::new();
+        while decode_greeting(&mut buf).expect("greeting").is_none() {
+            assert!(c.read_buf(&mut buf).await.expect("read") > 0);
+        }
+        let flags = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
+        c.write_all(&flags.encode()).await.expect("write");
+        let name = "00000000-0000-4000-8000-000000000001".to_owned();
+        let meta = MetaContextRequest {
+            name: name.clone(),
+            queries: vec![BASE_ALLOCATION.to_owned()],
+        };
+        let options = [
+            OptionRequest::StructuredReply,
+            OptionRequest::Info(InfoRequest {
+                name: name.clone(),
+                requests: vec![],
+            }),
+            OptionRequest::List,
+            OptionRequest::ListMetaContext(meta.clone()),
+            OptionRequest::SetMetaContext(meta),
+            OptionRequest::Go(InfoRequest {
+                name,
+                requests: vec![],
+            }),
+        ];
+        for (i, o) in options.iter().enumerate() {
+            let mut out = BytesMut::new();
+            o.encode(&mut out).expect("encode");
+            c.write_all(&out).await.expect("write");
+            let (opt, rep) = reply(&mut c, &mut buf)
+                .await
+                .unwrap_or_else(|| panic!("hung up on {:?}", o.opt()));
+            assert_eq!(opt, o.opt());
+            if i == 0 {
+                assert_eq!(rep, OptionReply::Ack);
+            } else {
+                assert!(
+                    matches!(
+                        rep,
+                        OptionReply::Error {
+                            error: RepError::UnknownExport,
+                            ..
+                        }
+                    ),
+                    "{opt:?}: {rep:?}"
+                );
+            }
+        }
+        let mut out = BytesMut::new();
+        OptionRequest::Abort.encode(&mut out).expect("encode");
+        c.write_all(&out).await.expect("write");
+        assert_eq!(
+            reply(&mut c, &mut buf).await.map(|r| r.1),
+            Some(OptionReply::Ack)
+        );
+        served.await.expect("serve");
+        store.close().await.expect("close");
+    }
+}
