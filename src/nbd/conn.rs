@@ -528,8 +528,9 @@ async fn transmission<R, W>(
     let (closing_tx, mut closing) = watch::channel(false);
     let ended = ticket.as_ref().map(|t| t.ended());
     let watcher = tokio::spawn(watch_export(session.clone(), ended, closing_tx));
-    // Every admitted request holds a clone until it is done with the store; the reader lets
-    // go of its own when it stops admitting. The export's fence waits for the last one.
+    // Every task of admitted requests holds a clone until they are done with the store (one
+    // per task, as the session: not a shared count touched per request); the reader lets go
+    // of its own when it stops admitting. The export's fence waits for the last one.
     let mut admit = ticket.map(Arc::new);
     let mode = session.mode;
     // Small requests that arrive together, started as one task when the socket has nothing
@@ -539,7 +540,7 @@ async fn transmission<R, W>(
         loop {
             let req = loop {
                 if *closing.borrow() {
-                    spawn_group(&session, &tx, &mut group);
+                    spawn_group(&session, &tx, &admit, &mut group);
                     admit = None;
                     return drain(&session, &mut r, &mut buf, &count, max_requests, &tx).await;
                 }
@@ -547,20 +548,20 @@ async fn transmission<R, W>(
                 match decoded {
                     Ok(Some(req)) => break req,
                     Ok(None) => {
-                        spawn_group(&session, &tx, &mut group);
+                        spawn_group(&session, &tx, &admit, &mut group);
                         tokio::select! {
                             r = fill(&mut r, &mut buf) => r?,
                             () = super::server::stopped(&mut closing) => {}
                         }
                     }
                     Err(e) => {
-                        spawn_group(&session, &tx, &mut group);
+                        spawn_group(&session, &tx, &admit, &mut group);
                         return Err(invalid(e));
                     }
                 }
             };
             if req.command == Command::Disc {
-                spawn_group(&session, &tx, &mut group);
+                spawn_group(&session, &tx, &admit, &mut group);
                 return Ok(());
             }
             let payload_len = req.payload_len(mode) as usize;
@@ -568,7 +569,7 @@ async fn transmission<R, W>(
             let count_permit = match count.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    spawn_group(&session, &tx, &mut group);
+                    spawn_group(&session, &tx, &admit, &mut group);
                     let Ok(p) = count.clone().acquire_owned().await else {
                         return Ok(());
                     };
@@ -578,7 +579,7 @@ async fn transmission<R, W>(
             let bytes_permit = match bytes.clone().try_acquire_many_owned(cost) {
                 Ok(p) => p,
                 Err(_) => {
-                    spawn_group(&session, &tx, &mut group);
+                    spawn_group(&session, &tx, &admit, &mut group);
                     let Ok(p) = bytes.clone().acquire_many_owned(cost).await else {
                         return Ok(());
                     };
@@ -586,7 +587,7 @@ async fn transmission<R, W>(
                 }
             };
             if buf.len() < payload_len {
-                spawn_group(&session, &tx, &mut group);
+                spawn_group(&session, &tx, &admit, &mut group);
             }
             while buf.len() < payload_len {
                 // Small payloads: read on past them, since the requests behind are usually
@@ -604,7 +605,6 @@ async fn transmission<R, W>(
                 req,
                 payload,
                 permits: (count_permit, Some(bytes_permit)),
-                _admitted: admit.clone(),
             };
             // Alone in flight with nothing more received: serve it here. A task of its own
             // would only add a spawn and a cross-thread wakeup to a queue-depth-1 client's
@@ -616,10 +616,10 @@ async fn transmission<R, W>(
             if cost as usize <= GROUP_COST_MAX {
                 group.push(p);
                 if group.len() >= GROUP_MAX {
-                    spawn_group(&session, &tx, &mut group);
+                    spawn_group(&session, &tx, &admit, &mut group);
                 }
             } else {
-                spawn_one(session.clone(), tx.clone(), p);
+                spawn_one(session.clone(), tx.clone(), admit.clone(), p);
             }
         }
     }
@@ -677,8 +677,6 @@ struct Pending {
     req: Request,
     payload: Bytes,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-    /// The connection's fence ticket, held until the request is done with the store.
-    _admitted: Option<Arc<Ticket>>,
 }
 
 /// Requests that arrived together run as one task (concurrently inside it): one spawn, and
@@ -688,19 +686,23 @@ const GROUP_MAX: usize = 16;
 /// spreading over the cores.
 const GROUP_COST_MAX: usize = 64 * 1024;
 
+/// The connection's fence ticket, for tasks that serve its requests (see `transmission`).
+type Admit = Option<Arc<Ticket>>;
+
 fn spawn_group(
     session: &Arc<Session>,
     tx: &mpsc::UnboundedSender<Outgoing>,
+    admit: &Admit,
     group: &mut Vec<Pending>,
 ) {
     if group.is_empty() {
         return;
     }
-    let (session, tx) = (session.clone(), tx.clone());
+    let (session, tx, admit) = (session.clone(), tx.clone(), admit.clone());
     let mut group = std::mem::take(group);
     if group.len() == 1 {
         if let Some(p) = group.pop() {
-            spawn_one(session, tx, p);
+            spawn_one(session, tx, admit, p);
         }
         return;
     }
@@ -708,11 +710,15 @@ fn spawn_group(
         let mut running: futures_util::stream::FuturesUnordered<_> =
             group.into_iter().map(|p| run(&session, &tx, p)).collect();
         while futures_util::StreamExt::next(&mut running).await.is_some() {}
+        drop(admit);
     });
 }
 
-fn spawn_one(session: Arc<Session>, tx: mpsc::UnboundedSender<Outgoing>, p: Pending) {
-    tokio::spawn(async move { run(&session, &tx, p).await });
+fn spawn_one(session: Arc<Session>, tx: mpsc::UnboundedSender<Outgoing>, admit: Admit, p: Pending) {
+    tokio::spawn(async move {
+        run(&session, &tx, p).await;
+        drop(admit);
+    });
 }
 
 /// Serves one request and hands its reply to the writer.
