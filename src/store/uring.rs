@@ -843,6 +843,10 @@ impl Drop for Uring {
                 // SAFETY: waits for one completion; submits nothing, no argument.
                 let _ = unsafe { r.uring.submitter().enter::<libc::sigset_t>(0, 1, 1, None) };
             }
+            // Let go of the registered files now. A closed ring drops them later, in a
+            // kernel work item of its own, and until then their filesystem cannot be
+            // unmounted (EBUSY) although the store is closed.
+            let _ = r.uring.submitter().unregister_files();
         }
         // Whatever the reaper is doing, it now finds nothing in flight and stops.
         s.kick();
