@@ -767,3 +767,164 @@ fn python_until_ready(
     assert_eq!(line.trim(), "ready");
     (py, out)
 }
+
+/// A raw NBD client (Python, no libnbd): enough of the fixed-newstyle handshake and of
+/// simple-reply transmission to stall where libnbd never would.
+const RAW_NBD: &str = r#"
+import socket, struct, sys
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3e889045565a9
+def recvall(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError("closed after %d of %d bytes" % (len(b), n))
+        b += c
+    return b
+def greet(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    recvall(s, 18)
+    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    return s
+def send_go(s, name, name_infos=0):
+    nb = name.encode()
+    data = struct.pack(">I", len(nb)) + nb + struct.pack(">H", name_infos) + b"\x00\x01" * name_infos
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
+def read_reply_header(s):
+    magic, opt, typ, ln = struct.unpack(">QIII", recvall(s, 20))
+    assert magic == REPLY_MAGIC, hex(magic)
+    return typ, ln
+def read_go(s):
+    while True:
+        typ, ln = read_reply_header(s)
+        recvall(s, ln)
+        if typ == 1:
+            return True
+        if typ & 0x80000000:
+            return False
+def write_req(s, off, length, cookie=1):
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, off, length))
+def read_simple(s):
+    magic, err, cookie = struct.unpack(">IIQ", recvall(s, 16))
+    assert magic == 0x67446698, hex(magic)
+    return err
+def outcome(s):
+    try:
+        return "errno %d" % read_simple(s)
+    except (EOFError, ConnectionError) as e:
+        return "closed"
+"#;
+
+/// Block 0 of export `id` as read by a new libnbd connection: its first byte, in hex.
+fn first_byte(n: &Nbd, id: &str) -> String {
+    let probe = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+print(h.pread(4096, 0)[:1].hex())
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    ok("/usr/bin/python3", &["-c", &probe]).trim().to_owned()
+}
+
+/// A client whose WRITE payload is still on its way when the detach comes (a host cut off
+/// mid-request) neither holds the detach up nor gets its write in afterwards: the request is
+/// refused once its payload arrives, after the volume was attached elsewhere. Found by
+/// review: the reader waited for the payload holding the fence, the detach answered after
+/// its 30 s bound, and the late write landed on the next server's volume.
+#[test]
+fn a_write_whose_payload_is_late_is_fenced_too() {
+    use std::io::{BufRead, Write};
+
+    let n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let _ = n.attached_volume("vm2");
+    let script = format!(
+        r#"{RAW_NBD}
+s = greet({sock:?})
+send_go(s, {id:?})
+assert read_go(s)
+write_req(s, 0, 65536)
+s.sendall(b"\x03" * 100)
+print("ready", flush=True)
+sys.stdin.readline()
+s.sendall(b"\x03" * (65536 - 100))
+print(outcome(s), flush=True)
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let (mut py, out) = python_until_ready(&script);
+    let mut stdin = py.stdin.take().expect("stdin");
+    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
+    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
+    assert_eq!(first_byte(&n, &id), "00");
+    stdin.write_all(b"go\n").expect("write");
+    let old = out.lines().next().expect("a line").expect("line");
+    assert!(py.wait().expect("wait").success());
+    assert!(
+        // 108: NBD_ESHUTDOWN.
+        old == "errno 108" || old == "closed",
+        "the late write was served: {old}"
+    );
+    // Refused or cut off, it is not there, and new connections work.
+    assert_eq!(first_byte(&n, &id), "00");
+    assert!(
+        !n.c.logs.text().contains("still have requests in the store"),
+        "the detach waited for the stalled client: {}",
+        n.c.logs.text()
+    );
+}
+
+/// A connection whose GO was looked up before the detach and answered after it (the server
+/// blocked writing the replies to a client not reading them) cannot write once the volume is
+/// attached elsewhere. Found by review: it joined the fence only after the handshake, found
+/// the export again after the re-attach (same volume), and wrote to the new server's volume.
+#[test]
+fn a_go_answered_across_a_detach_and_reattach_is_fenced() {
+    use std::io::{BufRead, Write};
+
+    let n = Nbd::start();
+    let (id, _) = n.attached_volume("vm1");
+    let _ = n.attached_volume("vm2");
+    let script = format!(
+        r#"{RAW_NBD}
+s = greet({sock:?})
+# NBD_INFO_NAME asked for 30000 times: ~1.7 MB of replies, more than the socket buffers,
+# so the server blocks writing them. The first reply header proves the lookup is done.
+send_go(s, {id:?}, 30000)
+typ, ln = read_reply_header(s)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    recvall(s, ln)
+    if not read_go(s):
+        print("go refused", flush=True)
+        sys.exit(0)
+except (EOFError, ConnectionError):
+    print("closed", flush=True)
+    sys.exit(0)
+try:
+    write_req(s, 0, 4096)
+    s.sendall(b"\x03" * 4096)
+except ConnectionError:
+    print("closed", flush=True)
+    sys.exit(0)
+print(outcome(s), flush=True)
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let (mut py, out) = python_until_ready(&script);
+    let mut stdin = py.stdin.take().expect("stdin");
+    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
+    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
+    stdin.write_all(b"go\n").expect("write");
+    let old = out.lines().next().expect("a line").expect("line");
+    assert!(py.wait().expect("wait").success());
+    assert_ne!(old, "errno 0", "vm1's write was served after the detach");
+    assert_eq!(first_byte(&n, &id), "00");
+}

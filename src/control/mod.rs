@@ -61,14 +61,32 @@ where
     F: FnOnce(&rusqlite::Connection) -> Result<T, TxError> + Send + 'static,
     T: Send + 'static,
 {
+    immediate_then(catalog, f, |t| t).await
+}
+
+/// [`immediate`], then `after` with what `f` returned, once the commit succeeded, in the
+/// same catalog job: ordered with every other catalog call, and done even if the caller's
+/// future is dropped meanwhile.
+pub(crate) async fn immediate_then<T, U, F, A>(
+    catalog: &crate::catalog::Catalog,
+    f: F,
+    after: A,
+) -> Result<U, ServiceError>
+where
+    F: FnOnce(&rusqlite::Connection) -> Result<T, TxError> + Send + 'static,
+    A: FnOnce(T) -> U + Send + 'static,
+    U: Send + 'static,
+{
     let out = catalog
         .call(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let r = f(&tx);
-            if r.is_ok() {
-                tx.commit()?;
+            match f(&tx) {
+                Ok(t) => {
+                    tx.commit()?;
+                    Ok(Ok(after(t)))
+                }
+                Err(e) => Ok(Err(e)),
             }
-            Ok(r)
         })
         .await
         .map_err(internal)?;

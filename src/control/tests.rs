@@ -574,3 +574,69 @@ async fn pdisk_vms_of_another_project_are_off_limits() {
     // An admin (pdisk's service user) may act on any VM.
     assert_eq!(e.volumes.detach_all(&admin(), vm()).await.unwrap().len(), 2);
 }
+
+/// A detach whose transaction fails after the attachment row went (here the server's row
+/// cannot be deleted: a trigger injects the failure) is rolled back, and the export is not
+/// ended: the volume stays attached and in use, and its NBD connections stay open. Found by
+/// review: the export was ended inside the transaction, before the commit.
+#[tokio::test]
+async fn a_rolled_back_detach_does_not_end_the_export() {
+    let e = env().await;
+    let a = alice();
+    let v = e.volumes.create_volume(&a, vol(1)).await.unwrap();
+    let s = e
+        .volumes
+        .create_server(&a, NewServer::default())
+        .await
+        .unwrap();
+    e.volumes
+        .attach(
+            &a,
+            AttachRequest {
+                volume_id: v.id.clone(),
+                target: AttachTarget::Server(s.id.clone()),
+                device: None,
+                kind: AttachKind::Hot,
+                naming: DeviceNaming::DevPath,
+            },
+        )
+        .await
+        .unwrap();
+    // An NBD connection serving the volume's export.
+    let mut ticket = e.volumes.fence().join(&v.id);
+    assert!(ticket.activate());
+    e.catalog
+        .call(|conn| {
+            conn.execute_batch(
+                "CREATE TRIGGER fail_server_delete BEFORE DELETE ON servers \
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(e.volumes.delete_server(&a, &s.id).await.is_err());
+    let got = e.volumes.get_volume(&a, &v.id, false).await.unwrap();
+    assert_eq!(got.status, VolumeStatus::InUse);
+    assert_eq!(got.attachments.len(), 1);
+    assert!(!ticket.is_ended(), "rolled back, yet the export was ended");
+
+    // Without the failure the same call ends it.
+    e.catalog
+        .call(|conn| {
+            conn.execute_batch("DROP TRIGGER fail_server_delete")?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let deleting = {
+        let volumes = &e.volumes;
+        let (a, id) = (a.clone(), s.id.clone());
+        async move { volumes.delete_server(&a, &id).await }
+    };
+    let (r, ()) = tokio::join!(deleting, async {
+        ticket.ended().await;
+        drop(ticket);
+    });
+    r.unwrap();
+}

@@ -288,9 +288,9 @@ fn resolve_target(
 }
 
 /// Removes one attachment and moves the volume on: in-use -> detaching -> available (or
-/// back to in-use while other attachments remain). When it was the last one, the volume's
-/// export ends (its connections are told now, before the commit: see `await_ended`).
-fn remove_attachment(conn: &Connection, a: &Attachment, fence: &Arc<Fence>) -> Tx<Option<Ending>> {
+/// back to in-use while other attachments remain). True when it was the last one: the
+/// volume's export ends once this commits (see `Volumes::tx_ending`).
+fn remove_attachment(conn: &Connection, a: &Attachment) -> Tx<bool> {
     conn.execute("DELETE FROM attachments WHERE id = ?1", [&a.id])?;
     let status: String = conn.query_row(
         "SELECT status FROM volumes WHERE id = ?1",
@@ -312,7 +312,7 @@ fn remove_attachment(conn: &Connection, a: &Attachment, fence: &Arc<Fence>) -> T
         };
         set_status(conn, &a.volume_id, VolumeStatus::Detaching, to)?;
     }
-    Ok((remaining == 0).then(|| fence.end(&a.volume_id.to_ascii_lowercase())))
+    Ok(remaining == 0)
 }
 
 impl Volumes {
@@ -330,24 +330,40 @@ impl Volumes {
         self.fence.clone()
     }
 
-    /// Wait until the connections of exports ended in a transaction (`Fence::end`, called
-    /// there so that a caller dropped mid-way cannot lose it) take no more requests and the
-    /// ones they took are done with the store. Bounded, so that a store stuck in I/O cannot
-    /// hang the API: past the bound the detach still answers, and says so in the log.
-    async fn await_ended(&self, endings: Vec<Ending>) {
-        for e in endings {
-            let name = e.name().to_owned();
-            if tokio::time::timeout(EXPORT_END_WAIT, e.wait())
-                .await
-                .is_err()
-            {
+    /// [`tx`](Self::tx) for changes that may take volumes' last attachments: `f` also
+    /// returns those volumes. Their exports end right after the commit, in the same catalog
+    /// job (not before: a rolled-back detach must not cut connections; not later: a caller
+    /// dropped meanwhile must not lose the end). Then this waits until their connections take
+    /// no more requests and the ones they took are done with the store, for all of them at
+    /// once under one bound, so that a store stuck in I/O cannot hang the API: past it the
+    /// detach still answers, and says so in the log.
+    async fn tx_ending<T, F>(&self, f: F) -> ServiceResult<T>
+    where
+        F: FnOnce(&Connection, &Settings) -> Tx<(T, Vec<String>)> + Send + 'static,
+        T: Send + 'static,
+    {
+        let settings = self.settings.clone();
+        let fence = self.fence.clone();
+        let (out, endings) = super::immediate_then(
+            &self.catalog,
+            move |conn| f(conn, &settings),
+            move |(out, ended): (T, Vec<String>)| {
+                let endings: Vec<Ending> = ended.iter().map(|v| fence.end(v)).collect();
+                (out, endings)
+            },
+        )
+        .await?;
+        let all = futures_util::future::join_all(endings.iter().map(Ending::wait));
+        if tokio::time::timeout(EXPORT_END_WAIT, all).await.is_err() {
+            for e in endings.iter().filter(|e| e.active() > 0) {
                 tracing::warn!(
-                    volume = %name,
-                    connections = self.fence.live(&name),
+                    volume = %e.name(),
+                    connections = e.active(),
                     "detached, but NBD connections still have requests in the store after {EXPORT_END_WAIT:?}"
                 );
             }
         }
+        Ok(out)
     }
 
     /// Runs `f` in one IMMEDIATE transaction (the write lock is taken before the first read,
@@ -642,22 +658,19 @@ impl Volumes {
         need(caller, Role::Member, "server:delete")?;
         let caller = caller.clone();
         let id = id.to_owned();
-        let fence = self.fence.clone();
-        let ended = self
-            .tx(move |conn, s| {
-                let server =
-                    resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
-                        .ok_or_else(|| not_found("Server", &id))?;
-                let mut ended = Vec::new();
-                for a in load_attachments(conn, "a.server_id = ?1", &server.id, s)? {
-                    ended.extend(remove_attachment(conn, &a, &fence)?);
+        self.tx_ending(move |conn, s| {
+            let server = resolve_target(conn, &caller, &AttachTarget::Server(id.clone()), false)?
+                .ok_or_else(|| not_found("Server", &id))?;
+            let mut ended = Vec::new();
+            for a in load_attachments(conn, "a.server_id = ?1", &server.id, s)? {
+                if remove_attachment(conn, &a)? {
+                    ended.push(a.volume_id);
                 }
-                conn.execute("DELETE FROM servers WHERE id = ?1", [&server.id])?;
-                Ok(ended)
-            })
-            .await?;
-        self.await_ended(ended).await;
-        Ok(())
+            }
+            conn.execute("DELETE FROM servers WHERE id = ?1", [&server.id])?;
+            Ok(((), ended))
+        })
+        .await
     }
 
     pub async fn attach(&self, caller: &Caller, req: AttachRequest) -> ServiceResult<Attachment> {
@@ -787,9 +800,8 @@ impl Volumes {
         let caller = caller.clone();
         let shown = volume_id.to_owned();
         let pdisk_rules = matches!(target, AttachTarget::Vm { .. });
-        let fence = self.fence.clone();
-        let (a, ended) = self
-            .tx(move |conn, s| {
+        let a = self
+            .tx_ending(move |conn, s| {
                 let key = canonical(&shown).ok_or_else(|| not_found("Volume", &shown))?;
                 let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
                 if !may_see(&caller, &v, pdisk_rules) {
@@ -824,11 +836,13 @@ impl Volumes {
                         ServiceError::BadRequest("Disk have not been hot-plugged".into()).into(),
                     );
                 }
-                let ended = remove_attachment(conn, &a, &fence)?;
+                let ended = match remove_attachment(conn, &a)? {
+                    true => vec![a.volume_id.clone()],
+                    false => Vec::new(),
+                };
                 Ok((a, ended))
             })
             .await?;
-        self.await_ended(ended.into_iter().collect()).await;
         tracing::info!(volume = %a.volume_id, server = %a.server_id, "volume detached");
         Ok(a)
     }
@@ -840,22 +854,20 @@ impl Volumes {
     ) -> ServiceResult<Vec<Attachment>> {
         need(caller, Role::Member, "volume:detach")?;
         let caller = caller.clone();
-        let fence = self.fence.clone();
-        let (all, ended) = self
-            .tx(move |conn, s| {
-                let Some(server) = resolve_target(conn, &caller, &target, false)? else {
-                    return Ok((Vec::new(), Vec::new()));
-                };
-                let all = load_attachments(conn, "a.server_id = ?1", &server.id, s)?;
-                let mut ended = Vec::new();
-                for a in &all {
-                    ended.extend(remove_attachment(conn, a, &fence)?);
+        self.tx_ending(move |conn, s| {
+            let Some(server) = resolve_target(conn, &caller, &target, false)? else {
+                return Ok((Vec::new(), Vec::new()));
+            };
+            let all = load_attachments(conn, "a.server_id = ?1", &server.id, s)?;
+            let mut ended = Vec::new();
+            for a in &all {
+                if remove_attachment(conn, a)? {
+                    ended.push(a.volume_id.clone());
                 }
-                Ok((all, ended))
-            })
-            .await?;
-        self.await_ended(ended).await;
-        Ok(all)
+            }
+            Ok((all, ended))
+        })
+        .await
     }
 
     pub async fn list_attachments(

@@ -108,7 +108,7 @@ where
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let timeout = shared.cfg.handshake_timeout;
     let hs = tokio::time::timeout(timeout, handshake(&shared, &mut r, &mut w, &mut buf)).await;
-    let (export, mut neg) = match hs {
+    let (export, mut neg, mut ticket) = match hs {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -120,22 +120,10 @@ where
             return;
         }
     };
-    // Joined before the export is checked once more: a detach that committed before the
-    // join fails the check, and one after it ends the ticket (and waits for this
-    // connection to stop using the store).
-    let ticket = shared.source.fence().map(|f| f.join(&export.name));
-    if ticket.is_some() {
-        match lookup(&shared, &export.name).await {
-            Ok(Some(e)) if e.object == export.object => {}
-            Ok(_) => {
-                info!(%peer, export = %export.name, "NBD export ended during the handshake: closing");
-                return;
-            }
-            Err(e) => {
-                warn!(%peer, export = %export.name, "NBD export lookup: {e}");
-                return;
-            }
-        }
+    // The export ended since the lookup: not one request may reach the store.
+    if ticket.as_mut().is_some_and(|t| !t.activate()) {
+        info!(%peer, export = %export.name, "NBD export ended during the handshake: closing");
+        return;
     }
     // Contexts selected for another export than the one opened are no selection (the spec
     // has the client name the same export in SET_META_CONTEXT and GO).
@@ -220,7 +208,7 @@ async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
     buf: &mut BytesMut,
-) -> io::Result<Option<(Export, Negotiated)>>
+) -> io::Result<Option<(Export, Negotiated, Option<Ticket>)>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -303,6 +291,8 @@ where
                 return Ok(None);
             }
             OptionRequest::ExportName(name) => {
+                // Joined before the lookup: see `Fence`.
+                let ticket = join(shared, &name);
                 // Cannot be answered with an error: an unknown export closes the connection.
                 let Some(export) = lookup(shared, &name).await? else {
                     debug!(export = %name, "NBD_OPT_EXPORT_NAME of an unknown export");
@@ -317,9 +307,10 @@ where
                     client.no_zeroes,
                 );
                 w.write_all(&out).await?;
-                return Ok(Some((export, neg)));
+                return Ok(Some((export, neg, ticket)));
             }
             OptionRequest::Info(info) | OptionRequest::Go(info) => {
+                let ticket = (opt == Opt::Go).then(|| join(shared, &info.name)).flatten();
                 let found = match find(shared, &info.name).await {
                     Ok(None) => Err(OptionReply::error(
                         RepError::UnknownExport,
@@ -366,7 +357,7 @@ where
                     send_reply(w, opt, rep).await?;
                 }
                 if opt == Opt::Go {
-                    return Ok(Some((export, neg)));
+                    return Ok(Some((export, neg, ticket)));
                 }
             }
             OptionRequest::List => {
@@ -470,6 +461,11 @@ fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// A place in the fence of export `name`, taken before looking it up (see `Fence`).
+fn join(shared: &Shared, name: &str) -> Option<Ticket> {
+    shared.source.fence().map(|f| f.join(name))
+}
+
 async fn lookup(shared: &Shared, name: &str) -> io::Result<Option<Export>> {
     shared.source.lookup(name).await.map_err(io::Error::other)
 }
@@ -570,7 +566,8 @@ async fn transmission<R, W>(
                 Ok(p) => p,
                 Err(_) => {
                     spawn_group(&session, &tx, &admit, &mut group);
-                    let Ok(p) = count.clone().acquire_owned().await else {
+                    let wait = count.clone().acquire_owned();
+                    let Ok(p) = or_closing(wait, &mut closing, &mut admit).await else {
                         return Ok(());
                     };
                     p
@@ -580,7 +577,8 @@ async fn transmission<R, W>(
                 Ok(p) => p,
                 Err(_) => {
                     spawn_group(&session, &tx, &admit, &mut group);
-                    let Ok(p) = bytes.clone().acquire_many_owned(cost).await else {
+                    let wait = bytes.clone().acquire_many_owned(cost);
+                    let Ok(p) = or_closing(wait, &mut closing, &mut admit).await else {
                         return Ok(());
                     };
                     p
@@ -596,11 +594,24 @@ async fn transmission<R, W>(
                 // payload's buffer is made.
                 let room = (payload_len - buf.len()).max(READ_AHEAD);
                 buf.reserve(room);
-                if r.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
+                let mut limited = (&mut buf).limit(room);
+                let read = r.read_buf(&mut limited);
+                if or_closing(read, &mut closing, &mut admit).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
             let payload = buf.split_to(payload_len).freeze();
+            if *closing.borrow() {
+                // Taken in while the connection started closing: refused as those after it
+                // are (the fence may no longer wait for this connection).
+                let (head, body) = session.failure(&req, Errno::Shutdown, "the export is closing");
+                let _ = tx.send(Outgoing {
+                    head,
+                    body,
+                    _permits: (count_permit, Some(bytes_permit)),
+                });
+                continue;
+            }
             let p = Pending {
                 req,
                 payload,
@@ -670,6 +681,26 @@ async fn linger<R: AsyncRead + Unpin>(r: &mut R) {
         }
     })
     .await;
+}
+
+/// A wait of the reader's between decoding a request and admitting it (permits, the rest of
+/// its payload), which a client can make last: if the connection starts closing meanwhile,
+/// the reader lets go of its fence ticket, so that an export's end does not wait for the
+/// client, and finishes the wait without it (the request is then refused).
+async fn or_closing<F: Future>(
+    wait: F,
+    closing: &mut watch::Receiver<bool>,
+    admit: &mut Admit,
+) -> F::Output {
+    tokio::pin!(wait);
+    tokio::select! {
+        biased;
+        out = &mut wait => out,
+        () = super::server::stopped(closing) => {
+            *admit = None;
+            wait.await
+        }
+    }
 }
 
 /// A request read and admitted, not yet started.

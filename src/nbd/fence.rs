@@ -2,28 +2,43 @@
 //!
 //! Detach must mean the old client is cut off by the time the API answers: another server
 //! may be given the volume next, and a write of the old one landing after that is the
-//! split brain a fence exists to prevent. A connection joins the fence of its export
-//! before it checks (for the last time) that the export is offered; [`Fence::end`] tells
-//! every connection that joined to stop taking requests, and returns once each has stopped
-//! and the requests it had already taken in have finished with the store. Replies may
-//! still be on their way to the client.
+//! split brain a fence exists to prevent.
+//!
+//! - A connection [joins](Fence::join) its export's fence *before* it looks the export up,
+//!   and [activates](Ticket::activate) its ticket when it starts serving requests. An end
+//!   that committed before the lookup fails the lookup; one that comes after the join fails
+//!   the activation or reaches the active ticket.
+//! - [`Fence::end`] marks the export's entry ended and takes it out of the map, so that a
+//!   connection made afterwards (the volume attached again) starts afresh. It waits only for
+//!   active tickets: a connection still in its handshake cannot touch the store, and will
+//!   fail to activate.
+//! - An active ticket is held while the connection admits requests and by every task serving
+//!   them, so [`Ending::wait`] returns once no request of an ended connection can reach the
+//!   store. Replies may still be on their way to the client.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, watch};
 
 #[derive(Default)]
 pub struct Fence {
-    exports: Mutex<HashMap<String, Export>>,
+    exports: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
-struct Export {
-    /// Turns `true` when the export ends.
+/// One export's fence, from the first join until it ends (or nobody holds it).
+struct Slot {
+    /// Turns `true` when the export ends; changed under the fence's lock.
     ended: watch::Sender<bool>,
-    /// Tickets alive.
-    live: usize,
-    /// Notified when `live` reaches zero (and the entry goes).
-    idle: Arc<Notify>,
+    /// Active tickets; changed under the fence's lock.
+    active: AtomicUsize,
+    /// Notified when `active` drops to zero.
+    idle: Notify,
+}
+
+/// Export names are volume UUIDs, which clients may spell in any case or form: one key.
+fn key(name: &str) -> String {
+    uuid::Uuid::parse_str(name).map_or_else(|_| name.to_owned(), |u| u.hyphenated().to_string())
 }
 
 impl Fence {
@@ -31,101 +46,109 @@ impl Fence {
         Arc::new(Fence::default())
     }
 
-    fn exports(&self) -> std::sync::MutexGuard<'_, HashMap<String, Export>> {
-        // Nothing in the map is left half-changed by a panic: every change is one statement.
+    fn exports(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        // Every change under this lock is one statement or a few plain stores: a panic
+        // leaves nothing half-done that matters more than the panic itself.
         self.exports.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Join the fence of export `name`. Check that the export is offered *after* this: an
-    /// [`end`](Self::end) that began earlier then shows in that check, and one that begins
-    /// later in the ticket.
+    /// Join the fence of export `name`, before looking the export up.
     pub fn join(self: &Arc<Fence>, name: &str) -> Ticket {
-        let mut exports = self.exports();
-        let e = exports.entry(name.to_owned()).or_insert_with(|| Export {
-            ended: watch::Sender::new(false),
-            live: 0,
-            idle: Arc::new(Notify::new()),
-        });
-        e.live += 1;
+        let slot = self
+            .exports()
+            .entry(key(name))
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    ended: watch::Sender::new(false),
+                    active: AtomicUsize::new(0),
+                    idle: Notify::new(),
+                })
+            })
+            .clone();
         Ticket {
             fence: self.clone(),
-            name: name.to_owned(),
-            ended: e.ended.subscribe(),
+            key: key(name),
+            ended: slot.ended.subscribe(),
+            slot,
+            active: false,
         }
     }
 
-    /// End export `name`: every connection that joined stops taking requests, from now on
-    /// (so that a caller dropped before it waits loses nothing). [`Ending::wait`] returns
-    /// once all of them have let go of their tickets.
-    pub fn end(self: &Arc<Fence>, name: &str) -> Ending {
-        let idle = self.exports().get(name).map(|e| {
-            e.ended.send_replace(true);
-            e.idle.clone()
-        });
+    /// End export `name`, now: its connections stop taking requests (so that a caller
+    /// dropped before it waits loses nothing), and later joins start afresh.
+    /// [`Ending::wait`] returns once no request of theirs can reach the store.
+    pub fn end(&self, name: &str) -> Ending {
+        let slot = self.exports().remove(&key(name));
+        if let Some(s) = &slot {
+            s.ended.send_replace(true);
+        }
         Ending {
-            fence: self.clone(),
             name: name.to_owned(),
-            idle,
+            slot,
         }
-    }
-
-    /// Connections holding a ticket for `name` (for tests and metrics).
-    pub fn live(&self, name: &str) -> usize {
-        self.exports().get(name).map_or(0, |e| e.live)
     }
 }
 
 /// An export being ended; see [`Fence::end`].
 pub struct Ending {
-    fence: Arc<Fence>,
     name: String,
-    /// The entry's, when connections had joined.
-    idle: Option<Arc<Notify>>,
+    /// The export's entry, if any connection had joined it.
+    slot: Option<Arc<Slot>>,
 }
 
 impl Ending {
-    pub async fn wait(self) {
-        let Some(idle) = self.idle else {
+    pub async fn wait(&self) {
+        let Some(slot) = &self.slot else {
             return;
         };
         loop {
-            let notified = idle.notified();
+            let notified = slot.idle.notified();
             tokio::pin!(notified);
             // Registered before the check, so a release between the two is not missed.
             notified.as_mut().enable();
-            let waiting = {
-                let exports = self.fence.exports();
-                exports.get(&self.name).is_some_and(|e| e.ended_with(&idle))
-            };
-            if !waiting {
+            if slot.active.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
         }
     }
 
-    /// The export's name.
     pub fn name(&self) -> &str {
         &self.name
     }
-}
 
-impl Export {
-    /// Still the entry `end` is waiting for (not one a later connection made afresh).
-    fn ended_with(&self, idle: &Arc<Notify>) -> bool {
-        Arc::ptr_eq(&self.idle, idle)
+    /// Connections that may still reach the store.
+    pub fn active(&self) -> usize {
+        self.slot
+            .as_ref()
+            .map_or(0, |s| s.active.load(Ordering::SeqCst))
     }
 }
 
-/// A connection's place in its export's fence; dropping it tells [`Fence::end`] that the
-/// connection no longer reaches the store.
+/// A connection's place in its export's fence. Dropping it (or never activating it) tells
+/// [`Fence::end`] that the connection does not reach the store.
 pub struct Ticket {
     fence: Arc<Fence>,
-    name: String,
+    key: String,
+    slot: Arc<Slot>,
     ended: watch::Receiver<bool>,
+    active: bool,
 }
 
 impl Ticket {
+    /// The connection starts serving requests: false if the export ended since the join.
+    pub fn activate(&mut self) -> bool {
+        let _g = self.fence.exports();
+        if *self.slot.ended.borrow() {
+            return false;
+        }
+        if !self.active {
+            self.slot.active.fetch_add(1, Ordering::SeqCst);
+            self.active = true;
+        }
+        true
+    }
+
     /// Whether the export has ended.
     pub fn is_ended(&self) -> bool {
         *self.ended.borrow()
@@ -136,7 +159,7 @@ impl Ticket {
         let mut rx = self.ended.clone();
         async move {
             if rx.wait_for(|e| *e).await.is_err() {
-                // The entry went while we held a ticket: cannot happen; never resolve.
+                // The slot is gone, so no ticket holds it: cannot happen; never resolve.
                 std::future::pending::<()>().await;
             }
         }
@@ -146,14 +169,16 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut exports = self.fence.exports();
-        if let Some(e) = exports.get_mut(&self.name) {
-            e.live -= 1;
-            if e.live == 0 {
-                let idle = e.idle.clone();
-                exports.remove(&self.name);
-                drop(exports);
-                idle.notify_waiters();
-            }
+        if self.active && self.slot.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.slot.idle.notify_waiters();
+        }
+        // The map's entry goes with its last ticket (the map and this one hold it; every
+        // clone and drop happens under the lock, so the count is exact).
+        if exports
+            .get(&self.key)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.slot) && Arc::strong_count(s) == 2)
+        {
+            exports.remove(&self.key);
         }
     }
 }
@@ -163,31 +188,38 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn end_waits_for_every_ticket_and_spares_later_ones() {
+    async fn end_waits_for_active_tickets_and_spares_later_ones() {
         let f = Fence::new();
+        const A: &str = "6f0c6a2e-29a4-4f44-9a0c-3d1c2c1b0a01";
         // Nobody joined: nothing to wait for.
-        f.end("a").wait().await;
-        let t1 = f.join("a");
-        let t2 = f.join("a");
-        let other = f.join("b");
-        assert!(!t1.is_ended());
-        let ending = tokio::spawn({
-            let f = f.clone();
-            let ending = f.end("a");
-            async move { ending.wait().await }
+        f.end(A).wait().await;
+        let mut t1 = f.join(A);
+        // Another spelling of the same UUID is the same export.
+        let mut t2 = f.join(&A.to_uppercase());
+        let mut pending = f.join(A);
+        let mut other = f.join("b");
+        assert!(t1.activate() && t2.activate() && other.activate());
+        let ending = f.end(A);
+        assert!(t1.is_ended() && t2.is_ended() && !other.is_ended());
+        // Joined before the end, not serving yet: it never will, and is not waited for.
+        assert!(!pending.activate());
+        let waiter = tokio::spawn(async move {
+            ending.wait().await;
+            ending.active()
         });
         t1.ended().await;
-        assert!(t2.is_ended() && !other.is_ended());
         drop(t1);
         tokio::task::yield_now().await;
-        assert!(!ending.is_finished(), "returned with a ticket still held");
-        assert_eq!(f.live("a"), 1);
+        assert!(!waiter.is_finished(), "returned with an active ticket left");
         drop(t2);
-        ending.await.unwrap();
-        assert_eq!(f.live("a"), 0);
-        // A connection after the end starts afresh.
-        let t3 = f.join("a");
-        assert!(!t3.is_ended());
-        assert!(!other.is_ended());
+        assert_eq!(waiter.await.unwrap(), 0);
+        // Joined after the end (the volume attached again): a fresh start.
+        let mut t3 = f.join(A);
+        assert!(!t3.is_ended() && t3.activate());
+        drop(pending);
+        assert!(!t3.is_ended() && !other.is_ended());
+        // Entries go with their last ticket.
+        drop((t3, other));
+        assert!(f.exports().is_empty());
     }
 }
