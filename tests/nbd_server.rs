@@ -819,13 +819,18 @@ def outcome(s):
 
 /// Block 0 of export `id` as read by a new libnbd connection: its first byte, in hex.
 fn first_byte(n: &Nbd, id: &str) -> String {
+    byte_at(n, id, 0)
+}
+
+/// The byte at `offset` of export `id`, read by a new libnbd connection, in hex.
+fn byte_at(n: &Nbd, id: &str, offset: u64) -> String {
     let probe = format!(
         r#"
 import nbd
 h = nbd.NBD()
 h.set_export_name({id:?})
 h.connect_unix({sock:?})
-print(h.pread(4096, 0)[:1].hex())
+print(h.pread(1, {offset})[:1].hex())
 "#,
         sock = n.socket().display().to_string(),
     );
@@ -927,4 +932,64 @@ print(outcome(s), flush=True)
     assert!(py.wait().expect("wait").success());
     assert_ne!(old, "errno 0", "vm1's write was served after the detach");
     assert_eq!(first_byte(&n, &id), "00");
+}
+
+/// A zeroing that writes zeroes as data (NO_HOLE), 4 GiB long, stops when the export ends:
+/// it is answered ESHUTDOWN, the detach does not wait for the rest of it, and nothing of it
+/// lands on what the volume's next server writes. Found by review: the zeroing ran to its
+/// end (the detach waited for it, up to its 30 s bound, and then answered while it went on).
+#[test]
+fn a_long_zeroing_stops_when_the_export_ends() {
+    use std::io::{BufRead, Write};
+
+    let n = Nbd::start();
+    let uri = n.cli(&["volume", "create", "--size", "5G", "--attach", "vm1"]);
+    let id = uri.trim().rsplit('/').next().expect("uuid").to_owned();
+    let _ = n.attached_volume("vm2");
+    const LEN: u64 = (4 << 30) - 4096;
+    let script = format!(
+        r#"{RAW_NBD}
+s = greet({sock:?})
+send_go(s, {id:?})
+assert read_go(s)
+# NBD_CMD_WRITE_ZEROES (6) with NBD_CMD_FLAG_NO_HOLE (2), then a READ (0) past it: the
+# READ's reply proves the reader admitted the zeroing.
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 2, 6, 10, 0, {LEN})
+          + struct.pack(">IHHQQI", 0x25609513, 0, 0, 99, 4 << 30, 4096))
+magic, err, cookie = struct.unpack(">IIQ", recvall(s, 16))
+assert (cookie, err) == (99, 0), (cookie, err)
+recvall(s, 4096)
+print("ready", flush=True)
+sys.stdin.readline()
+print(outcome(s), flush=True)
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let (mut py, out) = python_until_ready(&script);
+    let mut stdin = py.stdin.take().expect("stdin");
+    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
+    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
+    // vm2 writes the zeroing's last block.
+    let last = LEN - 4096;
+    let write = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+h.pwrite(b"\x05" * 4096, {last})
+h.flush()
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    ok("/usr/bin/python3", &["-c", &write]);
+    stdin.write_all(b"go\n").expect("write");
+    let old = out.lines().next().expect("a line").expect("line");
+    assert!(py.wait().expect("wait").success());
+    // 108: NBD_ESHUTDOWN. Had it run to its end, it would be errno 0.
+    assert_eq!(
+        old, "errno 108",
+        "the zeroing was not stopped by the detach"
+    );
+    assert_eq!(byte_at(&n, &id, last), "05");
 }

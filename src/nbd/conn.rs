@@ -52,11 +52,21 @@ const MAX_BLOCK_STATUS: u64 = 1 << 30;
 /// and the walk that builds it. A client asks again from where the reply ended.
 const MAX_STATUS_EXTENTS: usize = 1 << 16;
 
+/// Zeroing and trimming go to the store in pieces this large (aligned to it), and stop at
+/// the first boundary after the export ends: a zeroing of 4 GiB (or, with extended headers,
+/// of the whole export) must not go on writing after a detach answered.
+const ZERO_PIECE: u64 = 16 << 20;
+
 /// What a request is charged against the connection's in-flight byte budget: its payload,
-/// or the most its reply can carry.
+/// or the most its reply can carry. A zeroing that writes zeroes as data is charged one
+/// piece: the budget then also bounds what a connection writes between an export's end and
+/// its requests noticing it.
 fn reply_cost(req: &Request, payload_len: usize, mode: HeaderMode) -> usize {
     match req.command {
         Command::Read => (req.length as usize).min(MAX_PAYLOAD as usize),
+        Command::WriteZeroes if req.has_flags(NBD_CMD_FLAG_NO_HOLE) => {
+            req.length.min(ZERO_PIECE) as usize
+        }
         Command::BlockStatus => {
             let n = if req.has_flags(NBD_CMD_FLAG_REQ_ONE) {
                 1
@@ -73,8 +83,10 @@ fn reply_cost(req: &Request, payload_len: usize, mode: HeaderMode) -> usize {
 /// What the transmission phase needs; shared by the request tasks.
 struct Session {
     shared: Arc<Shared>,
-    /// The export name, to look it up again when exports change.
+    /// The export name.
     name: String,
+    /// Turns `true` when the export ends (its fence: see `Fence`).
+    ended: Option<watch::Receiver<bool>>,
     object: ObjectId,
     size: u64,
     tflags: u16,
@@ -148,6 +160,7 @@ where
         tflags: transmission_flags(&export, &neg),
         object: export.object,
         name: export.name.clone(),
+        ended: ticket.as_ref().map(Ticket::watch_end),
         size,
         structured: neg.structured,
         mode: neg.mode,
@@ -886,7 +899,34 @@ fn store_errno(e: &StoreError) -> Errno {
     }
 }
 
+/// `[offset, offset + length)` cut at multiples of [`ZERO_PIECE`]: (offset, length, last).
+/// Inner cuts fall on block boundaries, so a trim's whole blocks stay whole.
+fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u64, bool)> {
+    let end = offset.saturating_add(length);
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = (at / ZERO_PIECE + 1).saturating_mul(ZERO_PIECE).min(end);
+        let piece = (at, next - at, next == end);
+        at = next;
+        Some(piece)
+    })
+}
+
 impl Session {
+    /// A long request stops here once the export has ended (ESHUTDOWN): the fence waits for
+    /// it, and what it would do next could land on the volume's next owner.
+    fn check_ended(&self) -> Result<(), (Errno, String)> {
+        match &self.ended {
+            Some(e) if *e.borrow() => {
+                Err((Errno::Shutdown, "the export ended (volume detached)".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Runs one request; returns the reply (header, body).
     async fn handle(&self, req: Request, payload: Bytes) -> (Option<HeaderBuf>, Bytes) {
         match self.execute(req, payload).await {
@@ -1030,9 +1070,10 @@ impl Session {
             }
             Command::Trim => {
                 self.check_range(&req, Errno::Inval)?;
-                if req.length > 0 {
+                for (off, len, last) in pieces(req.offset, req.length) {
+                    self.check_ended()?;
                     store
-                        .discard(self.object, req.offset, req.length, fua)
+                        .discard(self.object, off, len, fua && last)
                         .await
                         .map_err(serr)?;
                 }
@@ -1045,9 +1086,10 @@ impl Session {
                     // Allocated zeroes are written like data: not faster than a write.
                     return Err((Errno::NotSup, "fast zero without holes".into()));
                 }
-                if req.length > 0 {
+                for (off, len, last) in pieces(req.offset, req.length) {
+                    self.check_ended()?;
                     store
-                        .write_zeroes(self.object, req.offset, req.length, !no_hole, fua)
+                        .write_zeroes(self.object, off, len, !no_hole, fua && last)
                         .await
                         .map_err(serr)?;
                 }
@@ -1092,6 +1134,32 @@ mod tests {
             if c.read_buf(buf).await.expect("read") == 0 {
                 return None;
             }
+        }
+    }
+
+    #[test]
+    fn pieces_cover_the_range_and_cut_on_piece_boundaries() {
+        for (off, len) in [
+            (0, 0),
+            (0, 1),
+            (4095, 2),
+            (ZERO_PIECE - 512, 1024),
+            (12345, 3 * ZERO_PIECE + 777),
+            (u64::MAX - 10, 100),
+        ] {
+            let v: Vec<_> = pieces(off, len).collect();
+            let end = off.saturating_add(len);
+            let mut at = off;
+            for (i, &(o, l, last)) in v.iter().enumerate() {
+                assert_eq!(o, at, "{off} {len}: contiguous");
+                assert!(l > 0 && l <= ZERO_PIECE);
+                at = o + l;
+                assert_eq!(last, i + 1 == v.len());
+                if !last {
+                    assert_eq!(at % ZERO_PIECE, 0, "inner cuts on piece boundaries");
+                }
+            }
+            assert_eq!(at, end, "{off} {len}: covered");
         }
     }
 

@@ -32,6 +32,8 @@ struct Slot {
     ended: watch::Sender<bool>,
     /// Active tickets; changed under the fence's lock.
     active: AtomicUsize,
+    /// Tickets of any kind (the entry leaves the map with the last); under the lock.
+    joined: AtomicUsize,
     /// Notified when `active` drops to zero.
     idle: Notify,
 }
@@ -54,17 +56,20 @@ impl Fence {
 
     /// Join the fence of export `name`, before looking the export up.
     pub fn join(self: &Arc<Fence>, name: &str) -> Ticket {
-        let slot = self
-            .exports()
+        let mut exports = self.exports();
+        let slot = exports
             .entry(key(name))
             .or_insert_with(|| {
                 Arc::new(Slot {
                     ended: watch::Sender::new(false),
                     active: AtomicUsize::new(0),
+                    joined: AtomicUsize::new(0),
                     idle: Notify::new(),
                 })
             })
             .clone();
+        slot.joined.fetch_add(1, Ordering::SeqCst);
+        drop(exports);
         Ticket {
             fence: self.clone(),
             key: key(name),
@@ -78,10 +83,13 @@ impl Fence {
     /// dropped before it waits loses nothing), and later joins start afresh.
     /// [`Ending::wait`] returns once no request of theirs can reach the store.
     pub fn end(&self, name: &str) -> Ending {
-        let slot = self.exports().remove(&key(name));
+        let mut exports = self.exports();
+        let slot = exports.remove(&key(name));
         if let Some(s) = &slot {
+            // Under the lock: `activate` checks this and counts itself in one step.
             s.ended.send_replace(true);
         }
+        drop(exports);
         Ending {
             name: name.to_owned(),
             slot,
@@ -154,6 +162,11 @@ impl Ticket {
         *self.ended.borrow()
     }
 
+    /// A receiver that turns `true` when the export ends.
+    pub fn watch_end(&self) -> watch::Receiver<bool> {
+        self.ended.clone()
+    }
+
     /// Resolves when the export ends.
     pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.ended.clone();
@@ -172,11 +185,12 @@ impl Drop for Ticket {
         if self.active && self.slot.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.slot.idle.notify_waiters();
         }
-        // The map's entry goes with its last ticket (the map and this one hold it; every
-        // clone and drop happens under the lock, so the count is exact).
-        if exports
-            .get(&self.key)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.slot) && Arc::strong_count(s) == 2)
+        // The map's entry goes with its last ticket (counted under the lock; an ended entry
+        // has left the map already, and a newer one under the same key is not ours).
+        if self.slot.joined.fetch_sub(1, Ordering::SeqCst) == 1
+            && exports
+                .get(&self.key)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
         {
             exports.remove(&self.key);
         }
@@ -221,5 +235,31 @@ mod tests {
         // Entries go with their last ticket.
         drop((t3, other));
         assert!(f.exports().is_empty());
+    }
+
+    /// Two tickets of one export dropped at once on two threads: the entry still goes.
+    /// Found by review: the last-ticket check counted `Arc` references, and a ticket's own
+    /// reference is released after its lock, so each saw the other's and neither removed it
+    /// (clients choose the names they join, so the map grew without bound).
+    #[test]
+    fn concurrent_ticket_drops_leave_no_entry_behind() {
+        let f = Fence::new();
+        for i in 0..5_000 {
+            let name = format!("no-such-export-{i}");
+            let (t1, t2) = (f.join(&name), f.join(&name));
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let b = barrier.clone();
+            let h = std::thread::spawn(move || {
+                b.wait();
+                drop(t1);
+            });
+            barrier.wait();
+            drop(t2);
+            h.join().unwrap();
+            assert!(
+                f.exports().is_empty(),
+                "an entry with no ticket stayed, round {i}"
+            );
+        }
     }
 }
