@@ -837,6 +837,23 @@ print(h.pread(1, {offset})[:1].hex())
     ok("/usr/bin/python3", &["-c", &probe]).trim().to_owned()
 }
 
+/// Volume `id` moves from server vm1 to vm2 (`volume detach`, then `attach`) under an old
+/// client of vm1: `script`, a raw client (after [`RAW_NBD`]) that prints "ready" and then
+/// waits for a line. `then` runs after the move, the script goes on, and its next line of
+/// output is returned.
+fn across_a_move(n: &Nbd, id: &str, script: &str, then: impl FnOnce()) -> String {
+    use std::io::{BufRead, Write};
+    let (mut py, out) = python_until_ready(&format!("{RAW_NBD}\n{script}"));
+    let mut stdin = py.stdin.take().expect("stdin");
+    n.cli(&["volume", "detach", id, "--server", "vm1"]);
+    n.cli(&["volume", "attach", id, "--server", "vm2"]);
+    then();
+    stdin.write_all(b"go\n").expect("write");
+    let line = out.lines().next().expect("a line").expect("line");
+    assert!(py.wait().expect("wait").success());
+    line
+}
+
 /// A client whose WRITE payload is still on its way when the detach comes (a host cut off
 /// mid-request) neither holds the detach up nor gets its write in afterwards: the request is
 /// refused once its payload arrives, after the volume was attached elsewhere. Found by
@@ -844,13 +861,11 @@ print(h.pread(1, {offset})[:1].hex())
 /// its 30 s bound, and the late write landed on the next server's volume.
 #[test]
 fn a_write_whose_payload_is_late_is_fenced_too() {
-    use std::io::{BufRead, Write};
-
     let n = Nbd::start();
     let (id, _) = n.attached_volume("vm1");
     let _ = n.attached_volume("vm2");
     let script = format!(
-        r#"{RAW_NBD}
+        r#"
 s = greet({sock:?})
 send_go(s, {id:?})
 assert read_go(s)
@@ -863,14 +878,7 @@ print(outcome(s), flush=True)
 "#,
         sock = n.socket().display().to_string(),
     );
-    let (mut py, out) = python_until_ready(&script);
-    let mut stdin = py.stdin.take().expect("stdin");
-    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
-    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
-    assert_eq!(first_byte(&n, &id), "00");
-    stdin.write_all(b"go\n").expect("write");
-    let old = out.lines().next().expect("a line").expect("line");
-    assert!(py.wait().expect("wait").success());
+    let old = across_a_move(&n, &id, &script, || assert_eq!(first_byte(&n, &id), "00"));
     assert!(
         // 108: NBD_ESHUTDOWN.
         old == "errno 108" || old == "closed",
@@ -891,13 +899,11 @@ print(outcome(s), flush=True)
 /// the export again after the re-attach (same volume), and wrote to the new server's volume.
 #[test]
 fn a_go_answered_across_a_detach_and_reattach_is_fenced() {
-    use std::io::{BufRead, Write};
-
     let n = Nbd::start();
     let (id, _) = n.attached_volume("vm1");
     let _ = n.attached_volume("vm2");
     let script = format!(
-        r#"{RAW_NBD}
+        r#"
 s = greet({sock:?})
 # NBD_INFO_NAME asked for 30000 times: ~1.7 MB of replies, more than the socket buffers,
 # so the server blocks writing them. The first reply header proves the lookup is done.
@@ -923,13 +929,7 @@ print(outcome(s), flush=True)
 "#,
         sock = n.socket().display().to_string(),
     );
-    let (mut py, out) = python_until_ready(&script);
-    let mut stdin = py.stdin.take().expect("stdin");
-    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
-    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
-    stdin.write_all(b"go\n").expect("write");
-    let old = out.lines().next().expect("a line").expect("line");
-    assert!(py.wait().expect("wait").success());
+    let old = across_a_move(&n, &id, &script, || {});
     assert_ne!(old, "errno 0", "vm1's write was served after the detach");
     assert_eq!(first_byte(&n, &id), "00");
 }
@@ -940,15 +940,13 @@ print(outcome(s), flush=True)
 /// end (the detach waited for it, up to its 30 s bound, and then answered while it went on).
 #[test]
 fn a_long_zeroing_stops_when_the_export_ends() {
-    use std::io::{BufRead, Write};
-
     let n = Nbd::start();
     let uri = n.cli(&["volume", "create", "--size", "5G", "--attach", "vm1"]);
     let id = uri.trim().rsplit('/').next().expect("uuid").to_owned();
     let _ = n.attached_volume("vm2");
     const LEN: u64 = (4 << 30) - 4096;
     let script = format!(
-        r#"{RAW_NBD}
+        r#"
 s = greet({sock:?})
 send_go(s, {id:?})
 assert read_go(s)
@@ -965,10 +963,6 @@ print(outcome(s), flush=True)
 "#,
         sock = n.socket().display().to_string(),
     );
-    let (mut py, out) = python_until_ready(&script);
-    let mut stdin = py.stdin.take().expect("stdin");
-    n.cli(&["volume", "detach", &id, "--server", "vm1"]);
-    n.cli(&["volume", "attach", &id, "--server", "vm2"]);
     // vm2 writes the zeroing's last block.
     let last = LEN - 4096;
     let write = format!(
@@ -982,10 +976,9 @@ h.flush()
 "#,
         sock = n.socket().display().to_string(),
     );
-    ok("/usr/bin/python3", &["-c", &write]);
-    stdin.write_all(b"go\n").expect("write");
-    let old = out.lines().next().expect("a line").expect("line");
-    assert!(py.wait().expect("wait").success());
+    let old = across_a_move(&n, &id, &script, || {
+        ok("/usr/bin/python3", &["-c", &write]);
+    });
     // 108: NBD_ESHUTDOWN. Had it run to its end, it would be errno 0.
     assert_eq!(
         old, "errno 108",
