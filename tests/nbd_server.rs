@@ -49,6 +49,17 @@ impl Nbd {
         (id, uri)
     }
 
+    /// A daemon with a volume of `gib` GiB attached to vm1, and a server vm2 for it to
+    /// move to (see `across_a_move`): (daemon, volume id).
+    fn moving_volume(gib: u64) -> (Nbd, String) {
+        let n = Nbd::start();
+        let size = format!("{gib}G");
+        let uri = n.cli(&["volume", "create", "--size", &size, "--attach", "vm1"]);
+        let id = uri.trim().rsplit('/').next().expect("uuid").to_owned();
+        let _ = n.attached_volume("vm2");
+        (n, id)
+    }
+
     fn socket(&self) -> PathBuf {
         self.c.data_dir().join("nbd.sock")
     }
@@ -861,9 +872,7 @@ fn across_a_move(n: &Nbd, id: &str, script: &str, then: impl FnOnce()) -> String
 /// its 30 s bound, and the late write landed on the next server's volume.
 #[test]
 fn a_write_whose_payload_is_late_is_fenced_too() {
-    let n = Nbd::start();
-    let (id, _) = n.attached_volume("vm1");
-    let _ = n.attached_volume("vm2");
+    let (n, id) = Nbd::moving_volume(1);
     let script = format!(
         r#"
 s = greet({sock:?})
@@ -899,9 +908,7 @@ print(outcome(s), flush=True)
 /// the export again after the re-attach (same volume), and wrote to the new server's volume.
 #[test]
 fn a_go_answered_across_a_detach_and_reattach_is_fenced() {
-    let n = Nbd::start();
-    let (id, _) = n.attached_volume("vm1");
-    let _ = n.attached_volume("vm2");
+    let (n, id) = Nbd::moving_volume(1);
     let script = format!(
         r#"
 s = greet({sock:?})
@@ -940,10 +947,7 @@ print(outcome(s), flush=True)
 /// end (the detach waited for it, up to its 30 s bound, and then answered while it went on).
 #[test]
 fn a_long_zeroing_stops_when_the_export_ends() {
-    let n = Nbd::start();
-    let uri = n.cli(&["volume", "create", "--size", "5G", "--attach", "vm1"]);
-    let id = uri.trim().rsplit('/').next().expect("uuid").to_owned();
-    let _ = n.attached_volume("vm2");
+    let (n, id) = Nbd::moving_volume(5);
     const LEN: u64 = (4 << 30) - 4096;
     let script = format!(
         r#"

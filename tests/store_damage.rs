@@ -166,6 +166,26 @@ fn recrc(raw: &mut [u8]) {
     raw[n..].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Append `records` and a Commit to the store's last journal, as a committed batch.
+fn append_committed(dir: &Path, records: &[cairn::store::format::Record]) {
+    let j = journals(dir).pop().unwrap();
+    let mut raw = std::fs::read(&j).unwrap();
+    for r in records {
+        r.encode(&mut raw);
+    }
+    cairn::store::format::Record::Commit { seq: 1000 }.encode(&mut raw);
+    std::fs::write(&j, &raw).unwrap();
+}
+
+/// `r` is the refusal of a damaged store, its message naming `what`.
+fn assert_damaged<T>(r: &Result<T, StoreError>, what: &str) {
+    assert!(
+        matches!(r, Err(StoreError::Damaged(m)) if m.contains(what)),
+        "want damage naming {what:?}: {:?}",
+        r.as_ref().err()
+    );
+}
+
 /// A cleanly closed store holding one object of `size` bytes with `writes`.
 async fn closed_store(dir: &Path, size: u64, writes: &[(u64, Vec<u8>)]) -> Uuid {
     let s = Store::open(dir, StoreOptions::default()).await.unwrap();
@@ -226,11 +246,7 @@ async fn journal_records_past_the_segments_are_errors() {
     ] {
         let tmp = tempfile::tempdir().unwrap();
         closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
-        let j = journals(tmp.path()).pop().unwrap();
-        let mut raw = std::fs::read(&j).unwrap();
-        rec.encode(&mut raw);
-        Record::Commit { seq: 1000 }.encode(&mut raw);
-        std::fs::write(&j, &raw).unwrap();
+        append_committed(tmp.path(), std::slice::from_ref(&rec));
         let r = open_outcome(tmp.path()).await;
         assert!(
             matches!(&r, Ok(Some(StoreError::Damaged(m))) if m.contains("4294967295")),
@@ -395,29 +411,21 @@ async fn object_size_past_the_maximum_is_an_error() {
             "a write past 2^32 chunks overwrote chunk 0"
         );
     }
-    assert!(
-        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("size")),
-        "{:?}",
-        r.err()
-    );
+    assert_damaged(&r, "size");
     // The same size from a committed Resize in the journal.
     let tmp = tempfile::tempdir().unwrap();
     let id = closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
-    let j = journals(tmp.path()).pop().unwrap();
-    let mut raw = std::fs::read(&j).unwrap();
     use cairn::store::format::Record;
-    Record::Resize {
-        id,
-        size: max + 65536,
-    }
-    .encode(&mut raw);
-    Record::Commit { seq: 1000 }.encode(&mut raw);
-    std::fs::write(&j, &raw).unwrap();
-    let r = Store::open(tmp.path(), StoreOptions::default()).await;
-    assert!(
-        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("size")),
-        "{:?}",
-        r.err()
+    append_committed(
+        tmp.path(),
+        &[Record::Resize {
+            id,
+            size: max + 65536,
+        }],
+    );
+    assert_damaged(
+        &Store::open(tmp.path(), StoreOptions::default()).await,
+        "size",
     );
 }
 
@@ -446,32 +454,24 @@ async fn presence_bits_past_the_chunk_are_an_error() {
             "a block past the chunk counted; extents {ext:?}"
         );
     }
-    assert!(
-        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("presence")),
-        "{:?}",
-        r.err()
-    );
+    assert_damaged(&r, "presence");
 
     // The same bitmap from a committed SetEntry in the journal.
     let tmp = tempfile::tempdir().unwrap();
     let id = closed_store(tmp.path(), 1 << 20, &[(0, fill(1, 4096))]).await;
-    let j = journals(tmp.path()).pop().unwrap();
-    let mut raw = std::fs::read(&j).unwrap();
     use cairn::store::format::Record;
-    Record::SetEntry {
-        id,
-        chunk: 1,
-        slot: 5,
-        present: 1 << 20,
-    }
-    .encode(&mut raw);
-    Record::Commit { seq: 1000 }.encode(&mut raw);
-    std::fs::write(&j, &raw).unwrap();
-    let r = Store::open(tmp.path(), StoreOptions::default()).await;
-    assert!(
-        matches!(&r, Err(StoreError::Damaged(m)) if m.contains("presence")),
-        "{:?}",
-        r.err()
+    append_committed(
+        tmp.path(),
+        &[Record::SetEntry {
+            id,
+            chunk: 1,
+            slot: 5,
+            present: 1 << 20,
+        }],
+    );
+    assert_damaged(
+        &Store::open(tmp.path(), StoreOptions::default()).await,
+        "presence",
     );
 }
 
