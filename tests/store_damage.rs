@@ -141,9 +141,12 @@ async fn torn_last_append_is_still_dropped() {
     .await;
     let j = journals(tmp.path()).pop().unwrap();
     let raw = std::fs::read(&j).unwrap();
-    // The last append is the second write's SetEntry (9 + 32 bytes) and its Commit (9 + 8):
-    // damage its SetEntry; its Commit stays intact.
-    let set_entry = raw.len() - 17 - 41;
+    // The journal ends with the second write's SetEntry (9 + 32 bytes) and the commit that
+    // covers it (9 + 16): damage the SetEntry; the commit stays intact.
+    let recs = journal_records(&raw);
+    let (set_entry, commit) = (recs[recs.len() - 2], recs[recs.len() - 1]);
+    assert_eq!((set_entry.1 - set_entry.0, commit.1 - commit.0), (41, 25));
+    let set_entry = set_entry.0;
     let f = std::fs::OpenOptions::new().write(true).open(&j).unwrap();
     f.write_all_at(&[raw[set_entry + 20] ^ 1], set_entry as u64 + 20)
         .unwrap();
@@ -166,14 +169,34 @@ fn recrc(raw: &mut [u8]) {
     raw[n..].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Where each record of a journal file starts and ends, up to the zeros of its preallocated
+/// end.
+fn journal_records(raw: &[u8]) -> Vec<(usize, usize)> {
+    let mut off = cairn::store::format::JOURNAL_HEADER;
+    let mut v = Vec::new();
+    while let Some((_, n)) = cairn::store::format::Record::decode(&raw[off..]) {
+        v.push((off, off + n));
+        off += n;
+    }
+    v
+}
+
 /// Append `records` and a Commit to the store's last journal, as a committed batch.
 fn append_committed(dir: &Path, records: &[cairn::store::format::Record]) {
     let j = journals(dir).pop().unwrap();
     let mut raw = std::fs::read(&j).unwrap();
+    let end = journal_records(&raw)
+        .last()
+        .map_or(cairn::store::format::JOURNAL_HEADER, |r| r.1);
+    let mut add = Vec::new();
     for r in records {
-        r.encode(&mut raw);
+        r.encode(&mut add);
     }
-    cairn::store::format::Record::Commit { seq: 1000 }.encode(&mut raw);
+    cairn::store::format::Record::Commit { seq: 1000 }.encode(&mut add);
+    if raw.len() < end + add.len() {
+        raw.resize(end + add.len(), 0);
+    }
+    raw[end..end + add.len()].copy_from_slice(&add);
     std::fs::write(&j, &raw).unwrap();
 }
 
@@ -499,7 +522,7 @@ async fn upgrade_cut_short_while_making_a_pcrc_is_completed() {
     );
     assert_eq!(
         u32::from_le_bytes(std::fs::read(&sbp).unwrap()[8..12].try_into().unwrap()),
-        2
+        cairn::store::FORMAT_VERSION
     );
 }
 

@@ -1,9 +1,13 @@
 //! A full filesystem (a small tmpfs mounted for the test; needs root): writes that need space
-//! fail with an error and the process lives on (no SIGBUS from the memory-mapped CRC file), and
-//! a flush that failed for want of space loses nothing: its changes go into the next flush
-//! that succeeds, so after a SIGKILL the reopened store shows them and fsck is clean. (Once,
-//! a failed commit dropped its journal records: a discard was undone by the crash while the
-//! slots it freed already held another object's data.)
+//! fail with an error and the process lives on (no SIGBUS from the memory-mapped CRC and
+//! journal files), and a flush that failed for want of space loses nothing: its changes go
+//! into the next flush that succeeds, so after a SIGKILL the reopened store shows them and
+//! fsck is clean. (Once, a failed commit dropped its journal records: a discard was undone by
+//! the crash while the slots it freed already held another object's data.)
+//!
+//! The store's journals start at 4 KiB here (small checkpoints), so the discards' records
+//! outgrow the journal while the filesystem is full: those discards fail for want of space
+//! (their records wait in memory), and so does the flush, until there is room again.
 //!
 //! The store runs in a child process (this test binary re-run with `CAIRN_ENOSPC_CHILD` set)
 //! so that the parent can kill it without a clean close.
@@ -63,6 +67,13 @@ fn fill(path: &Path) -> PathBuf {
     p
 }
 
+fn opts() -> StoreOptions {
+    StoreOptions {
+        checkpoint_bytes: 4096,
+        ..StoreOptions::default()
+    }
+}
+
 #[test]
 fn enospc_child() {
     let Ok(dir) = std::env::var("CAIRN_ENOSPC_CHILD") else {
@@ -72,9 +83,7 @@ fn enospc_child() {
     let store_dir = fs.join("store");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let s = Store::open(&store_dir, StoreOptions::default())
-            .await
-            .unwrap();
+        let s = Store::open(&store_dir, opts()).await.unwrap();
         s.create_object(A, 1 << 30).await.unwrap();
         // One block in each of CHUNKS chunks of A's first 1 MiB stripes (one lane).
         for c in 0..CHUNKS {
@@ -92,11 +101,16 @@ fn enospc_child() {
             .await
             .expect_err("no space for a new segment");
         println!("@@ write without space: {e}");
-        // Discards log records; the flush cannot journal them.
+        // Discards log records; the journal cannot grow to take them all.
+        let mut failed = None;
         for c in 0..CHUNKS {
             let off = (c / 16) * (2 << 20) + (c % 16) * CHUNK;
-            s.discard(A, off, BS as u64, false).await.unwrap();
+            if let Err(e) = s.discard(A, off, BS as u64, false).await {
+                failed.get_or_insert(e);
+            }
         }
+        let e = failed.expect("a discard whose records the journal cannot take");
+        println!("@@ discard without space: {e}");
         let e = s.flush().await.expect_err("flush without space");
         println!("@@ flush without space: {e}");
 
@@ -147,9 +161,14 @@ fn full_filesystem_fails_writes_and_keeps_flushed_changes() {
         Some("ready"),
         "{events:?}"
     );
-    assert_eq!(events.len(), 3, "{events:?}");
-    assert!(events[0].starts_with("write without space"), "{events:?}");
-    assert!(events[0].to_lowercase().contains("no space"), "{events:?}");
+    assert_eq!(events.len(), 4, "{events:?}");
+    for (ev, what) in events.iter().zip(["write", "discard", "flush"]) {
+        assert!(
+            ev.starts_with(&format!("{what} without space")),
+            "{events:?}"
+        );
+        assert!(ev.to_lowercase().contains("no space"), "{events:?}");
+    }
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(
@@ -163,9 +182,7 @@ fn full_filesystem_fails_writes_and_keeps_flushed_changes() {
     assert!(report.is_clean(), "{report:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let s = Store::open(&store_dir, StoreOptions::default())
-            .await
-            .unwrap();
+        let s = Store::open(&store_dir, opts()).await.unwrap();
         // The discards survived the crash: A reads zeros and holds nothing.
         assert_eq!(s.object_info(A).unwrap().allocated_bytes, 0);
         for c in 0..CHUNKS {

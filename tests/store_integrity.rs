@@ -530,5 +530,8 @@ async fn format_1_store_is_upgraded() {
     s.close().await.unwrap();
     assert!(pcrc.exists());
     let sb = std::fs::read(&sbp).unwrap();
-    assert_eq!(u32::from_le_bytes(sb[8..12].try_into().unwrap()), 2);
+    assert_eq!(
+        u32::from_le_bytes(sb[8..12].try_into().unwrap()),
+        cairn::store::FORMAT_VERSION
+    );
 }

@@ -13,7 +13,6 @@
 use super::meta::{HashMap, HashSet};
 use std::fs::File;
 use std::ops::ControlFlow;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +29,7 @@ use super::map::Map;
 use super::meta::{LANES, Meta, region_of};
 use super::recovery::{self, JournalInfo};
 use super::segment::{SegTable, Segment};
+use super::tail::{self, Growth, Tail};
 use super::uring::{Op, SharedBuf, Uring, WriteSrc};
 use super::{Extent, ObjectId, ObjectInfo, Result, StoreError, StoreOptions, StoreStats};
 
@@ -91,21 +91,14 @@ impl Counters {
     }
 }
 
-struct Journal {
-    file: File,
-    generation: u64,
-    len: u64,
-    /// An append failed: bytes past `len` may be in the file, and must go before the next
-    /// append (a shorter batch would leave records of the failed one after its Commit).
-    torn: bool,
-}
-
 struct Inner {
     dir: PathBuf,
     seg_dir: PathBuf,
     sb: Superblock,
     direct: bool,
     checkpoint_bytes: u64,
+    /// The size a new journal starts with.
+    journal_capacity: usize,
     uring: Uring,
     segments: SegTable,
     seg_grow: tokio::sync::Mutex<()>,
@@ -119,11 +112,16 @@ struct Inner {
     meta: Mutex<Meta>,
     stripes: Vec<RwLock<()>>,
     readers: Readers,
-    journal: tokio::sync::Mutex<Journal>,
+    /// Held by whatever makes the journal durable or replaces it (intent appends, commits,
+    /// checkpoints). Records are appended under the metadata mutex alone.
+    journal: tokio::sync::Mutex<()>,
+    /// One journal growth at a time.
+    journal_grow: tokio::sync::Mutex<()>,
     commit: tokio::sync::Mutex<()>,
     flush_requested: AtomicU64,
     flush_done: AtomicU64,
     auto_commit: AtomicBool,
+    growing: AtomicBool,
     closed: AtomicBool,
     counters: Counters,
     zero_crc: u32,
@@ -686,11 +684,30 @@ impl Store {
         }
     }
 
+    /// An operation's records are in the journal's mapping before it is acknowledged: a
+    /// process crash keeps them (the page cache outlives it). Then FUA, and commits that keep
+    /// what waits for the next commit bounded.
     async fn after_change(&self, fua: bool) -> Result<()> {
+        let (big, growth) = {
+            let m = self.inner.meta.lock();
+            (m.log.since_commit() > AUTO_COMMIT_BYTES, m.log.growth())
+        };
+        match growth {
+            Some(Growth::Now) => self.grow_journal(0).await?,
+            Some(Growth::Soon) if !self.inner.growing.swap(true, Ordering::AcqRel) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.grow_journal(0).await {
+                        tracing::warn!(error = %e, "could not grow the journal");
+                    }
+                    this.inner.growing.store(false, Ordering::Release);
+                });
+            }
+            _ => {}
+        }
         if fua {
             return self.flush().await;
         }
-        let big = self.inner.meta.lock().log.len() > AUTO_COMMIT_BYTES;
         if big && !self.inner.auto_commit.swap(true, Ordering::AcqRel) {
             let this = self.clone();
             tokio::spawn(async move {
@@ -1181,25 +1198,28 @@ impl Store {
     }
 
     async fn append_intents(&self, regions: Vec<u32>) -> Result<()> {
-        let mut j = self.inner.journal.lock().await;
-        let need: Vec<u32> = {
+        let _j = self.inner.journal.lock().await;
+        let mut need: Vec<u32> = {
             let m = self.inner.meta.lock();
-            let mut v: Vec<u32> = regions
+            regions
                 .into_iter()
                 .filter(|r| !m.marked.contains(r))
-                .collect();
-            v.sort_unstable();
-            v.dedup();
-            v
+                .collect()
         };
+        need.sort_unstable();
+        need.dedup();
         if need.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::new();
-        for &region in &need {
-            Record::Intent { region }.encode(&mut buf);
+        let recs: Vec<Record> = need
+            .iter()
+            .map(|&region| Record::Intent { region })
+            .collect();
+        // In the mapping, in order after everything logged before them.
+        while !self.inner.meta.lock().log.put(&recs) {
+            self.grow_journal(recs.len() * 32).await?;
         }
-        self.journal_append(&mut j, Bytes::from(buf)).await?;
+        self.sync_journal().await?;
         let mut m = self.inner.meta.lock();
         for r in need {
             m.marked.insert(r);
@@ -1207,53 +1227,63 @@ impl Store {
         Ok(())
     }
 
-    /// Append to the journal and make it durable. Runs in tasks that nobody cancels (see
-    /// `flush`), so a write of the journal is never left in flight by a dropped future.
-    async fn journal_append(&self, j: &mut Journal, buf: Bytes) -> Result<()> {
-        if j.torn {
-            Self::truncate_journal(j).await?;
-        }
-        let n = buf.len() as u64;
-        let fd = j.file.as_raw_fd();
-        j.torn = true;
-        let res = async {
-            self.inner
-                .uring
-                .run_all(&[Op::Write {
-                    fd,
-                    off: j.len,
-                    data: WriteSrc::Bytes(buf),
-                }])
-                .await?;
-            self.inner
-                .uring
-                .run_all(&[Op::Fsync { fd, datasync: true }])
-                .await
-        }
-        .await;
+    /// Make everything in the journal's mapping durable. Runs with the journal mutex held, in
+    /// tasks nobody cancels (see `flush`). A failure stops all later commits, as a failed
+    /// segment sync does: Linux marks the pages clean after reporting a writeback error once,
+    /// so a later fsync would report success over records that never reached the disk.
+    async fn sync_journal(&self) -> Result<()> {
+        let Some(fd) = self.inner.meta.lock().log.fd() else {
+            return Ok(());
+        };
+        let res = self
+            .inner
+            .uring
+            .run_all(&[Op::Fsync { fd, datasync: true }])
+            .await;
         if let Err(e) = res {
-            // At once, so that a crash cannot replay a batch the runtime has taken back.
-            if let Err(t) = Self::truncate_journal(j).await {
-                tracing::error!(error = %t, "could not cut a failed journal append");
-            }
+            tracing::error!(error = %e, "journal sync failed; commits stop until the store is reopened");
+            self.sync_failed().await;
             return Err(e.into());
         }
-        j.len += n;
-        j.torn = false;
         Ok(())
     }
 
-    /// Cut the journal back to its last good append, durably.
-    async fn truncate_journal(j: &mut Journal) -> Result<()> {
-        let (file, len) = (j.file.try_clone()?, j.len);
-        tokio::task::spawn_blocking(move || {
-            file.set_len(len)?;
-            file.sync_all()
-        })
-        .await
-        .map_err(join_error)??;
-        j.torn = false;
-        Ok(())
+    /// A sync failed: no commit goes through from now on, and the next open judges the
+    /// store as after a power loss (see `recovery::forget_boot`).
+    async fn sync_failed(&self) {
+        if self.inner.sync_failed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let dir = self.inner.dir.clone();
+        let res = tokio::task::spawn_blocking(move || recovery::forget_boot(&dir)).await;
+        if !matches!(res, Ok(Ok(()))) {
+            tracing::error!(
+                ?res,
+                "could not mark the store for recovery as after a power loss"
+            );
+        }
+    }
+
+    /// Grow the journal file until what waits in memory is in the mapping and `room` more
+    /// bytes fit; then the low-water mark is clear too.
+    async fn grow_journal(&self, room: usize) -> Result<()> {
+        let _g = self.inner.journal_grow.lock().await;
+        loop {
+            let Some((file, generation, capacity)) = self.inner.meta.lock().log.plan_growth(room)
+            else {
+                return Ok(());
+            };
+            tokio::task::spawn_blocking(move || tail::allocate(&file, capacity as u64))
+                .await
+                .map_err(join_error)?
+                .map_err(map_io)?;
+            self.inner
+                .meta
+                .lock()
+                .log
+                .grown(generation, capacity)
+                .map_err(map_io)?;
+        }
     }
 
     async fn discard_locked(&self, id: ObjectId, offset: u64, len: u64) -> Result<()> {
@@ -1421,22 +1451,27 @@ impl Store {
         }
     }
 
-    /// Commit: make data durable, then the journal batch that refers to it; then reclaim
-    /// the slots and blocks that batch freed. Caller holds the commit mutex, so reclaims
-    /// run one at a time and in commit order.
+    /// Commit: make data durable, then the journal records that refer to it; then reclaim
+    /// the slots and blocks they freed. Caller holds the commit mutex, so reclaims run one at
+    /// a time and in commit order.
+    ///
+    /// The records are in the journal's mapping already (logged as they happened); a commit
+    /// names where they end, syncs the segments they refer to, and then appends a `CommitTo`
+    /// naming that end and syncs the journal. Records logged meanwhile lie between that end
+    /// and the commit record and wait for the next commit.
     async fn commit(&self, force_checkpoint: bool) -> Result<()> {
         if self.inner.sync_failed.load(Ordering::Acquire) {
             return Err(StoreError::Io(std::io::Error::other(
-                "a segment sync failed earlier, so writes since the last commit may not be on disk; \
+                "a sync failed earlier, so writes since the last commit may not be on disk; \
                  nothing more is committed until the store is reopened",
             )));
         }
-        let mut j = self.inner.journal.lock().await;
-        let (batch, segs, mut reclaim, observed, snapshot, undo) = {
+        let _j = self.inner.journal.lock().await;
+        let (seq, end, had, segs, mut reclaim, observed, snapshot, prev_seq) = {
             let mut m = self.inner.meta.lock();
             let m = &mut *m;
             let observed = self.inner.flush_requested.load(Ordering::SeqCst);
-            if m.log.is_empty()
+            if m.log.since_commit() == 0
                 && m.dirty_segments.is_empty()
                 && m.slots.freed.is_empty()
                 && m.slots.dead.is_empty()
@@ -1449,7 +1484,7 @@ impl Store {
             let ended = m.epoch;
             m.epoch += 1;
             // Intents idle for the whole epoch that just ended are cleared by this commit;
-            // new writes there re-announce theirs, after this batch (we hold the journal).
+            // new writes there announce theirs again, after these clears.
             let idle: Vec<u32> = m
                 .marked
                 .iter()
@@ -1459,17 +1494,16 @@ impl Store {
                         && !m.region_inflight.contains_key(r)
                 })
                 .collect();
-            // The records of the changes themselves end here; what follows is this commit's
-            // own bookkeeping (given back on failure, below).
-            let changes = m.log.len();
-            let prev_seq = m.commit_seq;
             for &region in &idle {
                 m.region_epoch.remove(&region);
                 m.log(Record::IntentClear { region })?;
             }
-            let seq = m.commit_seq + 1;
-            m.log(Record::Commit { seq })?;
-            let batch = Bytes::from(std::mem::take(&mut m.log));
+            let prev_seq = m.commit_seq;
+            let seq = prev_seq + 1;
+            m.commit_seq = seq;
+            let end = m.log.pos();
+            let had = m.log.since_commit();
+            m.log.commit_began();
             let segs: Vec<u32> = m.dirty_segments.drain().collect();
             let reclaim = Reclaim {
                 freed: std::mem::take(&mut m.slots.freed),
@@ -1478,34 +1512,22 @@ impl Store {
                 cut: m.slots.grace_gen,
             };
             m.slots.grace_gen += 1;
-            let snapshot = (force_checkpoint
-                || j.len + batch.len() as u64 > self.inner.checkpoint_bytes)
-                .then(|| m.encode_checkpoint(j.generation + 1, seq));
-            let undo = Undo {
-                changes: batch.slice(..changes),
-                segs: segs.clone(),
-                idle,
-                prev_seq,
-            };
-            (batch, segs, reclaim, observed, snapshot, undo)
+            let snapshot = (force_checkpoint || end > self.inner.checkpoint_bytes)
+                .then(|| m.encode_checkpoint(m.log.generation() + 1, seq));
+            (seq, end, had, segs, reclaim, observed, snapshot, prev_seq)
         };
-        let (res, journaled) = self.commit_io(&mut j, batch, segs, snapshot).await;
-        if let Err(e) = res {
+        let res = self.commit_io(seq, end, segs.clone(), snapshot).await;
+        if let Err((e, durable)) = res {
             let mut m = self.inner.meta.lock();
-            if !journaled {
-                // Nothing of the batch is durable: its records and dirty segments go back in
-                // front of what was logged since, for the next commit to write. Dropping them
-                // would lose the changes for good, and a slot this batch freed would be
-                // reused while the durable map still pointed at it. The intent clears and the
-                // commit record are this commit's own: they are undone, not requeued.
-                let mut log = undo.changes.to_vec();
-                log.extend_from_slice(&m.log);
-                m.log = log;
-                m.dirty_segments.extend(undo.segs);
-                m.marked.extend(undo.idle);
-                m.commit_seq = undo.prev_seq;
+            if !durable {
+                // Its records stay in the journal, for the next commit to cover; so do the
+                // intent clears (the regions were idle, and new writes there announce theirs
+                // again). What it synced may be dirty again; what it freed waits either way.
+                m.dirty_segments.extend(segs);
+                m.commit_seq = prev_seq;
+                m.log.commit_failed(had);
             }
-            // Freed slots and blocks wait for a commit known to be durable either way.
+            // Freed slots and blocks wait for a commit known to be durable.
             m.slots.freed.append(&mut reclaim.freed);
             for (slot, blocks) in reclaim.dead.drain() {
                 *m.slots.dead.entry(slot).or_default() |= blocks;
@@ -1513,34 +1535,41 @@ impl Store {
             m.graveyard.append(&mut reclaim.graves);
             return Err(e);
         }
-        drop(j);
+        drop(_j);
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.reclaim(reclaim).await;
         self.inner.flush_done.fetch_max(observed, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Make a commit durable: fsync the dirty segments, append the batch to the journal, and
-    /// write the checkpoint if one is due. Also says whether the batch reached the journal
-    /// (durably), which decides what a failure must give back.
+    /// Make a commit durable: fsync the dirty segments, append the commit record and sync the
+    /// journal, and write the checkpoint if one is due. An error says whether the commit is
+    /// durable all the same (a checkpoint that failed after it), which decides what a failure
+    /// gives back.
     async fn commit_io(
         &self,
-        j: &mut Journal,
-        batch: Bytes,
+        seq: u64,
+        end: u64,
         segs: Vec<u32>,
         snapshot: Option<Vec<u8>>,
-    ) -> (Result<()>, bool) {
+    ) -> Result<(), (StoreError, bool)> {
         if let Err(e) = self.sync_segments(segs).await {
             // Not retried: a second fsync would return success over the pages this one could
             // not write back (found by review: a flush then acknowledged data that was gone).
-            self.inner.sync_failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "segment sync failed; commits stop until the store is reopened");
-            return (Err(e), false);
+            self.sync_failed().await;
+            return Err((e, false));
         }
-        if let Err(e) = self.journal_append(j, batch).await {
-            return (Err(e), false);
+        // The commit record goes after everything it covers, straight into the mapping: it
+        // never waits in memory, where a later commit's record could overtake it.
+        let rec = [Record::CommitTo { seq, end }];
+        while !self.inner.meta.lock().log.put(&rec) {
+            self.grow_journal(64).await.map_err(|e| (e, false))?;
         }
-        (self.write_checkpoint(j, snapshot).await, true)
+        self.sync_journal().await.map_err(|e| (e, false))?;
+        self.write_checkpoint(snapshot, end)
+            .await
+            .map_err(|e| (e, true))
     }
 
     async fn sync_segments(&self, segs: Vec<u32>) -> Result<()> {
@@ -1567,52 +1596,65 @@ impl Store {
         Ok(())
     }
 
-    async fn write_checkpoint(&self, j: &mut Journal, snapshot: Option<Vec<u8>>) -> Result<()> {
-        if let Some(ckpt) = snapshot {
-            let generation = j.generation + 1;
-            let marks: Vec<Record> = {
-                let m = self.inner.meta.lock();
-                let mut v: Vec<u32> = m.marked.iter().copied().collect();
-                v.sort_unstable();
-                v.into_iter()
-                    .map(|region| Record::Intent { region })
-                    .collect()
-            };
-            let (dir, sb, old) = (self.inner.dir.clone(), self.inner.sb.clone(), j.generation);
-            type Switched = (File, u64, std::io::Result<()>);
-            let (file, len, rest) =
-                tokio::task::spawn_blocking(move || -> std::io::Result<Switched> {
-                    let f = recovery::create_journal(&dir, generation, &sb, &marks)?;
-                    let len = f.metadata()?.len();
-                    recovery::replace_file(&dir, recovery::CHECKPOINT, &ckpt)?;
-                    // Renamed: a crash may find the new checkpoint from here on, and for it
-                    // the old journals are stale (deleted at open). So the new journal is the
-                    // live one whatever fails below; appending to the old one lost what was
-                    // appended after (intents, found by review). The old journals go only
-                    // once the rename is durable: until then a crash may find the old
-                    // checkpoint, which needs them.
-                    let rest = recovery::sync_dir_after_rename(&dir).and_then(|()| {
-                        for g in (1..=old).rev() {
-                            match std::fs::remove_file(recovery::journal_path(&dir, g)) {
-                                Ok(()) => {}
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                                Err(e) => return Err(e),
-                            }
-                        }
-                        Ok(())
-                    });
-                    Ok((f, len, rest))
-                })
-                .await
-                .map_err(join_error)??;
-            *j = Journal {
-                file,
-                generation,
-                len,
-                torn: false,
-            };
-            rest?;
-        }
+    /// Start a new journal from `snapshot`, the state at byte `end` of the live one (the end
+    /// of what the commit that took it covered, now durable). The new journal is made whole
+    /// (header, the intents in force, its space), then the records logged after `end` are
+    /// carried into it and it is renamed into place and becomes the live one, all at once
+    /// under the metadata mutex: from the rename on, replay takes the old journal's
+    /// uncovered records for carried (a journal with a successor), so none may be missing.
+    /// Then the checkpoint is replaced; older journals go only once that is durable.
+    async fn write_checkpoint(&self, snapshot: Option<Vec<u8>>, end: u64) -> Result<()> {
+        let Some(ckpt) = snapshot else {
+            return Ok(());
+        };
+        let (old, carried, marks) = {
+            let m = self.inner.meta.lock();
+            let mut v: Vec<u32> = m.marked.iter().copied().collect();
+            v.sort_unstable();
+            let mut marks = Vec::new();
+            for region in v {
+                Record::Intent { region }.encode(&mut marks);
+            }
+            (m.log.generation(), m.log.pos().saturating_sub(end), marks)
+        };
+        let capacity = self.inner.journal_capacity.max(2 * carried as usize);
+        let generation = old + 1;
+        let (dir, sb) = (self.inner.dir.clone(), self.inner.sb.clone());
+        let new = tokio::task::spawn_blocking(move || {
+            recovery::make_journal(&dir, generation, &sb, &marks, capacity)
+        })
+        .await
+        .map_err(join_error)??;
+        let mut tail = Tail::mapped(new.file, generation, new.len)?;
+        let retired = {
+            let mut m = self.inner.meta.lock();
+            tail.carry_in(&m.log.carry_from(end));
+            // A rename under the mutex: once per checkpoint, and it must be one step with the
+            // carry (a crash between them would find the new journal without its records).
+            std::fs::rename(&new.tmp, &new.path)?;
+            std::mem::replace(&mut m.log, tail)
+        };
+        drop(retired);
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            // The journal's name is durable before a checkpoint that names it can be.
+            recovery::sync_dir(&dir)?;
+            recovery::replace_file(&dir, recovery::CHECKPOINT, &ckpt)?;
+            // Renamed: a crash may find the new checkpoint from here on, and for it the old
+            // journals are stale (deleted at open). The old journals go only once the rename
+            // is durable: until then a crash may find the old checkpoint, which needs them.
+            recovery::sync_dir_after_rename(&dir)?;
+            for g in (1..=old).rev() {
+                match std::fs::remove_file(recovery::journal_path(&dir, g)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(join_error)??;
         Ok(())
     }
 
@@ -1759,16 +1801,6 @@ struct Reclaim {
     cut: u64,
 }
 
-/// What a commit that failed before its batch reached the journal gives back.
-struct Undo {
-    /// The batch's change records (without the commit's intent clears and commit record).
-    changes: Bytes,
-    segs: Vec<u32>,
-    /// Regions whose intents the commit was clearing: still marked.
-    idle: Vec<u32>,
-    prev_seq: u64,
-}
-
 /// One merged read: `len` bytes at `foff` of `seg` into the buffer at `boff`.
 struct ReadRun<'a> {
     seg: &'a Segment,
@@ -1828,9 +1860,11 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         recovery::create(dir, opts.chunk_size)?;
         tracing::info!(dir = %dir.display(), chunk_size = opts.chunk_size, "created a new store");
     }
+    let started = std::time::Instant::now();
     let loaded = recovery::load(dir)?;
     let sb = loaded.sb.clone();
     let mut meta = loaded.meta;
+    let replay_time = started.elapsed();
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();
     for i in 0..loaded.segments {
@@ -1849,21 +1883,22 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         )?));
     }
     for j in &loaded.journals {
-        if j.uncommitted > 0 || j.valid_len < j.file_len {
-            tracing::info!(journal = %j.path.display(), uncommitted = j.uncommitted, "dropped an unflushed journal tail");
+        if j.pending > 0 && j.replayed {
+            tracing::info!(journal = %j.path.display(), records = j.pending,
+                "replayed the records logged since the last flush (the process stopped, the machine did not)");
+        } else if j.pending > 0 {
+            tracing::info!(journal = %j.path.display(), records = j.pending,
+                "dropped the records logged since the last flush (the machine restarted, or they were carried into the next journal)");
+        }
+        if j.torn_bytes > 0 {
+            tracing::info!(journal = %j.path.display(), bytes = j.torn_bytes, "a torn journal tail");
         }
     }
     let legacy = sb.version < super::format::FORMAT_VERSION;
     let unmatched = Unmatched::for_store(dir, &sb);
     let healed = heal_dirty_regions(&sb, &meta, &segments, unmatched)?;
     let leaked = reclaim_leaks(&sb, &meta, &segments)?;
-    if healed.total() > 0 || leaked > 0 {
-        tracing::info!(
-            healed_blocks = healed.restored,
-            reclaimed_bytes = leaked,
-            "crash recovery"
-        );
-    }
+    let check_time = started.elapsed() - replay_time;
     if healed.taken > 0 {
         tracing::warn!(
             blocks = healed.taken,
@@ -1876,8 +1911,11 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         s.file().sync_all()?;
         s.sync_crcs()?;
     }
+    let recovered = started.elapsed();
+    let intent_regions = meta.marked.len();
     let sb = if legacy {
-        // Every segment has its previous-CRC file now (synced above): say format 2.
+        // Every segment has its previous-CRC file now (synced above), and the journal made
+        // below is one of this format: say so.
         let mut up = sb.clone();
         up.version = super::format::FORMAT_VERSION;
         recovery::write_atomic(dir, recovery::SUPERBLOCK, &up.encode())?;
@@ -1893,7 +1931,19 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         .last()
         .map_or(1, |j: &JournalInfo| j.generation)
         + 1;
-    let file = recovery::create_journal(dir, generation, &sb, &[])?;
+    // It carries what was replayed beyond the last commit until the checkpoint below holds
+    // it: replay takes a journal with a successor to have carried its uncovered records.
+    // As large as what a checkpoint's worth of records needs, up to a start size; it grows.
+    let journal_capacity = (opts.checkpoint_bytes as usize)
+        .clamp(4096, tail::START_CAPACITY)
+        .next_multiple_of(4096);
+    let journal = recovery::create_journal(
+        dir,
+        generation,
+        &sb,
+        &loaded.carry,
+        journal_capacity.max(2 * loaded.carry.len()),
+    )?;
     recovery::write_atomic(
         dir,
         recovery::CHECKPOINT,
@@ -1915,7 +1965,24 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     meta.commit_seq = loaded.commit_seq;
     // Reads run from here on: a deleted object's map outlives the reads in flight on it.
     meta.defer_release = true;
-    let len = file.metadata()?.len();
+    tracing::info!(
+        replayed_records = loaded
+            .journals
+            .iter()
+            .filter(|j| j.replayed)
+            .map(|j| j.pending)
+            .sum::<u64>(),
+        intent_regions,
+        healed_blocks = healed.restored,
+        taken_blocks = healed.taken,
+        reclaimed_bytes = leaked,
+        replay_ms = replay_time.as_millis() as u64,
+        check_ms = check_time.as_millis() as u64,
+        sync_ms = (recovered - replay_time - check_time).as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "store opened"
+    );
+    meta.log = Tail::mapped(journal.file, generation, journal.len)?;
     let uring = Uring::new(256)?;
     let counters = Counters::default();
     counters
@@ -1932,6 +1999,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         sb,
         direct: opts.direct_io,
         checkpoint_bytes: opts.checkpoint_bytes,
+        journal_capacity,
         uring,
         segments: table,
         seg_grow: Default::default(),
@@ -1941,16 +2009,13 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         meta: Mutex::new(meta),
         stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         readers: Readers::new(),
-        journal: tokio::sync::Mutex::new(Journal {
-            file,
-            generation,
-            len,
-            torn: false,
-        }),
+        journal: Default::default(),
+        journal_grow: Default::default(),
         commit: Default::default(),
         flush_requested: AtomicU64::new(0),
         flush_done: AtomicU64::new(0),
         auto_commit: AtomicBool::new(false),
+        growing: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         counters,
         zero_crc: super::format::crc_of_zero_block(),
@@ -1973,7 +2038,7 @@ pub(super) enum Unmatched {
 impl Unmatched {
     /// The rule for the store in `dir`, as it is on disk now.
     pub(super) fn for_store(dir: &Path, sb: &Superblock) -> Unmatched {
-        if sb.version < super::format::FORMAT_VERSION || recovery::restarted_since_open(dir) {
+        if sb.version < super::format::PREV_CRC_VERSION || recovery::restarted_since_open(dir) {
             Unmatched::Written
         } else {
             Unmatched::Damage

@@ -4,8 +4,12 @@ use bytes::{Buf, BufMut};
 use uuid::Uuid;
 
 /// 1: the first. 2: `segments/<n>.pcrc`, the previous CRC of every block (a format-1
-/// store is upgraded when opened).
-pub const FORMAT_VERSION: u32 = 2;
+/// store is upgraded when opened). 3: records reach the journal as they are logged, and a
+/// commit names the end of what it commits (`CommitTo`); journals are preallocated. A
+/// format-2 binary would take the first `CommitTo` for a torn tail, so it must refuse these.
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format with previous CRCs (`.pcrc`).
+pub const PREV_CRC_VERSION: u32 = 2;
 pub const BLOCK: usize = 4096;
 pub const BLOCK_SHIFT: u32 = 12;
 pub const DEFAULT_CHUNK: u32 = 64 * 1024;
@@ -134,9 +138,10 @@ impl Superblock {
     }
 }
 
-/// One journal record. Metadata records take effect only when a later `Commit` in the same
-/// file is intact; `Intent` records take effect on their own (they are synced before the
-/// in-place writes they announce).
+/// One journal record. Metadata records take effect when a later commit record in the same
+/// file covers them (or, after a process crash on the same boot, when they are intact: see
+/// `docs/store-format.md`); `Intent` records take effect on their own (they are synced before
+/// the in-place writes they announce).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     CreateObject {
@@ -170,8 +175,15 @@ pub enum Record {
     IntentClear {
         region: u32,
     },
+    /// Format 2: commits every record before it.
     Commit {
         seq: u64,
+    },
+    /// Commits every record that starts before byte `end` of its journal file; records
+    /// between `end` and this one were logged after the commit began and wait for the next.
+    CommitTo {
+        seq: u64,
+        end: u64,
     },
 }
 
@@ -233,6 +245,11 @@ impl Record {
             Record::Commit { seq } => {
                 out.put_u8(9);
                 out.put_u64_le(*seq);
+            }
+            Record::CommitTo { seq, end } => {
+                out.put_u8(10);
+                out.put_u64_le(*seq);
+                out.put_u64_le(*end);
             }
         }
         let payload_len = (out.len() - start - RECORD_HEADER) as u32;
@@ -324,6 +341,13 @@ impl Record {
                 need(p, 8)?;
                 Record::Commit {
                     seq: p.get_u64_le(),
+                }
+            }
+            10 => {
+                need(p, 16)?;
+                Record::CommitTo {
+                    seq: p.get_u64_le(),
+                    end: p.get_u64_le(),
                 }
             }
             _ => return None,
@@ -428,6 +452,7 @@ mod tests {
             any::<u32>().prop_map(|region| Record::Intent { region }),
             any::<u32>().prop_map(|region| Record::IntentClear { region }),
             any::<u64>().prop_map(|seq| Record::Commit { seq }),
+            (any::<u64>(), any::<u64>()).prop_map(|(seq, end)| Record::CommitTo { seq, end }),
         ]
     }
 

@@ -63,17 +63,22 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
         ..Default::default()
     };
     for j in &loaded.journals {
-        if j.uncommitted > 0 {
+        if j.pending > 0 {
             r.notes.push(format!(
-                "journal {}: {} uncommitted records after the last commit (an unflushed tail; dropped at open)",
-                j.generation, j.uncommitted
+                "journal {}: {} records logged since the last flush ({})",
+                j.generation,
+                j.pending,
+                if j.replayed {
+                    "the process stopped and the machine did not: replayed at open"
+                } else {
+                    "the machine restarted, or a later journal carries them: not replayed"
+                }
             ));
         }
-        if j.valid_len < j.file_len {
+        if j.torn_bytes > 0 {
             r.notes.push(format!(
                 "journal {}: {} bytes after the last valid record (a torn tail)",
-                j.generation,
-                j.file_len - j.valid_len
+                j.generation, j.torn_bytes
             ));
         }
     }
@@ -84,7 +89,7 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
         ));
     }
     // Judged as open judges it: see `Unmatched`.
-    let legacy = sb.version < super::FORMAT_VERSION;
+    let legacy = sb.version < super::format::PREV_CRC_VERSION;
     let unmatched = Unmatched::for_store(dir, sb);
     let seg_dir = dir.join(recovery::SEGMENTS);
     let mut segments = Vec::new();

@@ -1,5 +1,5 @@
 //! In-memory metadata: objects and their maps, slot reference counts, the slot allocator,
-//! dirty-region intents, and the journal buffer. Runtime changes and journal replay go
+//! dirty-region intents, and the live journal's end. Runtime changes and journal replay go
 //! through the same [`Meta::apply`], so what recovery rebuilds is what the runtime had.
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::format::{REGION_SLOTS, Record};
 use super::map::{Entry, Map, Node, SlotRefs};
+use super::tail::Tail;
 
 /// The metadata's tables are looked up on every read and write (the object by id, a slot's
 /// pending punch or departure). SipHash cost ~0.8% of a cached 4 KiB read; foldhash's
@@ -252,8 +253,8 @@ pub struct Meta {
     pub slots: Slots,
     pub chunk_size: u32,
     pub slots_per_segment: u32,
-    /// Encoded records not yet written to the journal.
-    pub log: Vec<u8>,
+    /// Where logged records go: the live journal, once the store is open.
+    pub log: Tail,
     /// Bumped at every commit; intents idle for a whole epoch are cleared.
     pub epoch: u64,
     pub commit_seq: u64,
@@ -282,7 +283,7 @@ impl Meta {
             slots: Slots::default(),
             chunk_size,
             slots_per_segment,
-            log: Vec::new(),
+            log: Tail::default(),
             epoch: 1,
             commit_seq: 0,
             marked: HashSet::default(),
@@ -403,15 +404,15 @@ impl Meta {
             Record::IntentClear { region } => {
                 self.marked.remove(&region);
             }
-            Record::Commit { seq } => self.commit_seq = seq,
+            Record::Commit { seq } | Record::CommitTo { seq, .. } => self.commit_seq = seq,
         }
         Ok(())
     }
 
-    /// Apply a record and queue it for the journal.
+    /// Apply a record and append it to the journal.
     pub fn log(&mut self, rec: Record) -> Result<(), MetaError> {
         self.apply(&rec)?;
-        rec.encode(&mut self.log);
+        self.log.log(&rec);
         Ok(())
     }
 

@@ -14,6 +14,7 @@ mod map;
 mod meta;
 mod recovery;
 mod segment;
+mod tail;
 mod uring;
 
 use std::io;

@@ -120,6 +120,18 @@ pub fn record_boot(dir: &Path) -> io::Result<()> {
     write_atomic(dir, BOOT, format!("{id}\n").as_bytes())
 }
 
+/// A sync failed: what was not written back may be gone from the page cache as well, as
+/// after a power loss, so the next open must judge the store as after a restart (only commits
+/// count, and blocks that match neither CRC are torn writes, not damage). Forgetting the boot
+/// makes it do so.
+pub fn forget_boot(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join(BOOT)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -201,7 +213,8 @@ pub fn create(dir: &Path, chunk_size: u32) -> Result<Superblock> {
     let sb = Superblock::new(chunk_size);
     fs::create_dir_all(dir.join(SEGMENTS))?;
     let meta = Meta::new(sb.chunk_size, sb.slots_per_segment());
-    create_journal(dir, 1, &sb, &[])?;
+    // The first open replaces it at once; no room needed.
+    create_journal(dir, 1, &sb, &[], 0)?;
     write_atomic(dir, CHECKPOINT, &meta.encode_checkpoint(1, 0))?;
     // The superblock goes last: its presence means the store is complete.
     write_atomic(dir, SUPERBLOCK, &sb.encode())?;
@@ -235,22 +248,30 @@ fn creation_leftover(dir: &Path, name: &std::ffi::OsStr) -> Result<bool> {
             .is_some_and(|base| base == journal_1 || base == CHECKPOINT || base == SUPERBLOCK))
 }
 
-/// Create journal `generation` holding `records` (synced), and sync the directory. The
-/// file is written under a temporary name and renamed into place complete: a journal whose
-/// creation a crash cut short would otherwise be there empty, and open refuses a journal
-/// without a valid header.
-pub fn create_journal(
+/// A journal made by [`make_journal`], not yet in place.
+pub struct NewJournal {
+    pub file: File,
+    /// Its temporary name (not a journal name to `list_journals`: the generation does not
+    /// parse).
+    pub tmp: PathBuf,
+    pub path: PathBuf,
+    /// End of its records.
+    pub len: usize,
+}
+
+/// Make journal `generation` holding `records`, `capacity` bytes long with its blocks
+/// allocated, synced, under a temporary name: a journal whose creation a crash cut short
+/// would otherwise be there incomplete, and open refuses a journal without a valid header.
+pub fn make_journal(
     dir: &Path,
     generation: u64,
     sb: &Superblock,
-    records: &[Record],
-) -> io::Result<File> {
+    records: &[u8],
+    capacity: usize,
+) -> io::Result<NewJournal> {
     let mut buf = format::encode_journal_header(generation, sb.store_id).to_vec();
-    for r in records {
-        r.encode(&mut buf);
-    }
+    buf.extend_from_slice(records);
     let path = journal_path(dir, generation);
-    // Not a journal name to `list_journals` (the generation does not parse).
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .read(true)
@@ -262,26 +283,72 @@ pub fn create_journal(
     #[cfg(test)]
     fault::point(dir, "journal file created")?;
     f.write_all(&buf)?;
+    super::tail::allocate(&f, capacity.max(buf.len()) as u64)?;
     f.sync_all()?;
-    fs::rename(&tmp, &path)?;
+    Ok(NewJournal {
+        file: f,
+        tmp,
+        path,
+        len: buf.len(),
+    })
+}
+
+/// [`make_journal`], renamed into place and the directory synced.
+pub fn create_journal(
+    dir: &Path,
+    generation: u64,
+    sb: &Superblock,
+    records: &[u8],
+    capacity: usize,
+) -> io::Result<NewJournal> {
+    let j = make_journal(dir, generation, sb, records, capacity)?;
+    fs::rename(&j.tmp, &j.path)?;
     sync_dir(dir)?;
-    Ok(f)
+    Ok(j)
 }
 
 #[derive(Debug)]
 pub struct JournalInfo {
     pub generation: u64,
     pub path: PathBuf,
-    pub valid_len: u64,
-    pub file_len: u64,
-    /// Records after the last commit (an unflushed tail), dropped.
-    pub uncommitted: u64,
+    /// Records that no commit covers (logged since the last flush).
+    pub pending: u64,
+    /// Whether those were replayed (see [`Pending`]).
+    pub replayed: bool,
+    /// Bytes other than the zeros of its preallocated end after the last intact record: a
+    /// record cut short, or pages of it a power loss did not write back.
+    pub torn_bytes: u64,
+}
+
+/// What replay does with the records of the last journal that no commit covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// The process stopped but the machine did not: the page cache held every record logged
+    /// before a write was acknowledged, with the data it refers to. Replayed.
+    Replay,
+    /// The machine restarted (or the store predates logging as it goes): only what a commit
+    /// made durable counts. Dropped.
+    Drop,
+}
+
+impl Pending {
+    /// The rule for the store in `dir`, as it is on disk now.
+    pub fn for_store(dir: &Path, sb: &Superblock) -> Pending {
+        if sb.version >= format::FORMAT_VERSION && !restarted_since_open(dir) {
+            Pending::Replay
+        } else {
+            Pending::Drop
+        }
+    }
 }
 
 pub struct Loaded {
     pub sb: Superblock,
     pub meta: Meta,
     pub commit_seq: u64,
+    /// The replayed records no commit covers, encoded: the next journal carries them until a
+    /// checkpoint holds them.
+    pub carry: Vec<u8>,
     pub journals: Vec<JournalInfo>,
     pub stale_journals: Vec<PathBuf>,
     /// Named like an old journal but with another store's (or no valid) header: kept.
@@ -338,21 +405,27 @@ pub fn count_segments(dir: &Path) -> Result<u32> {
     Ok(idx.len() as u32)
 }
 
-/// In `tail`, the bytes of a journal after the record where replay stopped: an intact Commit
+/// In `tail`, the bytes of a journal after the record where replay stopped: an intact commit
 /// record (at any offset) more than one past `last`, the last commit replayed, as (offset,
-/// sequence). A crash tears only the last append, which holds at most one Commit (`last` + 1),
-/// so such a record means the journal was damaged before commits that were durable, and
-/// taking the damage for a torn tail would drop them (and punch their data as unreferenced).
+/// sequence). What was not yet synced when a crash came holds at most one commit record
+/// (`last` + 1: the next is written only once that one is durable), so such a record means
+/// the journal was damaged before commits that were durable, and taking the damage for a
+/// torn tail would drop them (and punch their data as unreferenced).
 fn commit_after_tear(tail: &[u8], last: u64) -> Option<(usize, u64)> {
-    const COMMIT_LEN: usize = format::RECORD_HEADER + 8;
-    (1..tail.len().saturating_sub(COMMIT_LEN - 1)).find_map(|i| {
+    const SHORTEST: usize = format::RECORD_HEADER + 8;
+    (1..tail.len().saturating_sub(SHORTEST - 1)).find_map(|i| {
         let at = &tail[i..];
-        // Cheap filter first: payload length 8, type 9.
-        if at[..4] != 8u32.to_le_bytes() || at[8] != 9 {
+        // Cheap filter first: payload length 8 and type 9, or 16 and type 10.
+        let len = u32::from_le_bytes(at[..4].try_into().ok()?);
+        if !matches!((len, at[8]), (8, 9) | (16, 10)) {
             return None;
         }
         match Record::decode(at) {
-            Some((Record::Commit { seq }, _)) if seq > last.saturating_add(1) => Some((i, seq)),
+            Some((Record::Commit { seq } | Record::CommitTo { seq, .. }, _))
+                if seq > last.saturating_add(1) =>
+            {
+                Some((i, seq))
+            }
             _ => None,
         }
     })
@@ -392,11 +465,15 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         _ => None,
     };
 
+    let pending_rule = Pending::for_store(dir, &sb);
+    let live: Vec<(u64, PathBuf)> = list_journals(dir)?;
+    let last_live = live.iter().map(|(g, _)| *g).max();
     let mut journals = Vec::new();
     let mut stale = Vec::new();
     let mut foreign = Vec::new();
+    let mut carry = Vec::new();
     let mut expect = next_gen;
-    for (g, path) in list_journals(dir)? {
+    for (g, path) in live {
         if g < next_gen {
             // Deleted at open, so only when it is this store's: a file that merely has a
             // journal's name (copied in by hand, from another store) is left alone.
@@ -423,50 +500,82 @@ pub fn load(dir: &Path) -> Result<Loaded> {
                 )));
             }
         }
+        let damaged = |what: String| StoreError::Damaged(format!("{}: {what}", path.display()));
         let out_of_range = |rec: &Record| {
             beyond(rec).map_or(Ok(()), |what| {
-                Err(StoreError::Damaged(format!(
-                    "{}: a record names {what}, but only {segments} segment files exist",
-                    path.display()
+                Err(damaged(format!(
+                    "a record names {what}, but only {segments} segment files exist"
                 )))
             })
         };
+        let apply =
+            |meta: &mut Meta, rec: &Record| meta.apply(rec).map_err(|e| damaged(e.to_string()));
+        // Records in file order, with where each starts, until a commit covers them. Intents
+        // take effect at once and stay queued: a commit that covers an earlier IntentClear
+        // of the same region must not undo an intent announced after that clear.
+        let mut queue: std::collections::VecDeque<(usize, Record)> = Default::default();
         let mut off = JOURNAL_HEADER;
-        let mut batch: Vec<Record> = Vec::new();
-        let mut committed_end = off;
         while let Some((rec, n)) = Record::decode(&data[off..]) {
+            let at = off;
             off += n;
-            match rec {
+            out_of_range(&rec)?;
+            let end = match rec {
                 Record::Intent { .. } => {
-                    out_of_range(&rec)?;
-                    meta.apply(&rec)?
+                    apply(&mut meta, &rec)?;
+                    queue.push_back((at, rec));
+                    continue;
                 }
-                Record::Commit { seq } => {
-                    for r in batch.drain(..) {
-                        out_of_range(&r)?;
-                        meta.apply(&r)
-                            .map_err(|e| StoreError::Damaged(format!("{}: {e}", path.display())))?;
-                    }
-                    commit_seq = seq;
-                    committed_end = off;
+                Record::Commit { .. } => at,
+                Record::CommitTo { end, .. } if end <= at as u64 => end as usize,
+                Record::CommitTo { end, .. } => {
+                    return Err(damaged(format!(
+                        "the commit at byte {at} covers records up to byte {end}, after itself"
+                    )));
                 }
-                other => batch.push(other),
+                other => {
+                    queue.push_back((at, other));
+                    continue;
+                }
+            };
+            while queue.front().is_some_and(|(a, _)| *a < end) {
+                let (_, r) = queue.pop_front().expect("checked");
+                apply(&mut meta, &r)?;
             }
+            for (_, r) in &queue {
+                if matches!(r, Record::Intent { .. }) {
+                    apply(&mut meta, r)?;
+                }
+            }
+            apply(&mut meta, &rec)?;
+            commit_seq = meta.commit_seq;
         }
         if let Some((at, seq)) = commit_after_tear(&data[off..], commit_seq) {
-            return Err(StoreError::Damaged(format!(
-                "{}: the record at byte {off} is damaged, and commit {seq} follows it intact at \
+            return Err(damaged(format!(
+                "the record at byte {off} is damaged, and commit {seq} follows it intact at \
                  byte {}: not a torn tail",
-                path.display(),
                 off + at
             )));
+        }
+        // A journal with a successor carried these into it when the successor was made.
+        let replay = pending_rule == Pending::Replay && Some(g) == last_live;
+        let pending = queue
+            .iter()
+            .filter(|(_, r)| !matches!(r, Record::Intent { .. }))
+            .count() as u64;
+        if replay {
+            for (_, r) in &queue {
+                apply(&mut meta, r)?;
+                if !matches!(r, Record::Intent { .. }) {
+                    r.encode(&mut carry);
+                }
+            }
         }
         journals.push(JournalInfo {
             generation: g,
             path,
-            valid_len: committed_end.max(off) as u64,
-            file_len: data.len() as u64,
-            uncommitted: batch.len() as u64,
+            pending,
+            replayed: replay,
+            torn_bytes: data[off..].iter().filter(|&&b| b != 0).count() as u64,
         });
     }
     // Journal `next_gen` is made (and synced) before any checkpoint naming it is renamed into
@@ -491,6 +600,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         sb,
         meta,
         commit_seq,
+        carry,
         journals,
         stale_journals: stale,
         foreign_journals: foreign,
