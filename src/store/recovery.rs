@@ -47,6 +47,42 @@ pub(super) mod fault {
         e.to_string().starts_with("injected fault at ")
     }
 
+    /// A place where the store waits for the test: it says when it got there (`reached`) and
+    /// goes on once released (`release`).
+    #[derive(Default)]
+    pub struct Gate {
+        pub reached: tokio::sync::Notify,
+        pub release: tokio::sync::Notify,
+    }
+
+    type Gates = Vec<(PathBuf, &'static str, std::sync::Arc<Gate>)>;
+    static GATES: Mutex<Gates> = Mutex::new(Vec::new());
+
+    /// Make the next pass through `point`, for a store under `dir`, wait at a gate.
+    pub fn gate(dir: &Path, point: &'static str) -> std::sync::Arc<Gate> {
+        let g = std::sync::Arc::new(Gate::default());
+        GATES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((dir.to_path_buf(), point, g.clone()));
+        g
+    }
+
+    /// Wait at `point` if a gate is set there for a directory that holds `path`.
+    pub async fn pass(path: &Path, point: &'static str) {
+        let gate = {
+            let mut gates = GATES.lock().unwrap_or_else(|e| e.into_inner());
+            gates
+                .iter()
+                .position(|(d, p, _)| *p == point && path.starts_with(d))
+                .map(|i| gates.remove(i).2)
+        };
+        if let Some(g) = gate {
+            g.reached.notify_one();
+            g.release.notified().await;
+        }
+    }
+
     /// Fail once if `point` is armed for a directory that holds `path`.
     pub fn point(path: &Path, point: &'static str) -> io::Result<()> {
         let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
