@@ -651,6 +651,52 @@ print("OK", len(want), "blocks", len(either), "in flight", flush=True)
     assert_eq!(status.code(), Some(0), "{out}\n{err}");
 }
 
+/// SIGTERM with a client connected that never flushed: the daemon answers what it took, ends
+/// the connection, flushes and exits 0 while the client keeps its socket open; the data is
+/// there at the next start.
+#[test]
+fn sigterm_with_a_client_attached_keeps_its_unflushed_writes() {
+    let tmp = common::temp_dir();
+    let dir = tmp.path().join("data");
+    let mut n = Nbd::start_in(&dir);
+    let (id, _) = n.attached_volume("vm1");
+    let script = format!(
+        r#"
+import nbd, random, sys
+h = nbd.NBD()
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+h.pwrite(random.Random(3).randbytes(1 << 20), 7 << 20)
+h.pwrite(random.Random(4).randbytes(4096), 0)
+print("ready", flush=True)
+sys.stdin.readline()
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    let (mut py, _) = python_until_ready(&script);
+    assert_eq!(n.c.stop_with(libc::SIGTERM).code(), Some(0));
+    py.kill().expect("kill the client");
+    py.wait().expect("wait");
+    n = Nbd::start_in(&dir);
+    let check = format!(
+        r#"
+import nbd, random
+h = nbd.NBD()
+h.set_export_name({id:?})
+h.connect_unix({sock:?})
+assert h.pread(1 << 20, 7 << 20) == random.Random(3).randbytes(1 << 20)
+assert h.pread(4096, 0) == random.Random(4).randbytes(4096)
+print("OK")
+"#,
+        sock = n.socket().display().to_string(),
+    );
+    assert!(ok("/usr/bin/python3", &["-c", &check]).contains("OK"));
+    assert!(
+        n.c.logs.contains("replayed_records=0"),
+        "a clean stop leaves nothing to replay"
+    );
+}
+
 /// Block status over a volume more fragmented than one reply may describe: the reply is
 /// capped at 65536 descriptors, exact for the range it covers, and the client goes on from
 /// where it ended; with REQ_ONE (as qemu asks) it is one descriptor.

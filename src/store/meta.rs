@@ -255,8 +255,10 @@ pub struct Meta {
     pub slots_per_segment: u32,
     /// Where logged records go: the live journal, once the store is open.
     pub log: Tail,
-    /// Bumped at every commit; intents idle for a whole epoch are cleared.
+    /// Bumped by commits at most once per `INTENT_EPOCH`; intents idle for a whole epoch are
+    /// cleared.
     pub epoch: u64,
+    pub epoch_started: std::time::Instant,
     pub commit_seq: u64,
     /// Regions whose intent is durable in the journal.
     pub marked: HashSet<u32>,
@@ -285,6 +287,7 @@ impl Meta {
             slots_per_segment,
             log: Tail::default(),
             epoch: 1,
+            epoch_started: std::time::Instant::now(),
             commit_seq: 0,
             marked: HashSet::default(),
             region_epoch: HashMap::default(),

@@ -78,6 +78,11 @@ pub enum Op {
         fd: RawFd,
         datasync: bool,
     },
+    /// Start writeback of the file's dirty pages (`sync_file_range(SYNC_FILE_RANGE_WRITE)`
+    /// over all of it), waiting for none of it.
+    StartWriteback {
+        fd: RawFd,
+    },
     Fallocate {
         fd: RawFd,
         mode: i32,
@@ -1042,6 +1047,12 @@ fn build(op: &Op, fixed: &FixedFiles) -> (io_uring::squeue::Entry, Keep) {
                 types::FsyncFlags::empty()
             };
             let e = on_file!(fixed, *fd, |f| opcode::Fsync::new(f).flags(flags).build());
+            (e, Keep::None)
+        }
+        Op::StartWriteback { fd } => {
+            let e = on_file!(fixed, *fd, |f| opcode::SyncFileRange::new(f, 0)
+                .flags(libc::SYNC_FILE_RANGE_WRITE)
+                .build());
             (e, Keep::None)
         }
         Op::Fallocate { fd, mode, off, len } => {
