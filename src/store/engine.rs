@@ -1633,9 +1633,10 @@ impl Store {
                         fd: seg.crc_fd(),
                         datasync: true,
                     });
-                    if let Some(fd) = seg.prev_crc_fd() {
-                        syncs.push(Op::Fsync { fd, datasync: true });
-                    }
+                    // Not the previous CRCs: only a process crash reads them (a restart takes
+                    // every block that matches neither CRC as written), and the page cache
+                    // outlives a process. Syncing them cost every commit a write-protect
+                    // fault and TLB flush per page of them that the next writes touched.
                 }
             }
         }
