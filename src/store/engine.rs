@@ -36,6 +36,9 @@ use super::{Extent, ObjectId, ObjectInfo, Result, StoreError, StoreOptions, Stor
 const STRIPES: usize = 4096;
 /// Commit on our own once this much metadata is waiting, to bound memory and lost work.
 const AUTO_COMMIT_BYTES: usize = 8 << 20;
+/// Buffered stores write whole-block runs at least this large with O_DIRECT (see "I/O path"
+/// in docs/store-format.md).
+const DIRECT_WRITE_MIN: usize = 256 * 1024;
 /// Shortest time between the commits that clear idle write intents (see `commit`).
 const INTENT_EPOCH: std::time::Duration = std::time::Duration::from_secs(1);
 /// Large discards and zeroings are done in pieces of this many chunks.
@@ -447,7 +450,9 @@ impl Store {
     /// written since it was last started; the kernel's own writeback waits for far more.
     fn pace_writeback(&self, len: u64) {
         let inner = &self.inner;
+        // Large writes went to the disk directly (`DIRECT_WRITE_MIN`).
         if inner.direct
+            || len >= DIRECT_WRITE_MIN as u64
             || inner.unkicked.0.fetch_add(len, Ordering::Relaxed) + len < WRITEBACK_KICK_BYTES
             || inner.kicking.swap(true, Ordering::AcqRel)
         {
@@ -1102,18 +1107,40 @@ impl Store {
         // run, one segment reference each.
         let max_write = self.max_write();
         let mut writes = Vec::new();
-        // The write being extended from the caller's data: (fd, file offset, data start, len).
-        let mut run: Option<(i32, u64, usize, usize)> = None;
+        // The write being extended from the caller's data: (fd, its O_DIRECT twin, file
+        // offset, data start, len).
+        let mut run: Option<(i32, Option<i32>, u64, usize, usize)> = None;
         let mut crc_runs: Vec<CrcRun> = Vec::new();
         let mut crcs: Vec<u32> = Vec::new();
         let chunk64 = chunk as u64;
-        let flush_run = |writes: &mut Vec<Op>, d: Option<(i32, u64, usize, usize)>| {
-            if let Some((fd, off, start, len)) = d {
-                writes.push(Op::Write {
-                    fd,
-                    off,
-                    data: WriteSrc::Bytes(data.slice(start..start + len)),
-                });
+        let flush_run = |writes: &mut Vec<Op>, d: Option<(i32, Option<i32>, u64, usize, usize)>| {
+            if let Some((fd, dio, off, start, len)) = d {
+                let bytes = data.slice(start..start + len);
+                match dio {
+                    Some(dio) if len >= DIRECT_WRITE_MIN => {
+                        let src = if (bytes.as_ptr() as usize).is_multiple_of(BLOCK) {
+                            WriteSrc::Bytes(bytes)
+                        } else {
+                            let mut b = AlignedBuf::for_overwrite(len);
+                            b.copy_from_slice(&bytes);
+                            WriteSrc::Aligned {
+                                buf: Arc::new(b),
+                                start: 0,
+                                len,
+                            }
+                        };
+                        writes.push(Op::Write {
+                            fd: dio,
+                            off,
+                            data: src,
+                        })
+                    }
+                    _ => writes.push(Op::Write {
+                        fd,
+                        off,
+                        data: WriteSrc::Bytes(bytes),
+                    }),
+                }
             }
         };
         let push_crcs = |crc_runs: &mut Vec<CrcRun>,
@@ -1148,7 +1175,7 @@ impl Store {
                         &data[p.data_off..p.data_off + len],
                     );
                     match &mut run {
-                        Some((fd, off, start, l))
+                        Some((fd, _, off, start, l))
                             if *fd == seg.fd()
                                 && *off + *l as u64 == foff
                                 && *start + *l == p.data_off
@@ -1158,7 +1185,7 @@ impl Store {
                         }
                         _ => {
                             flush_run(&mut writes, run.take());
-                            run = Some((seg.fd(), foff, p.data_off, len));
+                            run = Some((seg.fd(), seg.dio_fd(), foff, p.data_off, len));
                         }
                     }
                 }

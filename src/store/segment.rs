@@ -14,6 +14,8 @@ use super::format::{BLOCK, Superblock};
 
 pub struct Segment {
     data: File,
+    /// Buffered stores: the data file once more, with O_DIRECT, for large writes.
+    dio: Option<File>,
     crc_file: File,
     crc: MmapMut,
     /// The CRC each block had before its latest write (format 2): recovery accepts a block
@@ -206,8 +208,18 @@ impl Segment {
         } else {
             (None, None)
         };
+        let dio = if direct {
+            None
+        } else {
+            o.clone()
+                .custom_flags(noatime(true))
+                .open(&path)
+                .or_else(|_| o.clone().custom_flags(libc::O_DIRECT).open(&path))
+                .ok()
+        };
         Ok(Segment {
             data,
+            dio,
             crc_file,
             crc,
             prev_file,
@@ -218,6 +230,10 @@ impl Segment {
 
     pub fn fd(&self) -> RawFd {
         self.data.as_raw_fd()
+    }
+
+    pub fn dio_fd(&self) -> Option<RawFd> {
+        self.dio.as_ref().map(|f| f.as_raw_fd())
     }
 
     pub fn crc_fd(&self) -> RawFd {
