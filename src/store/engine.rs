@@ -2155,51 +2155,103 @@ pub(super) fn references_segment(sb: &Superblock, meta: &Meta, seg: u32) -> bool
 
 /// Re-checksum the present blocks of intent regions after a crash: a block whose data has
 /// its previous CRC (the write after it never landed) gets that CRC back; one that matches
-/// neither is judged by `unmatched`.
+/// neither is judged by `unmatched`. Regions are read in runs of up to 1 MiB by a few threads
+/// at once: this is most of what recovery costs after a crash under a write load (every
+/// region written in place in the last second or so), and one thread reading 64 KiB at a
+/// time left the disk half idle.
 pub(super) fn heal_dirty_regions(
     sb: &Superblock,
     meta: &Meta,
     segments: &[Arc<Segment>],
     unmatched: Unmatched,
 ) -> Result<Healed> {
-    let mut healed = Healed::default();
+    const THREADS: usize = 4;
+    const RUN_SLOTS: u32 = 16;
     let sps = sb.slots_per_segment();
     let bpc = sb.blocks_per_chunk();
+    let chunk = sb.chunk_size as usize;
     let mut regions: Vec<u32> = meta.marked.iter().copied().collect();
     regions.sort_unstable();
-    let mut buf = AlignedBuf::zeroed(sb.chunk_size as usize);
-    for r in regions {
-        for slot in r * super::format::REGION_SLOTS..(r + 1) * super::format::REGION_SLOTS {
-            if slot >= meta.slots.total || meta.slots.refcnt[slot as usize] == 0 {
+    let next = AtomicU64::new(0);
+    let used = |slot: u32| slot < meta.slots.total && meta.slots.refcnt[slot as usize] > 0;
+    // One region: runs of consecutive slots in use (a region lies in one segment).
+    let heal_region = |r: u32, buf: &mut AlignedBuf, healed: &mut Healed| -> Result<()> {
+        let first = r * super::format::REGION_SLOTS;
+        let end = first + super::format::REGION_SLOTS;
+        let mut slot = first;
+        while slot < end {
+            if !used(slot) {
+                slot += 1;
                 continue;
             }
-            let live = meta.slots.live[slot as usize];
             let Some(seg) = segments.get((slot / sps) as usize) else {
-                continue;
+                return Ok(());
             };
-            let base = (slot % sps) as u64 * sb.chunk_size as u64;
-            pread_exact(seg.file(), &mut buf, base)?;
-            for blk in 0..bpc {
-                if live & (1 << blk) == 0 {
-                    continue;
-                }
-                let ci = ((slot % sps) * bpc + blk) as usize;
-                let crc = crc32fast::hash(&buf[blk as usize * BLOCK..(blk as usize + 1) * BLOCK]);
-                if crc == seg.crc(ci) {
-                    continue;
-                }
-                if seg.crashed_write(ci, crc) {
-                    healed.restored += 1;
-                } else if unmatched == Unmatched::Written {
-                    healed.taken += 1;
-                } else {
-                    continue;
-                }
-                seg.set_crc(ci, crc);
+            let mut n = 1;
+            while n < RUN_SLOTS && slot + n < end && used(slot + n) {
+                n += 1;
             }
+            let len = n as usize * chunk;
+            let base = (slot % sps) as u64 * chunk as u64;
+            pread_exact(seg.file(), &mut buf[..len], base)?;
+            for k in 0..n {
+                let s = slot + k;
+                let live = meta.slots.live[s as usize];
+                for blk in 0..bpc {
+                    if live & (1 << blk) == 0 {
+                        continue;
+                    }
+                    let ci = ((s % sps) * bpc + blk) as usize;
+                    let at = k as usize * chunk + blk as usize * BLOCK;
+                    let crc = crc32fast::hash(&buf[at..at + BLOCK]);
+                    if crc == seg.crc(ci) {
+                        continue;
+                    }
+                    if seg.crashed_write(ci, crc) {
+                        healed.restored += 1;
+                    } else if unmatched == Unmatched::Written {
+                        healed.taken += 1;
+                    } else {
+                        continue;
+                    }
+                    seg.set_crc(ci, crc);
+                }
+            }
+            slot += n;
         }
+        Ok(())
+    };
+    let results: Vec<Result<Healed>> = std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..THREADS.min(regions.len()))
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut buf = AlignedBuf::zeroed(RUN_SLOTS as usize * chunk);
+                    let mut healed = Healed::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(&r) = regions.get(i) else {
+                            return Ok(healed);
+                        };
+                        heal_region(r, &mut buf, &mut healed)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("heal panicked"))))
+            })
+            .collect()
+    });
+    let mut total = Healed::default();
+    for r in results {
+        let h = r?;
+        total.restored += h.restored;
+        total.taken += h.taken;
     }
-    Ok(healed)
+    Ok(total)
 }
 
 pub(super) fn reclaim_leaks(
