@@ -218,6 +218,19 @@ impl Store {
         }
     }
 
+    /// After a failed sync nothing more is committed or acknowledged until the store is
+    /// reopened (see `sync_failed`): an acknowledged write must survive a process crash, and
+    /// the next open judges this store as after a power loss.
+    fn check_synced(&self) -> Result<()> {
+        if self.inner.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "a sync failed earlier, so writes since the last commit may not be on disk; \
+                 nothing more is written or committed until the store is reopened",
+            )));
+        }
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(StoreError::Closed)
@@ -426,6 +439,7 @@ impl Store {
 
     pub async fn write(&self, id: ObjectId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.check_open()?;
+        self.check_synced()?;
         let len = data.len() as u64;
         let lock = self.obj_lock(id)?;
         {
@@ -479,6 +493,7 @@ impl Store {
     /// blocks at the edges are left as they are: a trim is advisory.
     pub async fn discard(&self, id: ObjectId, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_open()?;
+        self.check_synced()?;
         let lock = self.obj_lock(id)?;
         {
             let _g = lock.read().await;
@@ -498,6 +513,7 @@ impl Store {
         fua: bool,
     ) -> Result<()> {
         self.check_open()?;
+        self.check_synced()?;
         let lock = self.obj_lock(id)?;
         {
             let _g = lock.read().await;
@@ -880,11 +896,17 @@ impl Store {
         for r in &reads {
             r.seg.prefetch_crcs((r.foff / bs) as usize, r.len / BLOCK);
         }
+        // The retry reads the disk in a buffered store (dirty pages are written back first):
+        // a cached page that somehow kept data older than the disk's would fail again.
+        let fd_of = |seg: &Segment| match (last_try, seg.dio_fd()) {
+            (true, Some(dio)) => dio,
+            _ => seg.fd(),
+        };
         if !reads.is_empty() {
             let ops: SmallVec<[Op; 2]> = reads
                 .iter()
                 .map(|r| Op::Read {
-                    fd: r.seg.fd(),
+                    fd: fd_of(r.seg),
                     off: r.foff,
                     buf: buf.clone(),
                     buf_off: r.boff,
@@ -1106,6 +1128,13 @@ impl Store {
         // plain file get folios as large as their writes (1 MiB and up). CRCs are kept per
         // run, one segment reference each.
         let max_write = self.max_write();
+        // Runs merge further where their aligned middle goes out with O_DIRECT (`flush_run`
+        // cuts them up again).
+        let run_max = if self.inner.direct {
+            max_write
+        } else {
+            max_write.max(4 * DIRECT_WRITE_MIN)
+        };
         let mut writes = Vec::new();
         // The write being extended from the caller's data: (fd, its O_DIRECT twin, file
         // offset, data start, len).
@@ -1113,34 +1142,60 @@ impl Store {
         let mut crc_runs: Vec<CrcRun> = Vec::new();
         let mut crcs: Vec<u32> = Vec::new();
         let chunk64 = chunk as u64;
+        // A run goes out as buffered writes of at most `max_write`, except, in a buffered
+        // store, its whole aligned `DIRECT_WRITE_MIN` pieces, which go through the O_DIRECT
+        // descriptor. Aligned in the file, so that no page-cache folio (buffered writes make
+        // them no larger than `max_write`, and readahead is off) lies partly inside: the
+        // kernel drops the cached pages of a direct write's range, and a folio that a
+        // concurrent buffered write next door kept dirty would keep the old data (found by
+        // review).
         let flush_run = |writes: &mut Vec<Op>, d: Option<(i32, Option<i32>, u64, usize, usize)>| {
-            if let Some((fd, dio, off, start, len)) = d {
-                let bytes = data.slice(start..start + len);
-                match dio {
-                    Some(dio) if len >= DIRECT_WRITE_MIN => {
-                        let src = if (bytes.as_ptr() as usize).is_multiple_of(BLOCK) {
-                            WriteSrc::Bytes(bytes)
-                        } else {
-                            let mut b = AlignedBuf::for_overwrite(len);
-                            b.copy_from_slice(&bytes);
-                            WriteSrc::Aligned {
-                                buf: Arc::new(b),
-                                start: 0,
-                                len,
-                            }
-                        };
-                        writes.push(Op::Write {
-                            fd: dio,
-                            off,
-                            data: src,
-                        })
-                    }
-                    _ => writes.push(Op::Write {
+            let Some((fd, dio, off, start, len)) = d else {
+                return;
+            };
+            let end = off + len as u64;
+            let align = DIRECT_WRITE_MIN as u64;
+            let (a, b) = match dio {
+                Some(_) => (off.next_multiple_of(align).min(end), end / align * align),
+                None => (end, end),
+            };
+            let buffered = |writes: &mut Vec<Op>, from: u64, to: u64| {
+                let mut pos = from;
+                while pos < to {
+                    let n = (to - pos).min(max_write as u64);
+                    let s = start + (pos - off) as usize;
+                    writes.push(Op::Write {
                         fd,
-                        off,
-                        data: WriteSrc::Bytes(bytes),
-                    }),
+                        off: pos,
+                        data: WriteSrc::Bytes(data.slice(s..s + n as usize)),
+                    });
+                    pos += n;
                 }
+            };
+            if let (Some(dio), true) = (dio, b > a) {
+                buffered(writes, off, a);
+                let s = start + (a - off) as usize;
+                let n = (b - a) as usize;
+                let bytes = data.slice(s..s + n);
+                let src = if (bytes.as_ptr() as usize).is_multiple_of(BLOCK) {
+                    WriteSrc::Bytes(bytes)
+                } else {
+                    let mut buf = AlignedBuf::for_overwrite(n);
+                    buf.copy_from_slice(&bytes);
+                    WriteSrc::Aligned {
+                        buf: Arc::new(buf),
+                        start: 0,
+                        len: n,
+                    }
+                };
+                writes.push(Op::Write {
+                    fd: dio,
+                    off: a,
+                    data: src,
+                });
+                buffered(writes, b, end);
+            } else {
+                buffered(writes, off, end);
             }
         };
         let push_crcs = |crc_runs: &mut Vec<CrcRun>,
@@ -1179,7 +1234,7 @@ impl Store {
                             if *fd == seg.fd()
                                 && *off + *l as u64 == foff
                                 && *start + *l == p.data_off
-                                && *l + len <= max_write =>
+                                && *l + len <= run_max =>
                         {
                             *l += len
                         }
@@ -1263,6 +1318,7 @@ impl Store {
 
     async fn append_intents(&self, regions: Vec<u32>) -> Result<()> {
         let _j = self.inner.journal.lock().await;
+        self.check_synced()?;
         let mut need: Vec<u32> = {
             let m = self.inner.meta.lock();
             regions
@@ -1296,6 +1352,7 @@ impl Store {
     /// segment sync does: Linux marks the pages clean after reporting a writeback error once,
     /// so a later fsync would report success over records that never reached the disk.
     async fn sync_journal(&self) -> Result<()> {
+        self.check_synced()?;
         let Some(fd) = self.inner.meta.lock().log.fd() else {
             return Ok(());
         };
@@ -1333,8 +1390,8 @@ impl Store {
     async fn grow_journal(&self, room: usize) -> Result<()> {
         let _g = self.inner.journal_grow.lock().await;
         loop {
-            let Some((file, generation, capacity)) = self.inner.meta.lock().log.plan_growth(room)
-            else {
+            let plan = self.inner.meta.lock().log.plan_growth(room);
+            let Some((file, generation, capacity)) = plan.map_err(map_io)? else {
                 return Ok(());
             };
             tokio::task::spawn_blocking(move || tail::allocate(&file, capacity as u64))
@@ -1524,13 +1581,11 @@ impl Store {
     /// naming that end and syncs the journal. Records logged meanwhile lie between that end
     /// and the commit record and wait for the next commit.
     async fn commit(&self, force_checkpoint: bool) -> Result<()> {
-        if self.inner.sync_failed.load(Ordering::Acquire) {
-            return Err(StoreError::Io(std::io::Error::other(
-                "a sync failed earlier, so writes since the last commit may not be on disk; \
-                 nothing more is committed until the store is reopened",
-            )));
-        }
+        self.check_synced()?;
         let _j = self.inner.journal.lock().await;
+        // Again: a sync that failed while this waited consumed the error, and a second sync
+        // of the same file would report success over what it could not write.
+        self.check_synced()?;
         let (seq, end, had, segs, mut reclaim, observed, snapshot, prev_seq) = {
             let mut m = self.inner.meta.lock();
             let m = &mut *m;
@@ -1627,6 +1682,10 @@ impl Store {
         segs: Vec<u32>,
         snapshot: Option<Vec<u8>>,
     ) -> Result<(), (StoreError, bool)> {
+        #[cfg(test)]
+        if let Err(e) = recovery::fault::point(&self.inner.dir, "commit's segment sync") {
+            return Err((e.into(), false));
+        }
         if let Err(e) = self.sync_segments(segs).await {
             // Not retried: a second fsync would return success over the pages this one could
             // not write back (found by review: a flush then acknowledged data that was gone).
@@ -1703,13 +1762,31 @@ impl Store {
         .await
         .map_err(join_error)??;
         let mut tail = Tail::mapped(new.file, generation, new.len)?;
-        let retired = {
-            let mut m = self.inner.meta.lock();
-            tail.carry_in(&m.log.carry_from(end));
-            // A rename under the mutex: once per checkpoint, and it must be one step with the
-            // carry (a crash between them would find the new journal without its records).
-            std::fs::rename(&new.tmp, &new.path)?;
-            std::mem::replace(&mut m.log, tail)
+        let retired = loop {
+            let short = {
+                let mut m = self.inner.meta.lock();
+                let carry = m.log.carry_from(end);
+                if tail.fits(carry.len()) {
+                    tail.carry_in(&carry);
+                    // A rename under the mutex: once per checkpoint, and it must be one step
+                    // with the carry (a crash between them would find the new journal without
+                    // its records).
+                    std::fs::rename(&new.tmp, &new.path)?;
+                    break std::mem::replace(&mut m.log, tail);
+                }
+                carry.len()
+            };
+            // Records kept coming while the new journal was made: room for them first, since
+            // a carried record that waited in memory would be in neither journal on disk.
+            let plan = tail.plan_growth(2 * short)?;
+            let Some((file, g, capacity)) = plan else {
+                continue;
+            };
+            tokio::task::spawn_blocking(move || tail::allocate(&file, capacity as u64))
+                .await
+                .map_err(join_error)?
+                .map_err(map_io)?;
+            tail.grown(g, capacity)?;
         };
         drop(retired);
         let dir = self.inner.dir.clone();
@@ -1979,6 +2056,12 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     }
     let legacy = sb.version < super::format::FORMAT_VERSION;
     let unmatched = Unmatched::for_store(dir, &sb);
+    if recovery::restarted_since_open(dir) {
+        // Read the disk, not what a failed writeback left in the cache (see `drop_cached`).
+        for s in &segments {
+            recovery::drop_cached(s.file());
+        }
+    }
     let healed = heal_dirty_regions(&sb, &meta, &segments, unmatched)?;
     let leaked = reclaim_leaks(&sb, &meta, &segments)?;
     let check_time = started.elapsed() - replay_time;
@@ -1990,9 +2073,27 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
              writes to them were never flushed)"
         );
     }
-    for s in &segments {
-        s.file().sync_all()?;
-        s.sync_crcs()?;
+    let synced = segments
+        .iter()
+        .try_for_each(|s| s.file().sync_all().and_then(|()| s.sync_crcs()));
+    if let Err(e) = synced {
+        // Judged as after a restart next time: see `recovery::forget_boot`.
+        if let Err(f) = recovery::forget_boot(dir) {
+            tracing::error!(error = %f, "could not mark the store for recovery as after a power loss");
+        }
+        return Err(e.into());
+    }
+    // What was replayed beyond the last commit is durable now (the segments are synced):
+    // a commit record in the journal that holds it says so. Carrying it into the new journal
+    // instead would have it applied twice by a later replay, over the checkpoint below.
+    let mut commit_seq = loaded.commit_seq;
+    if let Some(j) = loaded
+        .journals
+        .last()
+        .filter(|j| j.replayed && j.pending > 0)
+    {
+        commit_seq += 1;
+        recovery::commit_in_place(&j.path, j.valid_end, commit_seq)?;
     }
     let recovered = started.elapsed();
     let intent_regions = meta.marked.len();
@@ -2014,25 +2115,17 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         .last()
         .map_or(1, |j: &JournalInfo| j.generation)
         + 1;
-    // It carries what was replayed beyond the last commit until the checkpoint below holds
-    // it: replay takes a journal with a successor to have carried its uncovered records.
     // As large as what a checkpoint's worth of records needs, up to a start size; it grows.
     let journal_capacity = (opts.checkpoint_bytes as usize)
         .clamp(4096, tail::START_CAPACITY)
         .next_multiple_of(4096);
-    let journal = recovery::create_journal(
-        dir,
-        generation,
-        &sb,
-        &loaded.carry,
-        journal_capacity.max(2 * loaded.carry.len()),
-    )?;
+    let journal = recovery::create_journal(dir, generation, &sb, &[], journal_capacity)?;
     #[cfg(test)]
     recovery::fault::point(dir, "open's checkpoint")?;
     recovery::write_atomic(
         dir,
         recovery::CHECKPOINT,
-        &meta.encode_checkpoint(generation, loaded.commit_seq),
+        &meta.encode_checkpoint(generation, commit_seq),
     )?;
     for j in loaded
         .journals
@@ -2047,7 +2140,7 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
     }
     // From here on this session may write: a later open judges what it left by this boot.
     recovery::record_boot(dir)?;
-    meta.commit_seq = loaded.commit_seq;
+    meta.commit_seq = commit_seq;
     // Reads run from here on: a deleted object's map outlives the reads in flight on it.
     meta.defer_release = true;
     tracing::info!(
@@ -2627,8 +2720,9 @@ mod tests {
     }
 
     /// An open that replayed writes no commit covered, killed after it made its new journal
-    /// and before its checkpoint: the old journal has a successor now, so replay takes its
-    /// uncovered records for carried; the new journal carries them.
+    /// and before its checkpoint: the old journal has a successor now, so replay skips its
+    /// uncovered records; open made them durable (segments synced, then a commit record in
+    /// the old journal) before it made the new one.
     #[tokio::test]
     async fn an_open_killed_before_its_checkpoint_keeps_what_it_replayed() {
         let tmp = tempfile::tempdir().unwrap();
@@ -2649,6 +2743,34 @@ mod tests {
         assert_eq!(s.read(id, 64 << 10, 4096).await.unwrap(), vec![5u8; 4096]);
         assert_eq!(s.read(id, 0, 4096).await.unwrap(), vec![7u8; 4096]);
         s.close().await.unwrap();
+    }
+
+    /// An object creation whose commit never happened (the process killed during it),
+    /// replayed by one open whose process is killed in turn: the next open must not apply the
+    /// creation again over the checkpoint the first open wrote (found by review: open carried
+    /// what it replayed into its new journal, and a later replay failed with "already
+    /// exists", refusing the store).
+    #[tokio::test]
+    async fn what_an_open_replayed_is_not_replayed_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, id, _) = one_block_store_in(tmp.path()).await;
+        let other = ObjectId::new_v4();
+        recovery::fault::arm(tmp.path(), "commit's segment sync");
+        assert!(s.create_object(other, 1 << 20).await.is_err());
+        s.write(id, 64 << 10, Bytes::from(vec![5u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(s);
+        for round in 0..2 {
+            let s = Store::open(tmp.path(), StoreOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("open {round}: {e}"));
+            assert!(s.object_info(other).is_ok(), "round {round}");
+            assert_eq!(s.read(id, 64 << 10, 4096).await.unwrap(), vec![5u8; 4096]);
+            drop(s); // killed again
+        }
+        let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
     }
 
     /// A commit's record follows records logged after its end, intents among them: an

@@ -388,6 +388,14 @@ pub fn decode_journal_header(raw: &[u8]) -> Option<(u64, Uuid)> {
     Some((generation, Uuid::from_bytes(id)))
 }
 
+/// The format version a journal was written in (its header checked by
+/// [`decode_journal_header`]).
+pub fn journal_version(raw: &[u8]) -> u32 {
+    raw.get(8..12)
+        .and_then(|v| v.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
 pub fn crc_of_zero_block() -> u32 {
     static ZERO: [u8; BLOCK] = [0; BLOCK];
     crc32fast::hash(&ZERO)

@@ -351,6 +351,8 @@ pub struct JournalInfo {
     pub pending: u64,
     /// Whether those were replayed (see [`Pending`]).
     pub replayed: bool,
+    /// End of its last intact record.
+    pub valid_end: u64,
     /// Bytes other than the zeros of its preallocated end after the last intact record: a
     /// record cut short, or pages of it a power loss did not write back.
     pub torn_bytes: u64,
@@ -362,29 +364,54 @@ pub enum Pending {
     /// The process stopped but the machine did not: the page cache held every record logged
     /// before a write was acknowledged, with the data it refers to. Replayed.
     Replay,
-    /// The machine restarted (or the store predates logging as it goes): only what a commit
-    /// made durable counts. Dropped.
+    /// The machine restarted: only what a commit made durable counts. Dropped. (Also for a
+    /// journal written before records were logged as they went, format 2, whose uncovered
+    /// records are a torn last append.)
     Drop,
 }
 
 impl Pending {
     /// The rule for the store in `dir`, as it is on disk now.
-    pub fn for_store(dir: &Path, sb: &Superblock) -> Pending {
-        if sb.version >= format::FORMAT_VERSION && !restarted_since_open(dir) {
-            Pending::Replay
-        } else {
+    pub fn for_store(dir: &Path) -> Pending {
+        if restarted_since_open(dir) {
             Pending::Drop
+        } else {
+            Pending::Replay
         }
     }
+}
+
+/// Drop the clean cached pages of `file`. After a restart the cache is empty anyway; after a
+/// failed sync (which makes open judge the store as after a restart) it may hold pages that
+/// Linux marked clean although they never reached the disk, and recovery must read the disk.
+pub fn drop_cached(file: &File) {
+    // SAFETY: an advisory call on a descriptor we own; it touches no memory of ours.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        tracing::debug!(errno = rc, "posix_fadvise(DONTNEED) refused");
+    }
+}
+
+/// Append a commit record covering everything before byte `end` of the journal at `path`
+/// (where its intact records end), and sync it: open makes what it replayed durable this
+/// way once it has synced the segments, rather than carrying it into its new journal, where
+/// a later replay would apply it again on top of the checkpoint that already holds it.
+pub fn commit_in_place(path: &Path, end: u64, seq: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut rec = Vec::new();
+    Record::CommitTo { seq, end }.encode(&mut rec);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| with_path(e, path))?;
+    f.write_all_at(&rec, end)?;
+    f.sync_data()
 }
 
 pub struct Loaded {
     pub sb: Superblock,
     pub meta: Meta,
     pub commit_seq: u64,
-    /// The replayed records no commit covers, encoded: the next journal carries them until a
-    /// checkpoint holds them.
-    pub carry: Vec<u8>,
     pub journals: Vec<JournalInfo>,
     pub stale_journals: Vec<PathBuf>,
     /// Named like an old journal but with another store's (or no valid) header: kept.
@@ -501,13 +528,12 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         _ => None,
     };
 
-    let pending_rule = Pending::for_store(dir, &sb);
+    let pending_rule = Pending::for_store(dir);
     let live: Vec<(u64, PathBuf)> = list_journals(dir)?;
     let last_live = live.iter().map(|(g, _)| *g).max();
     let mut journals = Vec::new();
     let mut stale = Vec::new();
     let mut foreign = Vec::new();
-    let mut carry = Vec::new();
     let mut expect = next_gen;
     for (g, path) in live {
         if g < next_gen {
@@ -526,6 +552,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             )));
         }
         expect += 1;
+        if pending_rule == Pending::Drop {
+            drop_cached(&File::open(&path).map_err(|e| with_path(e, &path))?);
+        }
         let data = fs::read(&path)?;
         match format::decode_journal_header(&data) {
             Some((hg, id)) if hg == g && id == sb.store_id => {}
@@ -593,7 +622,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             )));
         }
         // A journal with a successor carried these into it when the successor was made.
-        let replay = pending_rule == Pending::Replay && Some(g) == last_live;
+        let replay = pending_rule == Pending::Replay
+            && Some(g) == last_live
+            && format::journal_version(&data) >= format::FORMAT_VERSION;
         let pending = queue
             .iter()
             .filter(|(_, r)| !matches!(r, Record::Intent { .. }))
@@ -601,9 +632,6 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         if replay {
             for (_, r) in &queue {
                 apply(&mut meta, r)?;
-                if !matches!(r, Record::Intent { .. }) {
-                    r.encode(&mut carry);
-                }
             }
         }
         journals.push(JournalInfo {
@@ -611,6 +639,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             path,
             pending,
             replayed: replay,
+            valid_end: off as u64,
             torn_bytes: data[off..].iter().filter(|&&b| b != 0).count() as u64,
         });
     }
@@ -636,7 +665,6 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         sb,
         meta,
         commit_seq,
-        carry,
         journals,
         stale_journals: stale,
         foreign_journals: foreign,

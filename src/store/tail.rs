@@ -104,8 +104,7 @@ impl Tail {
         for r in recs {
             r.encode(&mut buf);
         }
-        let fits = matches!(&self.mapped, Some(m)
-            if self.overflow.is_empty() && m.len + buf.len() <= m.map.len());
+        let fits = self.fits(buf.len());
         if fits {
             self.append(&buf);
         }
@@ -155,18 +154,27 @@ impl Tail {
 
     /// What to grow to, and a handle on the file to grow, if it needs to. `room`: bytes that
     /// must fit besides what is logged.
-    pub fn plan_growth(&self, room: usize) -> Option<(File, u64, usize)> {
-        let m = self.mapped.as_ref()?;
+    pub fn plan_growth(&self, room: usize) -> io::Result<Option<(File, u64, usize)>> {
+        let Some(m) = self.mapped.as_ref() else {
+            return Ok(None);
+        };
         let need = m.len + self.overflow.len() + room;
         if self.growth().is_none() && need <= m.map.len() {
-            return None;
+            return Ok(None);
         }
         let cap = m.map.len();
         let want = (cap + cap.min(MAX_GROWTH))
             .max(need + need / GROW_AT_FRACTION)
             .next_multiple_of(1 << 20);
-        let file = m.file.try_clone().ok()?;
-        Some((file, m.generation, want))
+        // An error (out of descriptors) is the caller's: "nothing to grow" would acknowledge
+        // operations whose records wait in memory.
+        let file = m.file.try_clone()?;
+        Ok(Some((file, m.generation, want)))
+    }
+
+    /// Whether `n` more bytes go straight into the mapping.
+    pub fn fits(&self, n: usize) -> bool {
+        matches!(&self.mapped, Some(m) if self.overflow.is_empty() && m.len + n <= m.map.len())
     }
 
     /// The file of journal `generation` now holds `capacity` bytes: map them, and move in
@@ -272,7 +280,7 @@ mod tests {
         }
         assert!(!t.put(&[Record::CommitTo { seq: 1, end: 0 }]));
         let pos = t.pos();
-        let (file, generation, cap) = t.plan_growth(0).unwrap();
+        let (file, generation, cap) = t.plan_growth(0).unwrap().unwrap();
         allocate(&file, cap as u64).unwrap();
         t.grown(generation, cap).unwrap();
         assert_eq!(t.growth(), None, "{cap}");
