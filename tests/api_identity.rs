@@ -999,3 +999,51 @@ fn state_survives_a_restart_and_bootstrap_runs_once() {
     );
     assert!(!data.join("clouds.yaml").exists());
 }
+
+/// Removing the last admin (its project, its user, or its role assignment) is refused with a
+/// 409 and changes nothing: schemathesis's stateful phase once deleted the admin project,
+/// and from then on nobody could log in as an admin. Once another user holds admin, the old
+/// admin may go.
+#[test]
+fn the_last_admin_cannot_be_removed() {
+    let c = Serve::new().arg("--admin-password").arg("boot-pw").start();
+    let (token, body) = login(&c, "admin", "boot-pw", Some("admin"));
+    let admin_user = body["token"]["user"]["id"]
+        .as_str()
+        .expect("user id")
+        .to_owned();
+    let admin_project = body["token"]["project"]["id"]
+        .as_str()
+        .expect("project")
+        .to_owned();
+    let auth = [("x-auth-token", token.as_str())];
+    let roles = call(&c, "GET", "/v3/roles?name=admin", &auth, None).json();
+    let admin_role = roles["roles"][0]["id"].as_str().expect("role").to_owned();
+    let grant = format!("/v3/projects/{admin_project}/users/{admin_user}/roles/{admin_role}");
+    for (method, path) in [
+        ("DELETE", format!("/v3/projects/{admin_project}")),
+        ("DELETE", format!("/v3/users/{admin_user}")),
+        ("DELETE", grant.clone()),
+    ] {
+        let msg = call(&c, method, &path, &auth, None).assert_error(409, "Conflict");
+        assert!(msg.contains("admin"), "{msg}");
+    }
+    // Nothing changed: the admin still logs in, with its role.
+    let (_, again) = login(&c, "admin", "boot-pw", Some("admin"));
+    assert!(role_names(&again).contains(&"admin".to_owned()));
+    // Another admin first; then the old one may go.
+    let u = call(
+        &c,
+        "POST",
+        "/v3/users",
+        &auth,
+        Some(r#"{"user": {"name": "second", "password": "second-pw"}}"#),
+    );
+    assert_eq!(u.status, 201, "{u:?}");
+    let second = u.json()["user"]["id"].as_str().expect("id").to_owned();
+    let path = format!("/v3/projects/{admin_project}/users/{second}/roles/{admin_role}");
+    assert_eq!(call(&c, "PUT", &path, &auth, None).status, 204);
+    assert_eq!(call(&c, "DELETE", &grant, &auth, None).status, 204);
+    let (_, second_token) = login(&c, "second", "second-pw", Some("admin"));
+    assert!(role_names(&second_token).contains(&"admin".to_owned()));
+}

@@ -9,17 +9,16 @@ use axum::{
     http::{Method, StatusCode, Uri},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
 
 /// A neutral JSON error response.
 pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({
-        "error": {
-            "code": status.as_u16(),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "message": message.into(),
-        }
-    });
+    let body = crate::schema::IdentityError {
+        error: crate::schema::IdentityErrorBody {
+            code: status.as_u16(),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            message: message.into(),
+        },
+    };
     (status, Json(body)).into_response()
 }
 

@@ -20,10 +20,12 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use serde::{Deserialize, de::DeserializeOwned};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::schema::{IdentityError, IdentityErrorBody};
 use crate::{AppState, auth::token_caller, model::*, time_fmt};
 
 pub const SUBJECT_TOKEN: &str = "x-subject-token";
@@ -75,11 +77,13 @@ fn error(e: ServiceError) -> Response {
         ServiceError::OverLimit(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
         ServiceError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
     };
-    let body = json!({"error": {
-        "code": status.as_u16(),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "message": message,
-    }});
+    let body = IdentityError {
+        error: IdentityErrorBody {
+            code: status.as_u16(),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            message,
+        },
+    };
     // A 401's `WWW-Authenticate` is added by the router (`keystone_challenge`).
     (status, Json(body)).into_response()
 }
@@ -163,66 +167,146 @@ fn is_default_domain(d: &DomainRef) -> bool {
     }
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response {
+fn json_response<T: Serialize>(status: StatusCode, body: T) -> Response {
     (status, Json(body)).into_response()
+}
+
+/// A `{"self": ...}` link.
+#[derive(Debug, Serialize, ToSchema)]
+struct SelfLink {
+    #[serde(rename = "self")]
+    this: String,
+}
+
+/// A collection's links (cairn does not page).
+#[derive(Debug, Serialize, ToSchema)]
+struct CollectionLinks {
+    #[serde(rename = "self")]
+    this: String,
+    previous: Option<String>,
+    next: Option<String>,
 }
 
 // ---- discovery ------------------------------------------------------------------------------
 
-fn version_doc(base: &str) -> Value {
-    json!({
-        "id": VERSION_ID,
-        "status": "stable",
-        "updated": VERSION_UPDATED,
-        "links": [{"rel": "self", "href": format!("{base}/v3/")}],
-        "media-types": [{
-            "base": "application/json",
-            "type": "application/vnd.openstack.identity-v3+json",
+#[derive(Debug, Serialize, ToSchema)]
+struct VersionLink {
+    rel: String,
+    href: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct MediaType {
+    base: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Keystone's description of API v3.
+#[derive(Debug, Serialize, ToSchema)]
+struct IdentityVersion {
+    /// `v3.14`
+    id: String,
+    status: String,
+    updated: String,
+    links: Vec<VersionLink>,
+    #[serde(rename = "media-types")]
+    media_types: Vec<MediaType>,
+}
+
+/// `{"version": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct IdentityVersionDocument {
+    version: IdentityVersion,
+}
+
+/// `{"versions": {"values": [...]}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct IdentityVersions {
+    versions: IdentityVersionValues,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct IdentityVersionValues {
+    values: Vec<IdentityVersion>,
+}
+
+fn version_doc(base: &str) -> IdentityVersion {
+    IdentityVersion {
+        id: VERSION_ID.into(),
+        status: "stable".into(),
+        updated: VERSION_UPDATED.into(),
+        links: vec![VersionLink {
+            rel: "self".into(),
+            href: format!("{base}/v3/"),
         }],
-    })
+        media_types: vec![MediaType {
+            base: "application/json".into(),
+            kind: "application/vnd.openstack.identity-v3+json".into(),
+        }],
+    }
 }
 
 #[utoipa::path(get, path = "/", tag = "identity",
-    responses((status = 300, description = "Keystone version list (`{\"versions\": {\"values\": [...]}}`)")))]
+    responses((status = 300, description = "Keystone's version list", body = IdentityVersions)))]
 async fn versions(State(s): State<AppState>) -> Response {
     let base = s.service.public_url();
     json_response(
         StatusCode::MULTIPLE_CHOICES,
-        json!({"versions": {"values": [version_doc(&base)]}}),
+        IdentityVersions {
+            versions: IdentityVersionValues {
+                values: vec![version_doc(&base)],
+            },
+        },
     )
 }
 
 #[utoipa::path(get, path = "/v3", tag = "identity",
-    responses((status = 200, description = "Keystone v3 version document")))]
+    responses((status = 200, description = "Keystone v3 version document", body = IdentityVersionDocument)))]
 async fn version_v3(State(s): State<AppState>) -> Response {
     json_response(
         StatusCode::OK,
-        json!({"version": version_doc(&s.service.public_url())}),
+        IdentityVersionDocument {
+            version: version_doc(&s.service.public_url()),
+        },
     )
 }
 
 #[utoipa::path(get, path = "/v3/", tag = "identity",
-    responses((status = 200, description = "Keystone v3 version document")))]
+    responses((status = 200, description = "Keystone v3 version document", body = IdentityVersionDocument)))]
 async fn version_v3_slash(state: State<AppState>) -> Response {
     version_v3(state).await
 }
 
 // ---- tokens ---------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+/// What `POST /v3/auth/tokens` takes.
+#[derive(Deserialize, ToSchema)]
 struct AuthBody {
     auth: AuthSection,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AuthSection {
     identity: IdentitySection,
+    /// A project (by id, or by name with its domain); absent or `"unscoped"`: the user's
+    /// default project.
     #[serde(default)]
+    #[schema(value_type = Option<AuthScope>)]
     scope: Option<Value>,
 }
 
-#[derive(Deserialize)]
+/// The scope cairn issues tokens for.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // the handler reads `scope` as JSON, to tell its other forms apart
+struct AuthScope {
+    project: ScopeProject,
+}
+
+#[derive(Deserialize, ToSchema)]
 struct IdentitySection {
+    /// `password` or `token`.
+    #[schema(min_items = 1)]
     methods: Vec<String>,
     #[serde(default)]
     password: Option<PasswordSection>,
@@ -230,12 +314,13 @@ struct IdentitySection {
     token: Option<TokenSection>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PasswordSection {
     user: PasswordUser,
 }
 
-#[derive(Deserialize)]
+/// A user by id, or by name with its domain.
+#[derive(Deserialize, ToSchema)]
 struct PasswordUser {
     #[serde(default)]
     id: Option<String>,
@@ -246,12 +331,13 @@ struct PasswordUser {
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct TokenSection {
     id: String,
 }
 
-#[derive(Deserialize)]
+/// The domain, by id (`default`) or name (`Default`).
+#[derive(Deserialize, ToSchema)]
 struct DomainRef {
     #[serde(default)]
     id: Option<String>,
@@ -259,7 +345,7 @@ struct DomainRef {
     name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct ScopeProject {
     #[serde(default)]
     id: Option<String>,
@@ -359,57 +445,144 @@ fn auth_request(body: AuthBody) -> ServiceResult<AuthRequest> {
     Ok(AuthRequest { method, scope })
 }
 
-fn domain() -> Value {
-    json!({"id": DOMAIN_ID, "name": DOMAIN_NAME})
+#[derive(Debug, Serialize, ToSchema)]
+struct DomainView {
+    id: String,
+    name: String,
+}
+
+fn domain() -> DomainView {
+    DomainView {
+        id: DOMAIN_ID.into(),
+        name: DOMAIN_NAME.into(),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Endpoint {
+    id: String,
+    /// public, internal or admin.
+    interface: String,
+    region: String,
+    region_id: String,
+    url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct CatalogEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    id: String,
+    endpoints: Vec<Endpoint>,
 }
 
 /// The service catalog: every API this daemon serves, at this daemon's URL.
-fn catalog(base: &str, project_id: &str) -> Value {
-    let entry = |ty: &str, name: &str, url: String| {
-        let endpoints: Vec<Value> = ["public", "internal", "admin"]
+fn catalog(base: &str, project_id: &str) -> Vec<CatalogEntry> {
+    let entry = |ty: &str, name: &str, url: String| CatalogEntry {
+        kind: ty.into(),
+        name: name.into(),
+        id: format!("{name}-{ty}"),
+        endpoints: ["public", "internal", "admin"]
             .into_iter()
-            .map(|iface| {
-                json!({
-                    "id": format!("{name}-{ty}-{iface}"),
-                    "interface": iface,
-                    "region": REGION,
-                    "region_id": REGION,
-                    "url": url,
-                })
+            .map(|iface| Endpoint {
+                id: format!("{name}-{ty}-{iface}"),
+                interface: iface.into(),
+                region: REGION.into(),
+                region_id: REGION.into(),
+                url: url.clone(),
             })
-            .collect();
-        json!({"type": ty, "name": name, "id": format!("{name}-{ty}"), "endpoints": endpoints})
+            .collect(),
     };
     // Only what is served: clients probe every service they find (openstackclient's
     // `server list` fails on an image endpoint that answers 404). Block storage and images
     // join when their APIs do.
-    json!([
+    vec![
         entry("identity", "keystone", format!("{base}/v3")),
         entry("compute", "nova", format!("{base}/v2.1/{project_id}")),
-    ])
+    ]
 }
 
-fn token_body(base: &str, info: &TokenInfo, with_catalog: bool) -> Value {
+#[derive(Debug, Serialize, ToSchema)]
+struct TokenUser {
+    id: String,
+    name: String,
+    domain: DomainView,
+    password_expires_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct TokenProject {
+    id: String,
+    name: String,
+    domain: DomainView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct RoleRef {
+    id: String,
+    name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct TokenView {
+    methods: Vec<String>,
+    user: TokenUser,
+    audit_ids: Vec<String>,
+    expires_at: String,
+    issued_at: String,
+    project: TokenProject,
+    is_domain: bool,
+    /// The roles on the project, and those they imply.
+    roles: Vec<RoleRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    catalog: Option<Vec<CatalogEntry>>,
+}
+
+/// `{"token": {...}}`; the token itself is in `X-Subject-Token`.
+#[derive(Debug, Serialize, ToSchema)]
+struct TokenResponse {
+    token: TokenView,
+}
+
+fn token_body(base: &str, info: &TokenInfo, with_catalog: bool) -> TokenResponse {
     let c = &info.caller;
-    let mut token = json!({
-        "methods": info.methods,
-        "user": {
-            "id": c.user_id,
-            "name": c.user_name,
-            "domain": domain(),
-            "password_expires_at": null,
+    TokenResponse {
+        token: TokenView {
+            methods: info.methods.clone(),
+            user: TokenUser {
+                id: c.user_id.clone(),
+                name: c.user_name.clone(),
+                domain: domain(),
+                password_expires_at: None,
+            },
+            audit_ids: vec![info.audit_id.clone()],
+            expires_at: time_fmt::keystone(info.expires_at),
+            issued_at: time_fmt::keystone(info.issued_at),
+            project: TokenProject {
+                id: c.project_id.clone(),
+                name: c.project_name.clone(),
+                domain: domain(),
+            },
+            is_domain: false,
+            roles: info
+                .role_ids
+                .iter()
+                .map(|r| RoleRef {
+                    id: r.id.clone(),
+                    name: r.name.clone(),
+                })
+                .collect(),
+            catalog: with_catalog.then(|| catalog(base, &c.project_id)),
         },
-        "audit_ids": [info.audit_id],
-        "expires_at": time_fmt::keystone(info.expires_at),
-        "issued_at": time_fmt::keystone(info.issued_at),
-        "project": {"id": c.project_id, "name": c.project_name, "domain": domain()},
-        "is_domain": false,
-        "roles": info.role_ids,
-    });
-    if with_catalog {
-        token["catalog"] = catalog(base, &c.project_id);
     }
-    json!({"token": token})
+}
+
+/// `GET /v3/auth/catalog`
+#[derive(Debug, Serialize, ToSchema)]
+struct CatalogResponse {
+    catalog: Vec<CatalogEntry>,
+    links: CollectionLinks,
 }
 
 fn with_subject(mut resp: Response, token: &str) -> Response {
@@ -456,9 +629,11 @@ async fn subject(state: &AppState, headers: &HeaderMap) -> ServiceResult<(String
 
 #[utoipa::path(post, path = "/v3/auth/tokens", tag = "identity",
     params(("nocatalog" = Option<bool>, Query, description = "leave the service catalog out")),
-    responses((status = 201, description = "token issued: secret in `X-Subject-Token`, body `{\"token\": {...}}`"),
-              (status = 400, description = "malformed request"),
-              (status = 401, description = "bad credentials or no access to the project")))]
+    request_body(content = AuthBody, content_type = "application/json"),
+    responses((status = 201, description = "token issued", body = TokenResponse,
+                  headers(("X-Subject-Token" = String, description = "the token"))),
+              (status = 400, description = "malformed request", body = IdentityError),
+              (status = 401, description = "bad credentials or no access to the project", body = IdentityError)))]
 async fn issue_token(State(s): State<AppState>, RawQuery(q): RawQuery, body: Body) -> Response {
     answer(async {
         let q = parse_query(q.as_deref())?;
@@ -478,12 +653,11 @@ async fn issue_token(State(s): State<AppState>, RawQuery(q): RawQuery, body: Bod
 }
 
 #[utoipa::path(get, path = "/v3/auth/tokens", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "the caller's token"),
-           ("X-Subject-Token" = String, Header, description = "the token to validate"),
+    params(("X-Subject-Token" = String, Header, description = "the token to validate"),
            ("nocatalog" = Option<bool>, Query, description = "leave the service catalog out")),
-    responses((status = 200, description = "the subject token is valid; body as issued"),
-              (status = 401, description = "the caller's token is not valid"),
-              (status = 404, description = "the subject token is not valid")))]
+    responses((status = 200, description = "the subject token is valid; body as issued", body = TokenResponse,
+                  headers(("X-Subject-Token" = String, description = "the token validated"))),
+              (status = 404, description = "the subject token is not valid", body = IdentityError)))]
 async fn validate_token(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -499,10 +673,8 @@ async fn validate_token(
 }
 
 #[utoipa::path(head, path = "/v3/auth/tokens", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "the caller's token"),
-           ("X-Subject-Token" = String, Header, description = "the token to check")),
+    params(("X-Subject-Token" = String, Header, description = "the token to check")),
     responses((status = 200, description = "the subject token is valid"),
-              (status = 401, description = "the caller's token is not valid"),
               (status = 404, description = "the subject token is not valid")))]
 async fn check_token(State(s): State<AppState>, headers: HeaderMap) -> Response {
     answer(async {
@@ -513,12 +685,10 @@ async fn check_token(State(s): State<AppState>, headers: HeaderMap) -> Response 
 }
 
 #[utoipa::path(delete, path = "/v3/auth/tokens", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "the caller's token"),
-           ("X-Subject-Token" = String, Header, description = "the token to revoke")),
+    params(("X-Subject-Token" = String, Header, description = "the token to revoke")),
     responses((status = 204, description = "revoked"),
-              (status = 401, description = "the caller's token is not valid"),
-              (status = 403, description = "another user's token, and the caller is no admin"),
-              (status = 404, description = "the subject token is not valid")))]
+              (status = 403, description = "another user's token, and the caller is no admin", body = IdentityError),
+              (status = 404, description = "the subject token is not valid", body = IdentityError)))]
 async fn revoke_token(State(s): State<AppState>, headers: HeaderMap) -> Response {
     answer(async {
         let caller = token_caller(&s, &headers).await?;
@@ -530,18 +700,21 @@ async fn revoke_token(State(s): State<AppState>, headers: HeaderMap) -> Response
 }
 
 #[utoipa::path(get, path = "/v3/auth/catalog", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "the caller's token")),
-    responses((status = 200, description = "the service catalog of the caller's token")))]
+    responses((status = 200, description = "the service catalog of the caller's token", body = CatalogResponse)))]
 async fn auth_catalog(State(s): State<AppState>, headers: HeaderMap) -> Response {
     answer(async {
         let caller = token_caller(&s, &headers).await?;
         let base = s.service.public_url();
         Ok(json_response(
             StatusCode::OK,
-            json!({
-                "catalog": catalog(&base, &caller.project_id),
-                "links": {"self": format!("{base}/v3/auth/catalog"), "previous": null, "next": null},
-            }),
+            CatalogResponse {
+                catalog: catalog(&base, &caller.project_id),
+                links: CollectionLinks {
+                    this: format!("{base}/v3/auth/catalog"),
+                    previous: None,
+                    next: None,
+                },
+            },
         ))
     })
     .await
@@ -549,29 +722,59 @@ async fn auth_catalog(State(s): State<AppState>, headers: HeaderMap) -> Response
 
 // ---- projects -------------------------------------------------------------------------------
 
-fn project_view(base: &str, p: &Project) -> Value {
-    json!({
-        "id": p.id,
-        "name": p.name,
-        "description": p.description,
-        "enabled": p.enabled,
-        "domain_id": DOMAIN_ID,
-        "parent_id": DOMAIN_ID,
-        "is_domain": false,
-        "tags": [],
-        "options": {},
-        "links": {"self": format!("{base}/v3/projects/{}", p.id)},
-    })
+/// An empty map (Keystone's `options`, `tags` and such, which cairn does not keep).
+type Empty = std::collections::BTreeMap<String, String>;
+
+#[derive(Debug, Serialize, ToSchema)]
+struct ProjectView {
+    id: String,
+    name: String,
+    description: String,
+    enabled: bool,
+    domain_id: String,
+    parent_id: String,
+    is_domain: bool,
+    tags: Vec<String>,
+    options: Empty,
+    links: SelfLink,
 }
 
-fn collection(base: &str, key: &str, path: &str, items: Vec<Value>) -> Response {
-    json_response(
-        StatusCode::OK,
-        json!({
-            key: items,
-            "links": {"self": format!("{base}{path}"), "previous": null, "next": null},
-        }),
-    )
+/// `{"project": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct ProjectResponse {
+    project: ProjectView,
+}
+
+/// `{"projects": [...], "links": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct ProjectsResponse {
+    projects: Vec<ProjectView>,
+    links: CollectionLinks,
+}
+
+fn project_view(base: &str, p: &Project) -> ProjectView {
+    ProjectView {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        enabled: p.enabled,
+        domain_id: DOMAIN_ID.into(),
+        parent_id: DOMAIN_ID.into(),
+        is_domain: false,
+        tags: Vec::new(),
+        options: Empty::new(),
+        links: SelfLink {
+            this: format!("{base}/v3/projects/{}", p.id),
+        },
+    }
+}
+
+fn links(base: &str, path: &str) -> CollectionLinks {
+    CollectionLinks {
+        this: format!("{base}{path}"),
+        previous: None,
+        next: None,
+    }
 }
 
 /// The `domain_id` filter of a listing: every item is in `default`, so any other domain
@@ -581,12 +784,11 @@ fn other_domain(q: &HashMap<String, String>) -> bool {
 }
 
 #[utoipa::path(get, path = "/v3/projects", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token"),
-           ("name" = Option<String>, Query, description = "only the project of this name"),
+    params(("name" = Option<String>, Query, description = "only the project of this name"),
            ("enabled" = Option<bool>, Query, description = "only enabled (or disabled) projects"),
            ("domain_id" = Option<String>, Query, description = "only projects of this domain (always `default`)")),
-    responses((status = 200, description = "`{\"projects\": [...], \"links\": {...}}`"),
-              (status = 403, description = "not an admin")))]
+    responses((status = 200, description = "every project (an admin's token)", body = ProjectsResponse),
+              (status = 403, description = "not an admin", body = IdentityError)))]
 async fn list_projects(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -605,18 +807,26 @@ async fn list_projects(
             .filter(|_| !other_domain(&q) && !truthy(&q, "is_domain"))
             .map(|p| project_view(&base, p))
             .collect();
-        Ok(collection(&base, "projects", "/v3/projects", items))
+        Ok(json_response(
+            StatusCode::OK,
+            ProjectsResponse {
+                projects: items,
+                links: links(&base, "/v3/projects"),
+            },
+        ))
     })
     .await
 }
 
-#[derive(Deserialize)]
+/// What `POST /v3/projects` takes.
+#[derive(Deserialize, ToSchema)]
 struct ProjectBody {
     project: NewProjectBody,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct NewProjectBody {
+    #[schema(min_length = 1, max_length = 64)]
     name: String,
     #[serde(default)]
     description: Option<String>,
@@ -631,11 +841,11 @@ struct NewProjectBody {
 }
 
 #[utoipa::path(post, path = "/v3/projects", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token")),
-    responses((status = 201, description = "`{\"project\": {...}}`"),
-              (status = 400, description = "malformed request"),
-              (status = 403, description = "not an admin"),
-              (status = 409, description = "a project of that name exists")))]
+    request_body(content = ProjectBody, content_type = "application/json"),
+    responses((status = 201, description = "created", body = ProjectResponse),
+              (status = 400, description = "malformed request", body = IdentityError),
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 409, description = "a project of that name exists", body = IdentityError)))]
 async fn create_project(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     answer(async {
         let caller = token_caller(&s, &headers).await?;
@@ -669,18 +879,19 @@ async fn create_project(State(s): State<AppState>, headers: HeaderMap, body: Bod
             .await?;
         Ok(json_response(
             StatusCode::CREATED,
-            json!({"project": project_view(&s.service.public_url(), &created)}),
+            ProjectResponse {
+                project: project_view(&s.service.public_url(), &created),
+            },
         ))
     })
     .await
 }
 
 #[utoipa::path(get, path = "/v3/projects/{project_id}", tag = "identity",
-    params(("project_id" = String, Path, description = "project id (or name)"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token, or one scoped to this project")),
-    responses((status = 200, description = "`{\"project\": {...}}`"),
-              (status = 403, description = "another project, and not an admin"),
-              (status = 404, description = "no such project")))]
+    params(("project_id" = String, Path, description = "project id (or name)")),
+    responses((status = 200, description = "the project (an admin's token, or one scoped to it)", body = ProjectResponse),
+              (status = 403, description = "another project, and not an admin", body = IdentityError),
+              (status = 404, description = "no such project", body = IdentityError)))]
 async fn get_project(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -691,19 +902,20 @@ async fn get_project(
         let p = s.service.get_project(&caller, &project_id).await?;
         Ok(json_response(
             StatusCode::OK,
-            json!({"project": project_view(&s.service.public_url(), &p)}),
+            ProjectResponse {
+                project: project_view(&s.service.public_url(), &p),
+            },
         ))
     })
     .await
 }
 
 #[utoipa::path(delete, path = "/v3/projects/{project_id}", tag = "identity",
-    params(("project_id" = String, Path, description = "project id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+    params(("project_id" = String, Path, description = "project id")),
     responses((status = 204, description = "deleted, with its role assignments and tokens"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such project"),
-              (status = 409, description = "the project still owns volumes, servers, images or filesystems")))]
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such project", body = IdentityError),
+              (status = 409, description = "the project still owns volumes or servers, or it holds the last admin", body = IdentityError)))]
 async fn delete_project(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -719,30 +931,54 @@ async fn delete_project(
 
 // ---- users ----------------------------------------------------------------------------------
 
-fn user_view(base: &str, u: &User) -> Value {
-    let mut v = json!({
-        "id": u.id,
-        "name": u.name,
-        "domain_id": DOMAIN_ID,
-        "enabled": u.enabled,
-        "password_expires_at": null,
-        "options": {},
-        "links": {"self": format!("{base}/v3/users/{}", u.id)},
-    });
-    // Keystone leaves the key out when there is no default project.
-    if let Some(p) = &u.default_project_id {
-        v["default_project_id"] = json!(p);
+#[derive(Debug, Serialize, ToSchema)]
+struct UserView {
+    id: String,
+    name: String,
+    domain_id: String,
+    enabled: bool,
+    password_expires_at: Option<String>,
+    options: Empty,
+    links: SelfLink,
+    /// Absent when the user has none, as Keystone leaves it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_project_id: Option<String>,
+}
+
+/// `{"user": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct UserResponse {
+    user: UserView,
+}
+
+/// `{"users": [...], "links": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct UsersResponse {
+    users: Vec<UserView>,
+    links: CollectionLinks,
+}
+
+fn user_view(base: &str, u: &User) -> UserView {
+    UserView {
+        id: u.id.clone(),
+        name: u.name.clone(),
+        domain_id: DOMAIN_ID.into(),
+        enabled: u.enabled,
+        password_expires_at: None,
+        options: Empty::new(),
+        links: SelfLink {
+            this: format!("{base}/v3/users/{}", u.id),
+        },
+        default_project_id: u.default_project_id.clone(),
     }
-    v
 }
 
 #[utoipa::path(get, path = "/v3/users", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token"),
-           ("name" = Option<String>, Query, description = "only the user of this name"),
+    params(("name" = Option<String>, Query, description = "only the user of this name"),
            ("enabled" = Option<bool>, Query, description = "only enabled (or disabled) users"),
            ("domain_id" = Option<String>, Query, description = "only users of this domain (always `default`)")),
-    responses((status = 200, description = "`{\"users\": [...], \"links\": {...}}`"),
-              (status = 403, description = "not an admin")))]
+    responses((status = 200, description = "every user (an admin's token)", body = UsersResponse),
+              (status = 403, description = "not an admin", body = IdentityError)))]
 async fn list_users(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -761,18 +997,26 @@ async fn list_users(
             .filter(|_| !other_domain(&q))
             .map(|u| user_view(&base, u))
             .collect();
-        Ok(collection(&base, "users", "/v3/users", items))
+        Ok(json_response(
+            StatusCode::OK,
+            UsersResponse {
+                users: items,
+                links: links(&base, "/v3/users"),
+            },
+        ))
     })
     .await
 }
 
-#[derive(Deserialize)]
+/// What `POST /v3/users` takes.
+#[derive(Deserialize, ToSchema)]
 struct UserBody {
     user: NewUserBody,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct NewUserBody {
+    #[schema(min_length = 1, max_length = 255)]
     name: String,
     #[serde(default)]
     password: Option<String>,
@@ -785,11 +1029,11 @@ struct NewUserBody {
 }
 
 #[utoipa::path(post, path = "/v3/users", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token")),
-    responses((status = 201, description = "`{\"user\": {...}}`"),
-              (status = 400, description = "malformed request, or no such default project"),
-              (status = 403, description = "not an admin"),
-              (status = 409, description = "a user of that name exists")))]
+    request_body(content = UserBody, content_type = "application/json"),
+    responses((status = 201, description = "created", body = UserResponse),
+              (status = 400, description = "malformed request, or no such default project", body = IdentityError),
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 409, description = "a user of that name exists", body = IdentityError)))]
 async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     answer(async {
         let caller = token_caller(&s, &headers).await?;
@@ -814,18 +1058,19 @@ async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: Body) 
             .await?;
         Ok(json_response(
             StatusCode::CREATED,
-            json!({"user": user_view(&s.service.public_url(), &created)}),
+            UserResponse {
+                user: user_view(&s.service.public_url(), &created),
+            },
         ))
     })
     .await
 }
 
 #[utoipa::path(get, path = "/v3/users/{user_id}", tag = "identity",
-    params(("user_id" = String, Path, description = "user id (or name)"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token, or this user's")),
-    responses((status = 200, description = "`{\"user\": {...}}`"),
-              (status = 403, description = "another user, and not an admin"),
-              (status = 404, description = "no such user")))]
+    params(("user_id" = String, Path, description = "user id (or name)")),
+    responses((status = 200, description = "the user (an admin's token, or the user's own)", body = UserResponse),
+              (status = 403, description = "another user, and not an admin", body = IdentityError),
+              (status = 404, description = "no such user", body = IdentityError)))]
 async fn get_user(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -836,18 +1081,20 @@ async fn get_user(
         let u = s.service.get_user(&caller, &user_id).await?;
         Ok(json_response(
             StatusCode::OK,
-            json!({"user": user_view(&s.service.public_url(), &u)}),
+            UserResponse {
+                user: user_view(&s.service.public_url(), &u),
+            },
         ))
     })
     .await
 }
 
 #[utoipa::path(delete, path = "/v3/users/{user_id}", tag = "identity",
-    params(("user_id" = String, Path, description = "user id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+    params(("user_id" = String, Path, description = "user id")),
     responses((status = 204, description = "deleted, with its role assignments and tokens"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such user")))]
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such user", body = IdentityError),
+              (status = 409, description = "the user is the last admin", body = IdentityError)))]
 async fn delete_user(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -862,7 +1109,11 @@ async fn delete_user(
 }
 
 /// The projects `user_id` holds a role on (the caller's own, or any user's for an admin).
-async fn user_projects(s: &AppState, caller: &Caller, user_id: &str) -> ServiceResult<Vec<Value>> {
+async fn user_projects(
+    s: &AppState,
+    caller: &Caller,
+    user_id: &str,
+) -> ServiceResult<Vec<ProjectView>> {
     let assignments = s
         .service
         .list_role_assignments(caller, None, Some(user_id))
@@ -883,10 +1134,9 @@ async fn user_projects(s: &AppState, caller: &Caller, user_id: &str) -> ServiceR
 }
 
 #[utoipa::path(get, path = "/v3/users/{user_id}/projects", tag = "identity",
-    params(("user_id" = String, Path, description = "user id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token, or this user's")),
-    responses((status = 200, description = "`{\"projects\": [...]}`: the projects the user holds a role on"),
-              (status = 403, description = "another user, and not an admin")))]
+    params(("user_id" = String, Path, description = "user id")),
+    responses((status = 200, description = "the projects the user holds a role on (an admin's token, or the user's own)", body = ProjectsResponse),
+              (status = 403, description = "another user, and not an admin", body = IdentityError)))]
 async fn list_user_projects(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -897,42 +1147,78 @@ async fn list_user_projects(
         let items = user_projects(&s, &caller, &user_id).await?;
         let base = s.service.public_url();
         let path = format!("/v3/users/{user_id}/projects");
-        Ok(collection(&base, "projects", &path, items))
+        Ok(json_response(
+            StatusCode::OK,
+            ProjectsResponse {
+                projects: items,
+                links: links(&base, &path),
+            },
+        ))
     })
     .await
 }
 
 #[utoipa::path(get, path = "/v3/auth/projects", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "the caller's token")),
-    responses((status = 200, description = "`{\"projects\": [...]}`: the projects the caller may scope to")))]
+    responses((status = 200, description = "the projects the caller may scope to", body = ProjectsResponse)))]
 async fn auth_projects(State(s): State<AppState>, headers: HeaderMap) -> Response {
     answer(async {
         let caller = token_caller(&s, &headers).await?;
         let items = user_projects(&s, &caller, &caller.user_id).await?;
         let base = s.service.public_url();
-        Ok(collection(&base, "projects", "/v3/auth/projects", items))
+        Ok(json_response(
+            StatusCode::OK,
+            ProjectsResponse {
+                projects: items,
+                links: links(&base, "/v3/auth/projects"),
+            },
+        ))
     })
     .await
 }
 
 // ---- roles and grants -----------------------------------------------------------------------
 
-fn role_view(base: &str, r: &Named) -> Value {
-    json!({
-        "id": r.id,
-        "name": r.name,
-        "domain_id": null,
-        "description": null,
-        "options": {},
-        "links": {"self": format!("{base}/v3/roles/{}", r.id)},
-    })
+#[derive(Debug, Serialize, ToSchema)]
+struct RoleView {
+    id: String,
+    /// reader, member or admin.
+    name: String,
+    domain_id: Option<String>,
+    description: Option<String>,
+    options: Empty,
+    links: SelfLink,
+}
+
+/// `{"role": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct RoleResponse {
+    role: RoleView,
+}
+
+/// `{"roles": [...], "links": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct RolesResponse {
+    roles: Vec<RoleView>,
+    links: CollectionLinks,
+}
+
+fn role_view(base: &str, r: &Named) -> RoleView {
+    RoleView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        domain_id: None,
+        description: None,
+        options: Empty::new(),
+        links: SelfLink {
+            this: format!("{base}/v3/roles/{}", r.id),
+        },
+    }
 }
 
 #[utoipa::path(get, path = "/v3/roles", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token"),
-           ("name" = Option<String>, Query, description = "only the role of this name")),
-    responses((status = 200, description = "`{\"roles\": [...], \"links\": {...}}`: reader, member, admin"),
-              (status = 403, description = "not an admin")))]
+    params(("name" = Option<String>, Query, description = "only the role of this name")),
+    responses((status = 200, description = "reader, member, admin (an admin's token)", body = RolesResponse),
+              (status = 403, description = "not an admin", body = IdentityError)))]
 async fn list_roles(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -950,17 +1236,22 @@ async fn list_roles(
             .filter(|_| !q.contains_key("domain_id"))
             .map(|r| role_view(&base, r))
             .collect();
-        Ok(collection(&base, "roles", "/v3/roles", items))
+        Ok(json_response(
+            StatusCode::OK,
+            RolesResponse {
+                roles: items,
+                links: links(&base, "/v3/roles"),
+            },
+        ))
     })
     .await
 }
 
 #[utoipa::path(get, path = "/v3/roles/{role_id}", tag = "identity",
-    params(("role_id" = String, Path, description = "role id (or name)"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
-    responses((status = 200, description = "`{\"role\": {...}}`"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such role")))]
+    params(("role_id" = String, Path, description = "role id (or name)")),
+    responses((status = 200, description = "the role (an admin's token)", body = RoleResponse),
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such role", body = IdentityError)))]
 async fn get_role(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -976,7 +1267,9 @@ async fn get_role(
             .ok_or_else(|| ServiceError::NotFound(format!("Could not find role: {role_id}.")))?;
         Ok(json_response(
             StatusCode::OK,
-            json!({"role": role_view(&s.service.public_url(), r)}),
+            RoleResponse {
+                role: role_view(&s.service.public_url(), r),
+            },
         ))
     })
     .await
@@ -984,10 +1277,9 @@ async fn get_role(
 
 #[utoipa::path(get, path = "/v3/projects/{project_id}/users/{user_id}/roles", tag = "identity",
     params(("project_id" = String, Path, description = "project id"),
-           ("user_id" = String, Path, description = "user id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
-    responses((status = 200, description = "`{\"roles\": [...], \"links\": {...}}`: the user's roles on the project"),
-              (status = 403, description = "not an admin")))]
+           ("user_id" = String, Path, description = "user id")),
+    responses((status = 200, description = "the user's roles on the project (an admin's token)", body = RolesResponse),
+              (status = 403, description = "not an admin", body = IdentityError)))]
 async fn list_grants(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1005,7 +1297,13 @@ async fn list_grants(
             .map(|a| role_view(&base, &a.role))
             .collect();
         let path = format!("/v3/projects/{project_id}/users/{user_id}/roles");
-        Ok(collection(&base, "roles", &path, items))
+        Ok(json_response(
+            StatusCode::OK,
+            RolesResponse {
+                roles: items,
+                links: links(&base, &path),
+            },
+        ))
     })
     .await
 }
@@ -1013,11 +1311,10 @@ async fn list_grants(
 #[utoipa::path(put, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
     params(("project_id" = String, Path, description = "project id"),
            ("user_id" = String, Path, description = "user id"),
-           ("role_id" = String, Path, description = "role id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+           ("role_id" = String, Path, description = "role id")),
     responses((status = 204, description = "granted (granting again changes nothing)"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such project, user or role")))]
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such project, user or role", body = IdentityError)))]
 async fn grant(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1059,11 +1356,10 @@ async fn grant_exists(
 #[utoipa::path(get, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
     params(("project_id" = String, Path, description = "project id"),
            ("user_id" = String, Path, description = "user id"),
-           ("role_id" = String, Path, description = "role id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+           ("role_id" = String, Path, description = "role id")),
     responses((status = 204, description = "the user holds the role on the project"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such grant")))]
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such grant", body = IdentityError)))]
 async fn check_grant(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1075,8 +1371,7 @@ async fn check_grant(
 #[utoipa::path(head, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
     params(("project_id" = String, Path, description = "project id"),
            ("user_id" = String, Path, description = "user id"),
-           ("role_id" = String, Path, description = "role id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+           ("role_id" = String, Path, description = "role id")),
     responses((status = 204, description = "the user holds the role on the project"),
               (status = 403, description = "not an admin"),
               (status = 404, description = "no such grant")))]
@@ -1091,11 +1386,11 @@ async fn head_grant(
 #[utoipa::path(delete, path = "/v3/projects/{project_id}/users/{user_id}/roles/{role_id}", tag = "identity",
     params(("project_id" = String, Path, description = "project id"),
            ("user_id" = String, Path, description = "user id"),
-           ("role_id" = String, Path, description = "role id"),
-           ("X-Auth-Token" = String, Header, description = "an admin's token")),
+           ("role_id" = String, Path, description = "role id")),
     responses((status = 204, description = "revoked"),
-              (status = 403, description = "not an admin"),
-              (status = 404, description = "no such project, user, role or grant")))]
+              (status = 403, description = "not an admin", body = IdentityError),
+              (status = 404, description = "no such project, user, role or grant", body = IdentityError),
+              (status = 409, description = "it is the last admin role assignment", body = IdentityError)))]
 async fn revoke_grant(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1112,13 +1407,12 @@ async fn revoke_grant(
 }
 
 #[utoipa::path(get, path = "/v3/role_assignments", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "an admin's token"),
-           ("user.id" = Option<String>, Query, description = "only this user's assignments"),
+    params(("user.id" = Option<String>, Query, description = "only this user's assignments"),
            ("scope.project.id" = Option<String>, Query, description = "only assignments on this project"),
            ("role.id" = Option<String>, Query, description = "only this role"),
            ("include_names" = Option<bool>, Query, description = "add names (and domains) to role, user and project")),
-    responses((status = 200, description = "`{\"role_assignments\": [...], \"links\": {...}}`"),
-              (status = 403, description = "not an admin")))]
+    responses((status = 200, description = "role assignments (an admin's token; others see their own with ?user.id=<self>)", body = RoleAssignmentsResponse),
+              (status = 403, description = "not an admin", body = IdentityError)))]
 async fn list_role_assignments(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1163,58 +1457,129 @@ async fn list_role_assignments(
         let items = assignments
             .iter()
             .map(|a| {
-                let mut role = json!({"id": a.role.id});
-                let mut user = json!({"id": a.user_id});
-                let mut project = json!({"id": a.project_id});
-                if names {
-                    role["name"] = json!(a.role.name);
-                    if let Some(u) = users.iter().find(|u| u.id == a.user_id) {
-                        user["name"] = json!(u.name);
-                        user["domain"] = domain();
-                    }
-                    if let Some(p) = projects.iter().find(|p| p.id == a.project_id) {
-                        project["name"] = json!(p.name);
-                        project["domain"] = domain();
-                    }
+                let user = users.iter().find(|u| u.id == a.user_id);
+                let project = projects.iter().find(|p| p.id == a.project_id);
+                RoleAssignment {
+                    role: AssignmentRef {
+                        id: a.role.id.clone(),
+                        name: names.then(|| a.role.name.clone()),
+                        domain: None,
+                    },
+                    user: AssignmentRef {
+                        id: a.user_id.clone(),
+                        name: user.map(|u| u.name.clone()),
+                        domain: user.map(|_| domain()),
+                    },
+                    scope: AssignmentScope {
+                        project: AssignmentRef {
+                            id: a.project_id.clone(),
+                            name: project.map(|p| p.name.clone()),
+                            domain: project.map(|_| domain()),
+                        },
+                    },
+                    links: AssignmentLink {
+                        assignment: format!(
+                            "{base}/v3/projects/{}/users/{}/roles/{}",
+                            a.project_id, a.user_id, a.role.id
+                        ),
+                    },
                 }
-                json!({
-                    "role": role,
-                    "user": user,
-                    "scope": {"project": project},
-                    "links": {"assignment": format!(
-                        "{base}/v3/projects/{}/users/{}/roles/{}",
-                        a.project_id, a.user_id, a.role.id
-                    )},
-                })
             })
             .collect();
         let path = match &raw {
             Some(r) if !r.is_empty() => format!("/v3/role_assignments?{r}"),
             _ => "/v3/role_assignments".to_owned(),
         };
-        Ok(collection(&base, "role_assignments", &path, items))
+        Ok(json_response(
+            StatusCode::OK,
+            RoleAssignmentsResponse {
+                role_assignments: items,
+                links: links(&base, &path),
+            },
+        ))
     })
     .await
 }
 
+/// A role, user or project in an assignment: names (and domains) with `include_names`.
+#[derive(Debug, Serialize, ToSchema)]
+struct AssignmentRef {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<DomainView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct AssignmentScope {
+    project: AssignmentRef,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct AssignmentLink {
+    assignment: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct RoleAssignment {
+    role: AssignmentRef,
+    user: AssignmentRef,
+    scope: AssignmentScope,
+    links: AssignmentLink,
+}
+
+/// `{"role_assignments": [...], "links": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct RoleAssignmentsResponse {
+    role_assignments: Vec<RoleAssignment>,
+    links: CollectionLinks,
+}
+
 // ---- domains --------------------------------------------------------------------------------
 
-fn domain_view(base: &str) -> Value {
-    json!({
-        "id": DOMAIN_ID,
-        "name": DOMAIN_NAME,
-        "description": "The default domain",
-        "enabled": true,
-        "tags": [],
-        "options": {},
-        "links": {"self": format!("{base}/v3/domains/{DOMAIN_ID}")},
-    })
+#[derive(Debug, Serialize, ToSchema)]
+struct DomainDetail {
+    id: String,
+    name: String,
+    description: String,
+    enabled: bool,
+    tags: Vec<String>,
+    options: Empty,
+    links: SelfLink,
+}
+
+/// `{"domain": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct DomainResponse {
+    domain: DomainDetail,
+}
+
+/// `{"domains": [...], "links": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+struct DomainsResponse {
+    domains: Vec<DomainDetail>,
+    links: CollectionLinks,
+}
+
+fn domain_view(base: &str) -> DomainDetail {
+    DomainDetail {
+        id: DOMAIN_ID.into(),
+        name: DOMAIN_NAME.into(),
+        description: "The default domain".into(),
+        enabled: true,
+        tags: Vec::new(),
+        options: Empty::new(),
+        links: SelfLink {
+            this: format!("{base}/v3/domains/{DOMAIN_ID}"),
+        },
+    }
 }
 
 #[utoipa::path(get, path = "/v3/domains", tag = "identity",
-    params(("X-Auth-Token" = String, Header, description = "any valid token"),
-           ("name" = Option<String>, Query, description = "only the domain of this name")),
-    responses((status = 200, description = "`{\"domains\": [...]}`: the one domain, `default`")))]
+    params(("name" = Option<String>, Query, description = "only the domain of this name"),
+           ("enabled" = Option<bool>, Query, description = "only enabled (or disabled) domains")),
+    responses((status = 200, description = "the one domain, `default`", body = DomainsResponse)))]
 async fn list_domains(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1230,16 +1595,21 @@ async fn list_domains(
         } else {
             Vec::new()
         };
-        Ok(collection(&base, "domains", "/v3/domains", items))
+        Ok(json_response(
+            StatusCode::OK,
+            DomainsResponse {
+                domains: items,
+                links: links(&base, "/v3/domains"),
+            },
+        ))
     })
     .await
 }
 
 #[utoipa::path(get, path = "/v3/domains/{domain_id}", tag = "identity",
-    params(("domain_id" = String, Path, description = "`default`"),
-           ("X-Auth-Token" = String, Header, description = "any valid token")),
-    responses((status = 200, description = "`{\"domain\": {...}}`"),
-              (status = 404, description = "no such domain")))]
+    params(("domain_id" = String, Path, description = "`default`")),
+    responses((status = 200, description = "the domain", body = DomainResponse),
+              (status = 404, description = "no such domain", body = IdentityError)))]
 async fn get_domain(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -1254,7 +1624,9 @@ async fn get_domain(
         }
         Ok(json_response(
             StatusCode::OK,
-            json!({"domain": domain_view(&s.service.public_url())}),
+            DomainResponse {
+                domain: domain_view(&s.service.public_url()),
+            },
         ))
     })
     .await

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use schema::SecuritySchemes;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -27,6 +28,7 @@ mod metrics;
 pub mod model;
 pub mod ops;
 pub mod pdisk;
+pub mod schema;
 mod service;
 pub mod time_fmt;
 
@@ -47,7 +49,8 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
         metrics: Arc::new(metrics::Metrics::new(service.clone())),
         service,
     };
-    let (routes, doc) = api_routes().split_for_parts();
+    let (routes, mut doc) = api_routes().split_for_parts();
+    schema::complete(&mut doc);
     let doc = Arc::new(doc);
     routes
         .route(
@@ -104,14 +107,33 @@ fn api_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of every route, as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().into_openapi()
+    let mut doc = api_routes().into_openapi();
+    schema::complete(&mut doc);
+    doc
 }
 
 #[derive(utoipa::OpenApi)]
-#[openapi(info(
-    title = "cairn admin API",
-    description = "Identity (Keystone v3 subset), Compute volumes (os-volumes), persistent disks (pdisk) and operations endpoints of the cairn storage daemon."
-))]
+#[openapi(
+    info(
+        title = "cairn admin API",
+        description = "Identity (Keystone v3 subset), Compute volumes (os-volumes), persistent disks (pdisk) and operations endpoints of the cairn storage daemon."
+    ),
+    modifiers(&SecuritySchemes),
+    components(schemas(
+        schema::BadRequest,
+        schema::Unauthorized,
+        schema::Forbidden,
+        schema::ItemNotFound,
+        schema::BadMethod,
+        schema::NotAcceptable,
+        schema::ConflictingRequest,
+        schema::OverLimit,
+        schema::BadMediaType,
+        schema::ComputeFault,
+        schema::IdentityError,
+        schema::PdiskError,
+    ))
+)]
 struct ApiDoc;
 
 #[cfg(test)]

@@ -17,10 +17,21 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{AppState, error::json_error};
+use crate::{AppState, error::json_error, schema::IdentityError};
+
+/// `GET /healthz`
+#[derive(Debug, Serialize, ToSchema)]
+struct HealthResponse {
+    /// `ok` or `unavailable`.
+    status: String,
+    /// Per component (`store`, `catalog`): `ok` or the reason it is not usable.
+    checks: BTreeMap<String, String>,
+}
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -33,11 +44,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops",
-    responses((status = 200, description = "every component is usable"),
-              (status = 503, description = "a component is not usable; reasons in `checks`")))]
+    responses((status = 200, description = "every component is usable", body = HealthResponse),
+              (status = 503, description = "a component is not usable; reasons in `checks`", body = HealthResponse)))]
 async fn healthz(State(state): State<AppState>) -> Response {
     let health = state.service.health().await;
-    let checks: Map<String, Value> = health
+    let checks = health
         .components
         .iter()
         .map(|c| {
@@ -45,32 +56,33 @@ async fn healthz(State(state): State<AppState>) -> Response {
                 Ok(()) => "ok".to_owned(),
                 Err(reason) => reason.clone(),
             };
-            (c.name.clone(), Value::String(v))
+            (c.name.clone(), v)
         })
         .collect();
-    if health.is_healthy() {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "checks": checks})),
-        )
-            .into_response()
+    let (status, word) = if health.is_healthy() {
+        (StatusCode::OK, "ok")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "checks": checks})),
-        )
-            .into_response()
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    (
+        status,
+        Json(HealthResponse {
+            status: word.into(),
+            checks,
+        }),
+    )
+        .into_response()
 }
 
 #[utoipa::path(get, path = "/version", tag = "ops",
-    responses((status = 200, description = "name, version, commit and on-disk format versions")))]
+    responses((status = 200, description = "name, version, commit and on-disk format versions", body = crate::VersionInfo)))]
 async fn version(State(state): State<AppState>) -> Json<crate::VersionInfo> {
     Json(state.service.version())
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
+    responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text"),
+              (status = 500, description = "the metrics could not be encoded", body = IdentityError)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),

@@ -20,6 +20,7 @@ use axum::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
         AttachKind, AttachRequest, AttachTarget, Attachment, Caller, DeviceNaming, NewVolume,
         ServiceError, Visibility, Volume, VolumeScope,
     },
+    schema::PdiskError,
     time_fmt,
 };
 
@@ -79,7 +81,7 @@ fn with_405(
 
 /// `{"message": [...]}` with `status`.
 pub fn error(status: StatusCode, messages: Vec<String>) -> Response {
-    (status, Json(serde_json::json!({ "message": messages }))).into_response()
+    (status, Json(PdiskError { message: messages })).into_response()
 }
 
 fn bad_request(message: impl Into<String>) -> Response {
@@ -146,7 +148,7 @@ fn path_error(e: PathRejection) -> Response {
 
 /// A disk as the original's `DiskProperties`: every value a string, in the seed's key order,
 /// then any extra properties given at creation.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct DiskView {
     users: String,
     created: String,
@@ -154,9 +156,18 @@ struct DiskView {
     tag: String,
     owner: String,
     uuid: String,
+    /// GiB.
     size: String,
+    /// Extra fields given at creation, each a property of its own.
     #[serde(flatten)]
+    #[schema(ignore)]
     extra: BTreeMap<String, String>,
+}
+
+/// `{"uuid": "..."}`
+#[derive(Serialize, ToSchema)]
+struct UuidResponse {
+    uuid: String,
 }
 
 impl DiskView {
@@ -181,7 +192,7 @@ impl DiskView {
 }
 
 /// `json/action.ftl`: node, vm_id, [target], uuid.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ActionView {
     node: String,
     vm_id: String,
@@ -196,14 +207,35 @@ fn ok_json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 
 // ---- request bodies ------------------------------------------------------------------------
 
+/// The actions on a VM's disks (path parameter; documentation only).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+enum DiskAction {
+    Attach,
+    Hotattach,
+    Hotdetach,
+    Detach,
+}
+
+/// The one action that takes no disk UUID.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+enum DetachAction {
+    Detach,
+}
+
 /// Body of `POST /api/create` (documentation only: bodies are read by [`read_fields`]).
 #[allow(dead_code)]
 #[derive(utoipa::ToSchema)]
 struct CreateFields {
     /// GiB, 1..1024 (a JSON number or string).
+    #[schema(pattern = "^[0-9]+$")]
     size: String,
     tag: String,
     /// `private` or `public`.
+    #[schema(pattern = "^(private|public)$")]
     visibility: String,
     /// `true` lets several VMs use the disk at once (cairn extension).
     multiattach: Option<String>,
@@ -439,8 +471,7 @@ fn new_volume_of(fields: &Fields) -> Result<NewVolume, Vec<String>> {
 /// List the disks the caller may see: its own, public ones; every disk for an admin.
 #[utoipa::path(get, path = "/disks", tag = "pdisk",
     responses(
-        (status = 200, description = "JSON array of disks; every value is a string"),
-        (status = 401, description = "no or bad credentials (HTTP Basic or X-Auth-Token)")))]
+        (status = 200, description = "the disks the caller may see; every value is a string", body = Vec<DiskView>)))]
 async fn list_disks(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let caller = match caller(&state, &headers).await {
         Ok(c) => c,
@@ -464,11 +495,10 @@ async fn list_disks(State(state): State<AppState>, headers: HeaderMap) -> Respon
 #[utoipa::path(get, path = "/disks/{uuid}", tag = "pdisk",
     params(("uuid" = String, Path, description = "disk UUID")),
     responses(
-        (status = 200, description = "the disk",
+        (status = 200, description = "the disk", body = DiskView,
             headers(("X-DiskUser-Limit" = String, description = "how many VMs may use the disk at once"),
                     ("X-DiskUser-Remaining" = String, description = "limit minus current users"))),
-        (status = 400, description = "`Disk does not exists` or `Not enough rights to display disk properties`"),
-        (status = 401, description = "no or bad credentials")))]
+        (status = 400, description = "`Disk does not exists` or `Not enough rights to display disk properties`", body = PdiskError)))]
 async fn show_disk(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -505,9 +535,8 @@ async fn show_disk(
 #[utoipa::path(delete, path = "/disks/{uuid}", tag = "pdisk",
     params(("uuid" = String, Path, description = "disk UUID")),
     responses(
-        (status = 200, description = "`{\"uuid\": \"...\"}`"),
-        (status = 400, description = "`Disk does not exists`, `Not enough rights to delete disk` or `Can't remove the disk as it is in use`"),
-        (status = 401, description = "no or bad credentials")))]
+        (status = 200, description = "deleted", body = UuidResponse),
+        (status = 400, description = "`Disk does not exists`, `Not enough rights to delete disk` or `Can't remove the disk as it is in use`", body = PdiskError)))]
 async fn delete_disk(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -522,7 +551,7 @@ async fn delete_disk(
         Err(r) => return r,
     };
     match state.service.delete_volume(&caller, &uuid, true).await {
-        Ok(()) => ok_json(StatusCode::OK, &serde_json::json!({ "uuid": uuid })),
+        Ok(()) => ok_json(StatusCode::OK, &UuidResponse { uuid }),
         Err(ServiceError::NotFound(_)) => bad_request("Disk does not exists"),
         Err(ServiceError::Forbidden(_)) => bad_request("Not enough rights to delete disk"),
         Err(ServiceError::Conflict(_)) => bad_request("Can't remove the disk as it is in use"),
@@ -537,11 +566,10 @@ async fn delete_disk(
     request_body(description = "size, tag, visibility [, multiattach]",
         content((CreateFields = "application/x-www-form-urlencoded"), (CreateFields = "application/json"))),
     responses(
-        (status = 201, description = "`{\"uuid\": \"...\"}`"),
-        (status = 400, description = "malformed body"),
-        (status = 401, description = "no or bad credentials"),
-        (status = 415, description = "neither form-encoded nor JSON"),
-        (status = 422, description = "every validation message, e.g. `Invalid disk visibility`, `Size must be a valid positive integer`, `Size must be an integer between 1 and 1024`")))]
+        (status = 201, description = "created", body = UuidResponse),
+        (status = 400, description = "malformed body", body = PdiskError),
+        (status = 415, description = "neither form-encoded nor JSON", body = PdiskError),
+        (status = 422, description = "every validation message, e.g. `Invalid disk visibility`, `Size must be a valid positive integer`, `Size must be an integer between 1 and 1024`", body = PdiskError)))]
 async fn create_disk(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let caller = match caller(&state, &headers).await {
         Ok(c) => c,
@@ -556,7 +584,7 @@ async fn create_disk(State(state): State<AppState>, headers: HeaderMap, body: Bo
         Err(messages) => return error(StatusCode::UNPROCESSABLE_ENTITY, messages),
     };
     match state.service.create_volume(&caller, new).await {
-        Ok(v) => ok_json(StatusCode::CREATED, &serde_json::json!({ "uuid": v.id })),
+        Ok(v) => ok_json(StatusCode::CREATED, &UuidResponse { uuid: v.id }),
         Err(ServiceError::Forbidden(_)) => bad_request("Not enough rights to create disk"),
         Err(e) => common_error(e),
     }
@@ -564,7 +592,7 @@ async fn create_disk(State(state): State<AppState>, headers: HeaderMap, body: Bo
 
 /// The original answered a GET of the create resource with 400 "Method not allowed".
 #[utoipa::path(get, path = "/create", tag = "pdisk",
-    responses((status = 400, description = "`Method not allowed` (as the original)")))]
+    responses((status = 400, description = "`Method not allowed` (as the original)", body = PdiskError)))]
 async fn create_disk_get() -> Response {
     bad_request("Method not allowed")
 }
@@ -573,14 +601,13 @@ async fn create_disk_get() -> Response {
 
 /// `detach` (every disk of a VM). `attach`, `hotattach` and `hotdetach` need a disk UUID.
 #[utoipa::path(post, path = "/{action}", tag = "pdisk",
-    params(("action" = String, Path, description = "`detach`")),
+    params(("action" = DetachAction, Path, description = "`detach`")),
     request_body(description = "exactly `node` and `vm_id`",
         content((VmFields = "application/x-www-form-urlencoded"), (VmFields = "application/json"))),
     responses(
-        (status = 200, description = "`{\"node\", \"vm_id\", \"uuid\": [detached disks]}`"),
-        (status = 400, description = "`Missing input`, `Unknown input`, `Disk UUID not provided`, `Requested action does not exist`, `VM don't have disk attached`, `Not enough rights to detach disks`"),
-        (status = 401, description = "no or bad credentials"),
-        (status = 415, description = "neither form-encoded nor JSON")))]
+        (status = 200, description = "the disks detached", body = ActionView),
+        (status = 400, description = "`Missing input`, `Unknown input`, `Disk UUID not provided`, `Requested action does not exist`, `VM don't have disk attached`, `Not enough rights to detach disks`", body = PdiskError),
+        (status = 415, description = "neither form-encoded nor JSON", body = PdiskError)))]
 async fn action_without_uuid(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -597,16 +624,15 @@ async fn action_without_uuid(
 /// `attach` (static, at VM launch), `hotattach` (assigns `vda`..`vdz`) and `hotdetach` of one
 /// disk; `detach` ignores the UUID, as the original did.
 #[utoipa::path(post, path = "/{action}/{uuid}", tag = "pdisk",
-    params(("action" = String, Path, description = "`attach`, `hotattach`, `hotdetach` or `detach`"),
+    params(("action" = DiskAction, Path, description = "`attach`, `hotattach`, `hotdetach` or `detach`"),
            ("uuid" = String, Path, description = "disk UUID")),
     request_body(description = "exactly `node` and `vm_id`",
         content((VmFields = "application/x-www-form-urlencoded"), (VmFields = "application/json"))),
     responses(
-        (status = 200, description = "`{\"node\", \"vm_id\", [\"target\"], \"uuid\": [...]}`: attach and hotattach list every disk of the VM, hotdetach the remaining ones"),
-        (status = 400, description = "`Missing input`, `Unknown input`, `Requested action does not exist`, `Bad disk UUID`, `Not enough rights to attach disk`, `Disk has no remaining user slot (limit N)`, `Target limit reached. Restart instance to attach new disk`, `Disk have not been hot-plugged`"),
-        (status = 401, description = "no or bad credentials"),
-        (status = 404, description = "`Bad disk UUID` (hotdetach of an unknown disk)"),
-        (status = 415, description = "neither form-encoded nor JSON")))]
+        (status = 200, description = "attach and hotattach list every disk of the VM, hotdetach the remaining ones", body = ActionView),
+        (status = 400, description = "`Missing input`, `Unknown input`, `Requested action does not exist`, `Bad disk UUID`, `Not enough rights to attach disk`, `Disk has no remaining user slot (limit N)`, `Target limit reached. Restart instance to attach new disk`, `Disk have not been hot-plugged`", body = PdiskError),
+        (status = 404, description = "`Bad disk UUID` (hotdetach of an unknown disk)", body = PdiskError),
+        (status = 415, description = "neither form-encoded nor JSON", body = PdiskError)))]
 async fn action_with_uuid(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -257,7 +257,7 @@ impl Health {
 }
 
 /// Body of `GET /version`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct VersionInfo {
     pub name: String,
     pub version: String,

@@ -701,7 +701,7 @@ impl Identity {
                 return Err(not_found("project", &id).into());
             };
             match conn.execute("DELETE FROM projects WHERE id = ?1", [&p.id]) {
-                Ok(_) => Ok(()),
+                Ok(_) => keeps_an_admin(conn, "delete project", &p.id),
                 // Volumes, servers, images and filesystems keep their project (RESTRICT).
                 // SQLite reports a RESTRICT reached while cascading (role assignments, tokens)
                 // as SQLITE_CONSTRAINT_TRIGGER, not _FOREIGNKEY: any constraint failure of this
@@ -797,7 +797,7 @@ impl Identity {
             };
             // Role assignments and tokens go with the user (ON DELETE CASCADE).
             conn.execute("DELETE FROM users WHERE id = ?1", [&u.id])?;
-            Ok(())
+            keeps_an_admin(conn, "delete user", &u.id)
         })
         .await
     }
@@ -896,9 +896,35 @@ impl Identity {
                 ))
                 .into());
             }
-            Ok(())
+            keeps_an_admin(conn, "revoke the role assignment of user", &u)
         })
         .await
+    }
+}
+
+/// Inside a transaction that removed a project, a user or a role assignment: refuse (and
+/// so roll back) if no enabled user is left holding `admin` on an enabled project. Keystone
+/// lets an operator lock himself out that way, and cairn has no other way back in than
+/// editing the catalog by hand.
+fn keeps_an_admin(conn: &Connection, what: &str, id: &str) -> Tx<()> {
+    let left: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM role_assignments a
+           JOIN roles r ON r.id = a.role_id
+           JOIN users u ON u.id = a.user_id
+           JOIN projects p ON p.id = a.project_id
+          WHERE r.name = 'admin' AND u.enabled = 1 AND p.enabled = 1)",
+        [],
+        |r| r.get(0),
+    )?;
+    if left {
+        Ok(())
+    } else {
+        Err(ServiceError::Conflict(format!(
+            "Refusing to {what} {id}: no one would be left with the admin role on an enabled \
+             project, and nothing could be administered any more. Grant admin to another user \
+             first."
+        ))
+        .into())
     }
 }
 

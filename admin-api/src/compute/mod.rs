@@ -23,7 +23,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub use fault::Fault;
@@ -316,50 +318,94 @@ pub(crate) fn limited<T>(items: Vec<T>, q: &HashMap<String, String>) -> FaultRes
 
 // ---- version discovery -------------------------------------------------------------------
 
-fn version_doc(headers: &HeaderMap, legacy_v2: bool) -> Value {
+/// A link of a version document.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VersionLink {
+    rel: String,
+    href: String,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MediaType {
+    base: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// nova's version document.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ComputeVersion {
+    id: String,
+    status: String,
+    /// The highest microversion ("" for the legacy v2 API).
+    version: String,
+    min_version: String,
+    updated: String,
+    links: Vec<VersionLink>,
+    #[serde(rename = "media-types")]
+    media_types: Vec<MediaType>,
+}
+
+/// `{"version": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ComputeVersionDocument {
+    version: ComputeVersion,
+}
+
+fn version_doc(headers: &HeaderMap, legacy_v2: bool) -> ComputeVersionDocument {
     let root = host_root(headers);
-    if legacy_v2 {
+    let link = |rel: &str, href: String, kind: Option<&str>| VersionLink {
+        rel: rel.into(),
+        href,
+        kind: kind.map(str::to_owned),
+    };
+    let described = link(
+        "describedby",
+        "http://docs.openstack.org/".into(),
+        Some("text/html"),
+    );
+    let version = if legacy_v2 {
         // nova's legacy v2 document: no microversions.
-        return json!({"version": {
-            "id": "v2.0",
-            "status": "SUPPORTED",
-            "version": "",
-            "min_version": "",
-            "updated": "2011-01-21T11:33:21Z",
-            "links": [
-                {"rel": "self", "href": format!("{root}/v2/")},
-                {"rel": "describedby", "type": "text/html", "href": "http://docs.openstack.org/"}
-            ],
-            "media-types": [
-                {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2"}
-            ]
-        }});
-    }
-    json!({"version": {
-        "id": "v2.1",
-        "status": "CURRENT",
-        "version": format!("{}.{}", MAX_VERSION.0, MAX_VERSION.1),
-        "min_version": format!("{}.{}", MIN_VERSION.0, MIN_VERSION.1),
-        "updated": "2013-07-23T11:33:21Z",
-        "links": [
-            {"rel": "self", "href": format!("{root}/v2.1/")},
-            {"rel": "describedby", "type": "text/html", "href": "http://docs.openstack.org/"}
-        ],
-        "media-types": [
-            {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}
-        ]
-    }})
+        ComputeVersion {
+            id: "v2.0".into(),
+            status: "SUPPORTED".into(),
+            version: String::new(),
+            min_version: String::new(),
+            updated: "2011-01-21T11:33:21Z".into(),
+            links: vec![link("self", format!("{root}/v2/"), None), described],
+            media_types: vec![MediaType {
+                base: "application/json".into(),
+                kind: "application/vnd.openstack.compute+json;version=2".into(),
+            }],
+        }
+    } else {
+        ComputeVersion {
+            id: "v2.1".into(),
+            status: "CURRENT".into(),
+            version: format!("{}.{}", MAX_VERSION.0, MAX_VERSION.1),
+            min_version: format!("{}.{}", MIN_VERSION.0, MIN_VERSION.1),
+            updated: "2013-07-23T11:33:21Z".into(),
+            links: vec![link("self", format!("{root}/v2.1/"), None), described],
+            media_types: vec![MediaType {
+                base: "application/json".into(),
+                kind: "application/vnd.openstack.compute+json;version=2.1".into(),
+            }],
+        }
+    };
+    ComputeVersionDocument { version }
 }
 
 #[utoipa::path(get, path = "/v2.1", tag = "compute",
-    responses((status = 200, description = "Compute API version document (2.1 to 2.35)")))]
-async fn version_v21(headers: HeaderMap) -> axum::Json<Value> {
+    responses((status = 200, description = "Compute API version document (2.1 to 2.35)", body = ComputeVersionDocument)))]
+async fn version_v21(headers: HeaderMap) -> axum::Json<ComputeVersionDocument> {
     axum::Json(version_doc(&headers, false))
 }
 
 #[utoipa::path(get, path = "/v2.1/", tag = "compute",
-    responses((status = 200, description = "Compute API version document (2.1 to 2.35)")))]
-async fn version_v21_slash(headers: HeaderMap) -> axum::Json<Value> {
+    responses((status = 200, description = "Compute API version document (2.1 to 2.35)", body = ComputeVersionDocument)))]
+async fn version_v21_slash(headers: HeaderMap) -> axum::Json<ComputeVersionDocument> {
     axum::Json(version_doc(&headers, false))
 }
 
@@ -367,8 +413,11 @@ async fn version_v21_slash(headers: HeaderMap) -> axum::Json<Value> {
 /// document too; keystoneauth fetches it to discover microversions.
 #[utoipa::path(get, path = "/{tenant_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id")),
-    responses((status = 200, description = "Compute API version document (v2.1: 2.1 to 2.35; v2: legacy)")))]
-async fn version_tenant(OriginalUri(uri): OriginalUri, headers: HeaderMap) -> axum::Json<Value> {
+    responses((status = 200, description = "Compute API version document (v2.1: 2.1 to 2.35; v2: legacy)", body = ComputeVersionDocument)))]
+async fn version_tenant(
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> axum::Json<ComputeVersionDocument> {
     axum::Json(version_doc(&headers, !uri.path().starts_with("/v2.1/")))
 }
 

@@ -7,61 +7,166 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::{Ctx, Fault, body_or_fault, fault::FaultResult, json_body};
 use crate::{
     AppState,
     model::{AttachKind, AttachRequest, AttachTarget, Attachment, DeviceNaming, NewServer, Server},
+    schema::{BadRequest, ConflictingRequest, Forbidden, ItemNotFound, OverLimit},
     time_fmt,
 };
 
-fn links(ctx: &Ctx, id: &str) -> Value {
-    json!([
-        {"rel": "self", "href": ctx.link(&format!("servers/{id}"))},
-        {"rel": "bookmark", "href": ctx.bookmark(&format!("servers/{id}"))},
-    ])
+/// A link of nova's views.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Link {
+    /// `self` or `bookmark`.
+    rel: String,
+    href: String,
+}
+
+fn links(ctx: &Ctx, id: &str) -> Vec<Link> {
+    vec![
+        Link {
+            rel: "self".into(),
+            href: ctx.link(&format!("servers/{id}")),
+        },
+        Link {
+            rel: "bookmark".into(),
+            href: ctx.bookmark(&format!("servers/{id}")),
+        },
+    ]
 }
 
 /// nova's index view: id, name, links.
-fn server_summary(ctx: &Ctx, s: &Server) -> Value {
-    json!({"id": s.id, "name": s.name.clone().unwrap_or_default(), "links": links(ctx, &s.id)})
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServerSummary {
+    id: String,
+    name: String,
+    links: Vec<Link>,
+}
+
+/// `{"servers": [...]}` (index)
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServerSummaries {
+    servers: Vec<ServerSummary>,
+}
+
+fn server_summary(ctx: &Ctx, s: &Server) -> ServerSummary {
+    ServerSummary {
+        id: s.id.clone(),
+        name: s.name.clone().unwrap_or_default(),
+        links: links(ctx, &s.id),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Flavor {
+    id: String,
+    links: Vec<Link>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VolumeRef {
+    id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SecurityGroup {
+    name: String,
 }
 
 /// nova's show view at microversion 2.1, with what a storage daemon can know: no image,
 /// flavor, host or network (empty values of the right types so that clients parse it).
-fn server_view(ctx: &Ctx, s: &Server, attached: &[Attachment]) -> Value {
-    let volumes: Vec<Value> = attached
-        .iter()
-        .map(|a| json!({"id": a.volume_id}))
-        .collect();
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServerView {
+    id: String,
+    name: String,
+    status: String,
+    tenant_id: String,
+    user_id: Option<String>,
+    metadata: BTreeMap<String, String>,
+    #[serde(rename = "hostId")]
+    host_id: String,
+    image: String,
+    flavor: Flavor,
+    created: String,
+    updated: String,
+    /// Always empty: cairn runs no instances.
+    addresses: BTreeMap<String, Vec<String>>,
+    #[serde(rename = "accessIPv4")]
+    access_ipv4: String,
+    #[serde(rename = "accessIPv6")]
+    access_ipv6: String,
+    progress: u32,
+    key_name: Option<String>,
+    config_drive: String,
+    links: Vec<Link>,
+    #[serde(rename = "OS-DCF:diskConfig")]
+    disk_config: String,
+    #[serde(rename = "OS-EXT-STS:vm_state")]
+    vm_state: String,
+    #[serde(rename = "OS-EXT-STS:task_state")]
+    task_state: Option<String>,
+    #[serde(rename = "OS-EXT-STS:power_state")]
+    power_state: u32,
+    #[serde(rename = "os-extended-volumes:volumes_attached")]
+    volumes_attached: Vec<VolumeRef>,
+    security_groups: Vec<SecurityGroup>,
+}
+
+/// `{"server": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServerResponse {
+    server: ServerView,
+}
+
+/// `{"servers": [...]}` (detail)
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServersResponse {
+    servers: Vec<ServerView>,
+}
+
+fn server_view(ctx: &Ctx, s: &Server, attached: &[Attachment]) -> ServerView {
     let created = time_fmt::seconds_z(s.created_at);
-    json!({
-        "id": s.id,
-        "name": s.name.clone().unwrap_or_default(),
-        "status": s.status,
-        "tenant_id": s.project_id,
-        "user_id": s.user_id,
-        "metadata": s.metadata,
-        "hostId": "",
-        "image": "",
-        "flavor": {"id": "cairn", "links": []},
-        "created": created,
-        "updated": created,
-        "addresses": {},
-        "accessIPv4": "",
-        "accessIPv6": "",
-        "progress": 0,
-        "key_name": null,
-        "config_drive": "",
-        "links": links(ctx, &s.id),
-        "OS-DCF:diskConfig": "MANUAL",
-        "OS-EXT-STS:vm_state": s.status.to_ascii_lowercase(),
-        "OS-EXT-STS:task_state": null,
-        "OS-EXT-STS:power_state": 1,
-        "os-extended-volumes:volumes_attached": volumes,
-        "security_groups": [{"name": "default"}],
-    })
+    ServerView {
+        id: s.id.clone(),
+        name: s.name.clone().unwrap_or_default(),
+        status: s.status.clone(),
+        tenant_id: s.project_id.clone(),
+        user_id: s.user_id.clone(),
+        metadata: s.metadata.clone(),
+        host_id: String::new(),
+        image: String::new(),
+        flavor: Flavor {
+            id: "cairn".into(),
+            links: Vec::new(),
+        },
+        created: created.clone(),
+        updated: created,
+        addresses: BTreeMap::new(),
+        access_ipv4: String::new(),
+        access_ipv6: String::new(),
+        progress: 0,
+        key_name: None,
+        config_drive: String::new(),
+        links: links(ctx, &s.id),
+        disk_config: "MANUAL".into(),
+        vm_state: s.status.to_ascii_lowercase(),
+        task_state: None,
+        power_state: 1,
+        volumes_attached: attached
+            .iter()
+            .map(|a| VolumeRef {
+                id: a.volume_id.clone(),
+            })
+            .collect(),
+        security_groups: vec![SecurityGroup {
+            name: "default".into(),
+        }],
+    }
 }
 
 /// The server's attachments, for `os-extended-volumes:volumes_attached`.
@@ -74,16 +179,16 @@ async fn attached(state: &AppState, ctx: &Ctx, s: &Server) -> FaultResult<Vec<At
 
 #[utoipa::path(get, path = "/{tenant_id}/servers", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id")),
-    responses((status = 200, description = "`{\"servers\": [{\"id\", \"name\", \"links\"}]}`")))]
+    responses((status = 200, description = "the project's servers", body = ServerSummaries)))]
 pub(super) async fn list_servers(State(state): State<AppState>, ctx: Ctx) -> FaultResult<Response> {
     let servers = state.service.list_servers(&ctx.caller).await?;
-    let views: Vec<Value> = servers.iter().map(|s| server_summary(&ctx, s)).collect();
-    Ok(axum::Json(json!({ "servers": views })).into_response())
+    let servers = servers.iter().map(|s| server_summary(&ctx, s)).collect();
+    Ok(axum::Json(ServerSummaries { servers }).into_response())
 }
 
 #[utoipa::path(get, path = "/{tenant_id}/servers/detail", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id")),
-    responses((status = 200, description = "`{\"servers\": [...]}` (full views)")))]
+    responses((status = 200, description = "the project's servers, full views", body = ServersResponse)))]
 pub(super) async fn list_servers_detail(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -93,7 +198,7 @@ pub(super) async fn list_servers_detail(
     for s in &servers {
         views.push(server_view(&ctx, s, &attached(&state, &ctx, s).await?));
     }
-    Ok(axum::Json(json!({ "servers": views })).into_response())
+    Ok(axum::Json(ServersResponse { servers: views }).into_response())
 }
 
 /// Keys of nova's create schema that cairn accepts and ignores: it runs no instances.
@@ -119,6 +224,67 @@ const IGNORED_SERVER_KEYS: [&str; 20] = [
     "personality",
     "scheduler_hints",
 ];
+
+/// What `POST servers` takes: nova's create schema; cairn uses `name` and `metadata` and
+/// accepts the rest (imageRef, flavorRef, networks, ...) without using it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body `parse_new_server` checks key by key
+pub(crate) struct ServerCreateRequest {
+    server: ServerCreate,
+    #[serde(rename = "os:scheduler_hints")]
+    scheduler_hints: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ServerCreate {
+    /// 1 to 255 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 255)]
+    name: String,
+    /// Keys 1 to 255 characters, values at most 255.
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(rename = "imageRef")]
+    image_ref: Option<Value>,
+    #[serde(rename = "flavorRef")]
+    flavor_ref: Option<Value>,
+    networks: Option<Value>,
+    key_name: Option<Value>,
+    security_groups: Option<Value>,
+    availability_zone: Option<Value>,
+    user_data: Option<Value>,
+    config_drive: Option<Value>,
+    min_count: Option<Value>,
+    max_count: Option<Value>,
+    return_reservation_id: Option<Value>,
+    block_device_mapping: Option<Value>,
+    block_device_mapping_v2: Option<Value>,
+    #[serde(rename = "accessIPv4")]
+    access_ipv4: Option<Value>,
+    #[serde(rename = "accessIPv6")]
+    access_ipv6: Option<Value>,
+    #[serde(rename = "adminPass")]
+    admin_pass: Option<Value>,
+    #[serde(rename = "OS-DCF:diskConfig")]
+    disk_config: Option<Value>,
+    description: Option<Value>,
+    personality: Option<Value>,
+    scheduler_hints: Option<Value>,
+}
+
+/// What `POST servers` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServerCreated {
+    server: NewServerView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct NewServerView {
+    id: String,
+    links: Vec<Link>,
+    #[serde(rename = "OS-DCF:diskConfig")]
+    disk_config: String,
+    security_groups: Vec<SecurityGroup>,
+}
 
 fn parse_new_server(body: Map<String, Value>) -> FaultResult<NewServer> {
     let bad = |m: String| Fault::bad_request(format!("Invalid input for field/attribute {m}"));
@@ -183,11 +349,13 @@ fn parse_new_server(body: Map<String, Value>) -> FaultResult<NewServer> {
 
 #[utoipa::path(post, path = "/{tenant_id}/servers", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id")),
-    request_body(content = String, content_type = "application/json",
-        description = "`{\"server\": {\"name\": ..., \"metadata\": {...}}}`; imageRef, flavorRef and nova's other create keys are accepted and ignored"),
-    responses((status = 202, description = "`{\"server\": {\"id\", \"links\", \"OS-DCF:diskConfig\", \"security_groups\"}}`"),
-              (status = 400, description = "badRequest"),
-              (status = 403, description = "forbidden: reader role")))]
+    request_body(content = ServerCreateRequest, content_type = "application/json"),
+    responses((status = 202, description = "registered", body = ServerCreated,
+                  headers(("Location" = String, description = "the server's URL"))),
+              (status = 400, description = "badRequest", body = BadRequest),
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 409, description = "conflictingRequest: the name is taken", body = ConflictingRequest),
+              (status = 413, description = "overLimit: quota", body = OverLimit)))]
 pub(super) async fn create_server(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -197,12 +365,16 @@ pub(super) async fn create_server(
     ctx.require_writer()?;
     let new = parse_new_server(json_body(&headers, &body_or_fault(body)?)?)?;
     let server = state.service.create_server(&ctx.caller, new).await?;
-    let body = json!({"server": {
-        "id": server.id,
-        "links": links(&ctx, &server.id),
-        "OS-DCF:diskConfig": "MANUAL",
-        "security_groups": [{"name": "default"}],
-    }});
+    let body = ServerCreated {
+        server: NewServerView {
+            links: links(&ctx, &server.id),
+            id: server.id.clone(),
+            disk_config: "MANUAL".into(),
+            security_groups: vec![SecurityGroup {
+                name: "default".into(),
+            }],
+        },
+    };
     let mut resp = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(loc) = HeaderValue::from_str(&ctx.link(&format!("servers/{}", server.id))) {
         resp.headers_mut().insert(header::LOCATION, loc);
@@ -213,23 +385,23 @@ pub(super) async fn create_server(
 #[utoipa::path(get, path = "/{tenant_id}/servers/{server_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("server_id" = String, Path, description = "server id")),
-    responses((status = 200, description = "`{\"server\": {...}}`"),
-              (status = 404, description = "itemNotFound")))]
+    responses((status = 200, description = "the server", body = ServerResponse),
+              (status = 404, description = "itemNotFound", body = ItemNotFound)))]
 pub(super) async fn show_server(State(state): State<AppState>, ctx: Ctx) -> FaultResult<Response> {
     let server = state
         .service
         .get_server(&ctx.caller, ctx.param("server_id"))
         .await?;
     let view = server_view(&ctx, &server, &attached(&state, &ctx, &server).await?);
-    Ok(axum::Json(json!({ "server": view })).into_response())
+    Ok(axum::Json(ServerResponse { server: view }).into_response())
 }
 
 #[utoipa::path(delete, path = "/{tenant_id}/servers/{server_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("server_id" = String, Path, description = "server id")),
     responses((status = 204, description = "deleted; its volumes are detached"),
-              (status = 403, description = "forbidden: reader role"),
-              (status = 404, description = "itemNotFound")))]
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 404, description = "itemNotFound", body = ItemNotFound)))]
 pub(super) async fn delete_server(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -246,16 +418,62 @@ pub(super) async fn delete_server(
 
 /// nova's attachment view (the volume id doubles as the attachment id), plus where the
 /// export is served.
-fn attachment_view(a: &Attachment) -> Value {
-    let mut m = Map::new();
-    m.insert("id".into(), json!(a.volume_id));
-    m.insert("serverId".into(), json!(a.server_id));
-    m.insert("volumeId".into(), json!(a.volume_id));
-    if let Some(d) = &a.device {
-        m.insert("device".into(), json!(d));
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AttachmentView {
+    id: String,
+    server_id: String,
+    volume_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    /// Where the export is served, e.g. `nbd://127.0.0.1:10809/<volume-id>`.
+    nbd_uri: String,
+}
+
+/// `{"volumeAttachment": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AttachmentResponse {
+    volume_attachment: AttachmentView,
+}
+
+/// `{"volumeAttachments": [...]}`
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AttachmentsResponse {
+    volume_attachments: Vec<AttachmentView>,
+}
+
+/// What `POST os-volume_attachments` takes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)] // documents the body `parse_attach` checks key by key
+pub(crate) struct AttachRequestBody {
+    volume_attachment: AttachBody,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub(crate) struct AttachBody {
+    /// A volume id (a UUID).
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
+    volume_id: String,
+    /// `/dev/` then lowercase letters and optional digits, e.g. `/dev/vdb`.
+    #[schema(pattern = "^/dev/[a-z]+[0-9]*$", max_length = 37)]
+    device: Option<String>,
+}
+
+fn attachment_view(a: &Attachment) -> AttachmentView {
+    AttachmentView {
+        id: a.volume_id.clone(),
+        server_id: a.server_id.clone(),
+        volume_id: a.volume_id.clone(),
+        device: a.device.clone(),
+        nbd_uri: a.nbd_uri.clone(),
     }
-    m.insert("nbdUri".into(), json!(a.nbd_uri));
-    Value::Object(m)
 }
 
 #[utoipa::path(get, path = "/{tenant_id}/servers/{server_id}/os-volume_attachments", tag = "compute",
@@ -263,8 +481,8 @@ fn attachment_view(a: &Attachment) -> Value {
            ("server_id" = String, Path, description = "server id"),
            ("limit" = Option<u32>, Query, description = "at most this many (max 1000)"),
            ("offset" = Option<u32>, Query, description = "skip this many")),
-    responses((status = 200, description = "`{\"volumeAttachments\": [...]}`"),
-              (status = 404, description = "itemNotFound: unknown server")))]
+    responses((status = 200, description = "the server's attachments", body = AttachmentsResponse),
+              (status = 404, description = "itemNotFound: unknown server", body = ItemNotFound)))]
 pub(super) async fn list_attachments(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -277,8 +495,8 @@ pub(super) async fn list_attachments(
         .list_attachments(&ctx.caller, AttachTarget::Server(server))
         .await?;
     let list = super::limited(list, &q)?;
-    let views: Vec<Value> = list.iter().map(attachment_view).collect();
-    Ok(axum::Json(json!({ "volumeAttachments": views })).into_response())
+    let volume_attachments = list.iter().map(attachment_view).collect();
+    Ok(axum::Json(AttachmentsResponse { volume_attachments }).into_response())
 }
 
 /// Canonical `8-4-4-4-12` hex UUID (nova's `volume_id` parameter type is a UUID).
@@ -336,13 +554,13 @@ fn valid_device(d: &str) -> bool {
 #[utoipa::path(post, path = "/{tenant_id}/servers/{server_id}/os-volume_attachments", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("server_id" = String, Path, description = "server id")),
-    request_body(content = String, content_type = "application/json",
-        description = "`{\"volumeAttachment\": {\"volumeId\": ..., \"device\": \"/dev/vdb\"}}` (device optional)"),
-    responses((status = 202, description = "`{\"volumeAttachment\": {\"id\", \"serverId\", \"volumeId\", \"device\", \"nbdUri\"}}` (202 as the seed says; nova answers 200)"),
-              (status = 400, description = "badRequest: invalid body"),
-              (status = 403, description = "forbidden: reader role"),
-              (status = 404, description = "itemNotFound: unknown server or volume"),
-              (status = 409, description = "conflictingRequest: the volume is in use (and not multi-attach)")))]
+    request_body(content = AttachRequestBody, content_type = "application/json"),
+    responses((status = 202, description = "attached (202 as the seed says; nova answers 200)", body = AttachmentResponse),
+              (status = 400, description = "badRequest: invalid body", body = BadRequest),
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 404, description = "itemNotFound: unknown server or volume", body = ItemNotFound),
+              (status = 409, description = "conflictingRequest: the volume is in use (and not multi-attach), or the device name is taken", body = ConflictingRequest),
+              (status = 413, description = "overLimit: no device name left", body = OverLimit)))]
 pub(super) async fn attach(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -361,7 +579,9 @@ pub(super) async fn attach(
     let a = state.service.attach(&ctx.caller, req).await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({ "volumeAttachment": attachment_view(&a) })),
+        axum::Json(AttachmentResponse {
+            volume_attachment: attachment_view(&a),
+        }),
     )
         .into_response())
 }
@@ -370,8 +590,8 @@ pub(super) async fn attach(
     params(("tenant_id" = String, Path, description = "project id"),
            ("server_id" = String, Path, description = "server id"),
            ("volume_id" = String, Path, description = "attached volume id")),
-    responses((status = 200, description = "`{\"volumeAttachment\": {...}}`"),
-              (status = 404, description = "itemNotFound: unknown server, or the volume is not attached there")))]
+    responses((status = 200, description = "the attachment", body = AttachmentResponse),
+              (status = 404, description = "itemNotFound: unknown server, or the volume is not attached there", body = ItemNotFound)))]
 pub(super) async fn show_attachment(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -391,14 +611,18 @@ pub(super) async fn show_attachment(
                 "volume_id not found: {volume} is not attached to server {server}"
             ))
         })?;
-    Ok(axum::Json(json!({ "volumeAttachment": attachment_view(a) })).into_response())
+    Ok(axum::Json(AttachmentResponse {
+        volume_attachment: attachment_view(a),
+    })
+    .into_response())
 }
 
 #[utoipa::path(put, path = "/{tenant_id}/servers/{server_id}/os-volume_attachments/{volume_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("server_id" = String, Path, description = "server id"),
            ("volume_id" = String, Path, description = "attached volume id")),
-    responses((status = 400, description = "badRequest: swapping volumes is not supported (as the 2011 extension)")))]
+    request_body(content = AttachRequestBody, content_type = "application/json"),
+    responses((status = 400, description = "badRequest: swapping volumes is not supported (as the 2011 extension)", body = BadRequest)))]
 pub(super) async fn update_attachment(ctx: Ctx) -> FaultResult<Response> {
     let _ = ctx;
     Err(Fault::bad_request(
@@ -411,8 +635,8 @@ pub(super) async fn update_attachment(ctx: Ctx) -> FaultResult<Response> {
            ("server_id" = String, Path, description = "server id"),
            ("volume_id" = String, Path, description = "attached volume id")),
     responses((status = 202, description = "detached (empty body)"),
-              (status = 403, description = "forbidden: reader role"),
-              (status = 404, description = "itemNotFound: unknown server, or the volume is not attached there")))]
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 404, description = "itemNotFound: unknown server, or the volume is not attached there", body = ItemNotFound)))]
 pub(super) async fn detach(State(state): State<AppState>, ctx: Ctx) -> FaultResult<Response> {
     ctx.require_writer()?;
     let server = ctx.param("server_id").to_owned();

@@ -7,18 +7,44 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::{Ctx, Fault, body_or_fault, fault::FaultResult, json_body, limited, query};
 use crate::{
     AppState,
     model::{NewVolume, ServiceError, Volume, VolumeScope},
+    schema::{BadRequest, Forbidden, ItemNotFound, OverLimit},
     time_fmt,
 };
 
 /// The 2011 descriptor, byte for byte as the seed prints it (key order included, which a
 /// serialised map would not keep).
 const OS_VOLUMES: &str = r#"{"updated": "2011-03-25T00:00:00+00:00", "name": "Volumes", "links": [], "namespace": "http://docs.openstack.org/ext/volumes/api/v1.1", "alias": "os-volumes", "description": "Volumes support"}"#;
+
+/// The extension descriptor (sent as the seed's bytes; this documents them).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Extension {
+    updated: String,
+    name: String,
+    links: Vec<String>,
+    namespace: String,
+    alias: String,
+    description: String,
+}
+
+/// `{"extensions": [...]}`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ExtensionsResponse {
+    extensions: Vec<Extension>,
+}
+
+/// `{"extension": {...}}`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ExtensionResponse {
+    extension: Extension,
+}
 
 fn raw_json(status: StatusCode, body: String) -> Response {
     (
@@ -34,9 +60,7 @@ fn raw_json(status: StatusCode, body: String) -> Response {
 
 #[utoipa::path(get, path = "/{tenant_id}/extensions", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id (must be the token's)")),
-    responses((status = 200, description = "`{\"extensions\": [...]}`: the os-volumes descriptor"),
-              (status = 400, description = "badRequest: tenant is not the token's project"),
-              (status = 401, description = "unauthorized")))]
+    responses((status = 200, description = "the os-volumes descriptor", body = ExtensionsResponse)))]
 pub(super) async fn list_extensions(_ctx: Ctx) -> Response {
     raw_json(
         StatusCode::OK,
@@ -47,8 +71,8 @@ pub(super) async fn list_extensions(_ctx: Ctx) -> Response {
 #[utoipa::path(get, path = "/{tenant_id}/extensions/{alias}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("alias" = String, Path, description = "extension alias, `os-volumes`")),
-    responses((status = 200, description = "`{\"extension\": {...}}`"),
-              (status = 404, description = "itemNotFound: no such extension")))]
+    responses((status = 200, description = "the descriptor", body = ExtensionResponse),
+              (status = 404, description = "itemNotFound: no such extension", body = ItemNotFound)))]
 pub(super) async fn show_extension(ctx: Ctx) -> FaultResult<Response> {
     let alias = ctx.param("alias");
     if alias != "os-volumes" {
@@ -62,40 +86,114 @@ pub(super) async fn show_extension(ctx: Ctx) -> FaultResult<Response> {
     ))
 }
 
-/// nova's `_translate_volume_summary_view`: all 11 keys, camelCase, `attachments: [{}]` when
-/// the volume is attached nowhere.
-pub(super) fn volume_view(v: &Volume) -> Value {
-    let attachments: Vec<Value> = if v.attachments.is_empty() {
-        vec![json!({})]
+/// A volume as nova's `_translate_volume_summary_view` shows it: all 11 keys, camelCase.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct VolumeView {
+    id: String,
+    /// creating, available, attaching, in-use, detaching, uploading, deleting or error.
+    status: String,
+    /// GiB.
+    size: u64,
+    availability_zone: String,
+    /// `YYYY-MM-DDTHH:MM:SS.ffffff`
+    created_at: String,
+    /// One entry per attachment; `[{}]` when the volume is attached nowhere.
+    attachments: Vec<VolumeAttachment>,
+    display_name: Option<String>,
+    display_description: Option<String>,
+    volume_type: Option<String>,
+    snapshot_id: Option<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// An attachment inside a volume view (every key absent in the empty placeholder).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct VolumeAttachment {
+    /// The volume id again (nova shows it as the attachment's id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+}
+
+/// `{"volume": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VolumeResponse {
+    volume: VolumeView,
+}
+
+/// `{"volumes": [...]}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VolumesResponse {
+    volumes: Vec<VolumeView>,
+}
+
+pub(super) fn volume_view(v: &Volume) -> VolumeView {
+    let attachments = if v.attachments.is_empty() {
+        vec![VolumeAttachment {
+            id: None,
+            volume_id: None,
+            server_id: None,
+            device: None,
+        }]
     } else {
         v.attachments
             .iter()
-            .map(|a| {
-                let mut m = Map::new();
-                // nova shows the volume id as the attachment id.
-                m.insert("id".into(), json!(v.id));
-                m.insert("volumeId".into(), json!(v.id));
-                m.insert("serverId".into(), json!(a.server_id));
-                if let Some(d) = &a.device {
-                    m.insert("device".into(), json!(d));
-                }
-                Value::Object(m)
+            .map(|a| VolumeAttachment {
+                id: Some(v.id.clone()),
+                volume_id: Some(v.id.clone()),
+                server_id: Some(a.server_id.clone()),
+                device: a.device.clone(),
             })
             .collect()
     };
-    json!({
-        "id": v.id,
-        "status": v.status.as_str(),
-        "size": v.size_gib,
-        "availabilityZone": v.availability_zone,
-        "createdAt": time_fmt::compute(v.created_at),
-        "attachments": attachments,
-        "displayName": v.name,
-        "displayDescription": v.description,
-        "volumeType": v.volume_type,
-        "snapshotId": v.snapshot_id,
-        "metadata": v.metadata,
-    })
+    VolumeView {
+        id: v.id.clone(),
+        status: v.status.as_str().to_owned(),
+        size: v.size_gib,
+        availability_zone: v.availability_zone.clone(),
+        created_at: time_fmt::compute(v.created_at),
+        attachments,
+        display_name: v.name.clone(),
+        display_description: v.description.clone(),
+        volume_type: v.volume_type.clone(),
+        snapshot_id: v.snapshot_id.clone(),
+        metadata: v.metadata.clone(),
+    }
+}
+
+/// What `POST os-volumes` takes: nova's create schema (`schemas/volumes.py`), nothing else.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body `parse_new_volume` checks key by key
+pub(crate) struct VolumeCreateRequest {
+    volume: VolumeCreate,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct VolumeCreate {
+    /// GiB, at least 1 (an integer, or a string of digits).
+    #[schema(minimum = 1, maximum = 8589934591_u64)]
+    size: u64,
+    #[schema(max_length = 255)]
+    display_name: Option<String>,
+    #[schema(max_length = 255)]
+    display_description: Option<String>,
+    #[schema(max_length = 255)]
+    volume_type: Option<String>,
+    #[schema(max_length = 255)]
+    availability_zone: Option<String>,
+    /// Keys 1 to 255 characters, values at most 255.
+    metadata: Option<BTreeMap<String, String>>,
+    /// cairn keeps no snapshots: any value is a 404.
+    #[schema(max_length = 255)]
+    snapshot_id: Option<String>,
 }
 
 async fn list(state: &AppState, ctx: &Ctx, raw_query: Option<String>) -> FaultResult<Response> {
@@ -108,8 +206,8 @@ async fn list(state: &AppState, ctx: &Ctx, raw_query: Option<String>) -> FaultRe
     };
     let volumes = state.service.list_volumes(&ctx.caller, scope).await?;
     let volumes = limited(volumes, &q)?;
-    let views: Vec<Value> = volumes.iter().map(volume_view).collect();
-    Ok(axum::Json(json!({ "volumes": views })).into_response())
+    let volumes = volumes.iter().map(volume_view).collect();
+    Ok(axum::Json(VolumesResponse { volumes }).into_response())
 }
 
 #[utoipa::path(get, path = "/{tenant_id}/os-volumes", tag = "compute",
@@ -117,7 +215,7 @@ async fn list(state: &AppState, ctx: &Ctx, raw_query: Option<String>) -> FaultRe
            ("limit" = Option<u32>, Query, description = "at most this many (max 1000)"),
            ("offset" = Option<u32>, Query, description = "skip this many"),
            ("all_tenants" = Option<String>, Query, description = "admin: every project's volumes")),
-    responses((status = 200, description = "`{\"volumes\": [...]}`")))]
+    responses((status = 200, description = "the project's volumes", body = VolumesResponse)))]
 pub(super) async fn list_volumes(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -131,7 +229,7 @@ pub(super) async fn list_volumes(
            ("limit" = Option<u32>, Query, description = "at most this many (max 1000)"),
            ("offset" = Option<u32>, Query, description = "skip this many"),
            ("all_tenants" = Option<String>, Query, description = "admin: every project's volumes")),
-    responses((status = 200, description = "`{\"volumes\": [...]}` (same view as the index)")))]
+    responses((status = 200, description = "the project's volumes (the same view as the index)", body = VolumesResponse)))]
 pub(super) async fn list_volumes_detail(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -255,12 +353,13 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
 
 #[utoipa::path(post, path = "/{tenant_id}/os-volumes", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id")),
-    request_body(content = String, content_type = "application/json",
-        description = "`{\"volume\": {\"size\": 1, \"display_name\": ..., \"display_description\": ..., \"availability_zone\": ..., \"volume_type\": ..., \"metadata\": {...}}}`"),
-    responses((status = 200, description = "`{\"volume\": {...}}` (nova answers 200, not 202)"),
-              (status = 400, description = "badRequest: invalid body"),
-              (status = 403, description = "forbidden: reader role"),
-              (status = 415, description = "badMediaType: not JSON")))]
+    request_body(content = VolumeCreateRequest, content_type = "application/json"),
+    responses((status = 200, description = "created (nova answers 200, not 202)", body = VolumeResponse,
+                  headers(("Location" = String, description = "the volume's URL"))),
+              (status = 400, description = "badRequest: invalid body", body = BadRequest),
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 404, description = "itemNotFound: the snapshot (cairn keeps none)", body = ItemNotFound),
+              (status = 413, description = "overLimit: quota", body = OverLimit)))]
 pub(super) async fn create_volume(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -271,7 +370,10 @@ pub(super) async fn create_volume(
     let body = json_body(&headers, &body_or_fault(body)?)?;
     let new = parse_new_volume(body)?;
     let volume = state.service.create_volume(&ctx.caller, new).await?;
-    let mut resp = axum::Json(json!({ "volume": volume_view(&volume) })).into_response();
+    let mut resp = axum::Json(VolumeResponse {
+        volume: volume_view(&volume),
+    })
+    .into_response();
     if let Ok(loc) =
         HeaderValue::from_str(&format!("{}/{}", ctx.url.trim_end_matches('/'), volume.id))
     {
@@ -283,23 +385,26 @@ pub(super) async fn create_volume(
 #[utoipa::path(get, path = "/{tenant_id}/os-volumes/{volume_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("volume_id" = String, Path, description = "volume id")),
-    responses((status = 200, description = "`{\"volume\": {...}}`"),
-              (status = 404, description = "itemNotFound")))]
+    responses((status = 200, description = "the volume", body = VolumeResponse),
+              (status = 404, description = "itemNotFound", body = ItemNotFound)))]
 pub(super) async fn show_volume(State(state): State<AppState>, ctx: Ctx) -> FaultResult<Response> {
     let volume = state
         .service
         .get_volume(&ctx.caller, ctx.param("volume_id"), false)
         .await?;
-    Ok(axum::Json(json!({ "volume": volume_view(&volume) })).into_response())
+    Ok(axum::Json(VolumeResponse {
+        volume: volume_view(&volume),
+    })
+    .into_response())
 }
 
 #[utoipa::path(delete, path = "/{tenant_id}/os-volumes/{volume_id}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
            ("volume_id" = String, Path, description = "volume id")),
     responses((status = 202, description = "deleted (empty body)"),
-              (status = 400, description = "badRequest: the volume is attached (cinder's InvalidVolume, as nova relays it)"),
-              (status = 403, description = "forbidden: reader role"),
-              (status = 404, description = "itemNotFound")))]
+              (status = 400, description = "badRequest: the volume is attached (cinder's InvalidVolume, as nova relays it)", body = BadRequest),
+              (status = 403, description = "forbidden: reader role", body = Forbidden),
+              (status = 404, description = "itemNotFound", body = ItemNotFound)))]
 pub(super) async fn delete_volume(
     State(state): State<AppState>,
     ctx: Ctx,
