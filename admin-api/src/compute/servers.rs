@@ -202,7 +202,7 @@ pub(super) async fn list_servers_detail(
 }
 
 /// Keys of nova's create schema that cairn accepts and ignores: it runs no instances.
-const IGNORED_SERVER_KEYS: [&str; 20] = [
+pub(super) const IGNORED_SERVER_KEYS: [&str; 20] = [
     "imageRef",
     "flavorRef",
     "networks",

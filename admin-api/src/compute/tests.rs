@@ -1006,3 +1006,25 @@ async fn identity_oversized_body_is_a_keystone_413() {
     assert_eq!(v["error"]["code"], 413, "{}", r.body);
     assert_eq!(v["error"]["title"], "Payload Too Large", "{}", r.body);
 }
+
+/// The request schemas of `/openapi.json` name exactly the keys the nova-style validators
+/// accept, so that the document cannot drift from them.
+#[test]
+fn documented_request_bodies_are_what_the_validators_accept() {
+    use std::collections::BTreeSet;
+    let doc = serde_json::to_value(crate::openapi()).expect("openapi json");
+    let props = |name: &str| -> BTreeSet<String> {
+        doc["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(props("VolumeCreate"), set(&super::volumes::VOLUME_KEYS));
+    let mut server = set(&super::servers::IGNORED_SERVER_KEYS);
+    server.extend(["name".to_string(), "metadata".to_string()]);
+    assert_eq!(props("ServerCreate"), server);
+    assert_eq!(props("AttachBody"), set(&["volumeId", "device"]));
+}

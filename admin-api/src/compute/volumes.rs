@@ -281,6 +281,17 @@ fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
     Ok(n)
 }
 
+/// The keys of `volume` that `POST os-volumes` takes (a test holds [`VolumeCreate`] to them).
+pub(super) const VOLUME_KEYS: [&str; 7] = [
+    "size",
+    "volume_type",
+    "metadata",
+    "snapshot_id",
+    "availability_zone",
+    "display_name",
+    "display_description",
+];
+
 /// nova's create schema (`schemas/volumes.py`): `volume` required, `size` required, the listed
 /// optional keys, nothing else.
 fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
@@ -294,16 +305,7 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
             "Invalid input for field/attribute volume. Value: 'volume' is a required property and must be an object",
         ));
     };
-    const ALLOWED: [&str; 7] = [
-        "size",
-        "volume_type",
-        "metadata",
-        "snapshot_id",
-        "availability_zone",
-        "display_name",
-        "display_description",
-    ];
-    if let Some(k) = v.keys().find(|k| !ALLOWED.contains(&k.as_str())) {
+    if let Some(k) = v.keys().find(|k| !VOLUME_KEYS.contains(&k.as_str())) {
         return Err(Fault::bad_request(format!(
             "Invalid input for field/attribute volume. Value: Additional properties are not allowed ('{k}' was unexpected)"
         )));
@@ -419,5 +421,21 @@ pub(super) async fn delete_volume(
         // Upstream: cinder refuses with 400 InvalidVolume, nova relays it as a 400.
         Err(ServiceError::Conflict(m)) => Err(Fault::bad_request(m)),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The descriptor is sent as the seed's bytes; the documented schema must fit them.
+    #[test]
+    fn the_descriptor_fits_its_schema() {
+        let list: super::ExtensionsResponse =
+            serde_json::from_str(&format!(r#"{{"extensions": [{}]}}"#, super::OS_VOLUMES))
+                .expect("extensions");
+        assert_eq!(list.extensions.len(), 1);
+        let one: super::ExtensionResponse =
+            serde_json::from_str(&format!(r#"{{"extension": {}}}"#, super::OS_VOLUMES))
+                .expect("extension");
+        assert_eq!(one.extension.alias, "os-volumes");
     }
 }
