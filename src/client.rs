@@ -34,8 +34,10 @@ pub enum VolumeCmd {
         /// Size in GiB: `10`, `10G`, `10GiB`, `2T`.
         #[arg(long)]
         size: String,
+        /// A display name (need not be unique; commands take it where it is).
         #[arg(long)]
         name: Option<String>,
+        /// A free-text description.
         #[arg(long)]
         description: Option<String>,
         /// Allow attaching to several servers at once.
@@ -46,50 +48,70 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "SERVER")]
         attach: Option<String>,
     },
+    /// List the project's volumes.
     List,
+    /// Show a volume, with its attachments.
     Show {
+        /// Volume id, or its name if no other volume has it.
         volume: String,
     },
+    /// Delete a volume (it must not be attached).
     Delete {
+        /// Volume id, or its name if no other volume has it.
         volume: String,
     },
     /// Attach to a server; prints the attachment with the NBD URI.
     Attach {
+        /// Volume id, or its name if no other volume has it.
         volume: String,
+        /// Server name or id.
         #[arg(long)]
         server: String,
         /// Device name, e.g. /dev/vdc (default: the next free one).
         #[arg(long)]
         device: Option<String>,
     },
+    /// Detach from a server; its NBD clients are disconnected first.
     Detach {
+        /// Volume id, or its name if no other volume has it.
         volume: String,
+        /// Server name or id (default: the one server the volume is attached to).
         #[arg(long)]
-        server: String,
+        server: Option<String>,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ServerCmd {
+    /// Register a server (an instance that will use volumes).
     Create {
+        /// Server name.
         name: String,
     },
+    /// List the project's servers.
     List,
     /// Delete a server; its volumes are detached.
     Delete {
+        /// Server name or id.
         server: String,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ProjectCmd {
+    /// Create a project.
     Create {
+        /// Project name (unique).
         name: String,
+        /// A free-text description.
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// List every project.
     List,
+    /// Delete a project (it must own no volumes or servers).
     Delete {
+        /// Project name or id.
         project: String,
     },
 }
@@ -98,6 +120,7 @@ pub enum ProjectCmd {
 pub enum UserCmd {
     /// Create a user with a password and a role on a project.
     Create {
+        /// User name (unique).
         name: String,
         /// The password (visible to other local users in `ps`; prefer --password-stdin).
         #[arg(
@@ -112,26 +135,36 @@ pub enum UserCmd {
         /// Project (name or id): the user's default project, where the role is granted.
         #[arg(long)]
         project: String,
+        /// Role granted on the project.
         #[arg(long, default_value = "member", value_parser = ["reader", "member", "admin"])]
         role: String,
     },
+    /// List every user.
     List,
+    /// Delete a user, with its role assignments and tokens.
     Delete {
+        /// User name or id.
         user: String,
     },
     /// Grant a role on a project to a user.
     Grant {
+        /// User name or id.
         user: String,
+        /// Project name or id.
         #[arg(long)]
         project: String,
+        /// The role.
         #[arg(long, value_parser = ["reader", "member", "admin"])]
         role: String,
     },
     /// Revoke a role on a project from a user.
     Revoke {
+        /// User name or id.
         user: String,
+        /// Project name or id.
         #[arg(long)]
         project: String,
+        /// The role.
         #[arg(long, value_parser = ["reader", "member", "admin"])]
         role: String,
     },
@@ -501,7 +534,9 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
             let mut body = json!({"volume": {"size": gib, "display_name": name,
                 "display_description": description}});
             if multiattach {
-                body["volume"]["multiattach"] = json!(true);
+                // The os-volumes create schema has no `multiattach`: cinder's convention, a
+                // volume type of that name, says it.
+                body["volume"]["volume_type"] = json!("multiattach");
             }
             let v = sess.compute("POST", "/os-volumes", Some(&body), &[200, 202])?;
             let v = v["volume"].clone();
@@ -591,9 +626,29 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Detach { volume, server } => {
             let volume = sess.volume_id(&volume)?;
-            let server_id = sess
-                .server_id(&server)?
-                .ok_or_else(|| anyhow!("no server named {server:?}"))?;
+            let server_id = match server {
+                Some(server) => sess
+                    .server_id(&server)?
+                    .ok_or_else(|| anyhow!("no server named {server:?}"))?,
+                None => {
+                    let v = sess.compute("GET", &format!("/os-volumes/{volume}"), None, &[200])?;
+                    let servers: Vec<String> = v["volume"]["attachments"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a["serverId"].as_str().map(str::to_owned))
+                        .collect();
+                    match servers.as_slice() {
+                        [one] => one.clone(),
+                        [] => bail!("volume {volume} is not attached to any server"),
+                        many => bail!(
+                            "volume {volume} is attached to {} servers ({}): say which with --server",
+                            many.len(),
+                            many.join(", ")
+                        ),
+                    }
+                }
+            };
             sess.compute(
                 "DELETE",
                 &format!("/servers/{server_id}/os-volume_attachments/{volume}"),

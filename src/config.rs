@@ -21,8 +21,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: &str = "30";
 /// The longest path a unix socket address can hold (`sun_path` is 108 bytes with the NUL).
 const MAX_UNIX_SOCKET_PATH: usize = 107;
 
-const ABOUT: &str = "cairn: block volumes over NBD and shared filesystems over FUSE from its own \
-checksummed, copy-on-write chunk store, with an image cache and an admin HTTP API.";
+const ABOUT: &str = "cairn: block volumes over NBD from its own checksummed, copy-on-write chunk \
+store, with an admin HTTP API (shared filesystems over FUSE and an image cache come later).";
 
 #[derive(Debug, Parser)]
 #[command(name = "cairn", version, about = ABOUT, propagate_version = true)]
@@ -367,6 +367,29 @@ pub fn parse() -> Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every subcommand and every argument says in a line what it is (`--help`).
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "cairn", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
 
     fn serve(args: &[&str]) -> Config {
         let mut argv = vec!["cairn", "serve"];

@@ -400,8 +400,35 @@ fn cli_is_a_client_of_the_daemon() {
     let (status, _, err) = run_cairn(&["volume", "delete", &vol, "--data-dir", &data]);
     assert!(!status.success());
     assert!(err.contains("409") || err.contains("400"), "{err}");
-    cli(&["volume", "detach", &vol, "--server", "bench"]);
+    // Detach without --server: from its one server. Not attached: a clear error.
+    cli(&["volume", "detach", &vol]);
+    let (status, _, err) = run_cairn(&["volume", "detach", &vol, "--data-dir", &data]);
+    assert!(!status.success());
+    assert!(err.contains("not attached"), "{err}");
     cli(&["volume", "delete", &vol]);
+    // Attached to two servers: refused, naming both.
+    let shared = cli(&[
+        "volume",
+        "create",
+        "--size",
+        "1G",
+        "--multiattach",
+        "--json",
+    ]);
+    let shared: Value = serde_json::from_str(&shared).expect("json");
+    let shared = shared["id"].as_str().expect("id").to_owned();
+    cli(&["server", "create", "vm-a"]);
+    cli(&["server", "create", "vm-b"]);
+    cli(&["volume", "attach", &shared, "--server", "vm-a"]);
+    cli(&["volume", "attach", &shared, "--server", "vm-b"]);
+    let (status, _, err) = run_cairn(&["volume", "detach", &shared, "--data-dir", &data]);
+    assert!(!status.success());
+    assert!(
+        err.contains("2 servers") && err.contains("--server"),
+        "{err}"
+    );
+    cli(&["volume", "detach", &shared, "--server", "vm-a"]);
+    cli(&["volume", "detach", &shared]);
     let list: Value = serde_json::from_str(&cli(&["volume", "list", "--json"])).expect("json");
     assert!(
         list.as_array()

@@ -185,6 +185,7 @@ pub(crate) struct VolumeCreate {
     display_name: Option<String>,
     #[schema(max_length = 255)]
     display_description: Option<String>,
+    /// `multiattach` makes a volume that several servers may attach at once.
     #[schema(max_length = 255)]
     volume_type: Option<String>,
     #[schema(max_length = 255)]
@@ -281,6 +282,9 @@ fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
     Ok(n)
 }
 
+/// The volume type that makes a multi-attach volume (cinder's convention).
+pub(crate) const MULTIATTACH_TYPE: &str = "multiattach";
+
 /// The keys of `volume` that `POST os-volumes` takes (a test holds [`VolumeCreate`] to them).
 pub(super) const VOLUME_KEYS: [&str; 7] = [
     "size",
@@ -341,11 +345,15 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
             "Snapshot {s} could not be found."
         )));
     }
+    let volume_type = opt_string(v, "volume_type")?;
     Ok(NewVolume {
         size_gib,
         name: opt_string(v, "display_name")?,
         description: opt_string(v, "display_description")?,
-        volume_type: opt_string(v, "volume_type")?,
+        // nova's schema has no `multiattach`; cinder's conventional multi-attach volume type
+        // is named so.
+        multiattach: volume_type.as_deref() == Some(MULTIATTACH_TYPE),
+        volume_type,
         availability_zone: opt_string(v, "availability_zone")?,
         snapshot_id: None,
         metadata,
