@@ -177,6 +177,16 @@ pub struct Config {
     )]
     pub multiattach_limit: u32,
 
+    /// The largest image upload taken, in bytes (Glance's `image_size_cap`).
+    #[arg(
+        long,
+        env = "CAIRN_IMAGE_SIZE_CAP",
+        value_name = "BYTES",
+        default_value = "1099511627776",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub image_size_cap: u64,
+
     /// An NBD client must finish its handshake (options up to GO/EXPORT_NAME) within this
     /// time, or its connection is closed. 0 is refused.
     #[arg(

@@ -341,6 +341,7 @@ async fn run(
         nbd_url: format!("nbd://{}", nbd.tcp_addr()),
         token_ttl: Duration::from_secs(cfg.token_ttl),
         multiattach_limit: cfg.multiattach_limit,
+        image_size_cap: cfg.image_size_cap,
     };
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings);
     let exports = CatalogExports::new(catalog, Some(svc.export_fence()));
@@ -349,7 +350,12 @@ async fn run(
         .bootstrap(layout, cfg.admin_password.as_deref())
         .await
         .context("bootstrapping identity")?;
-    let app = admin_api::router(svc.clone());
+    svc.images()
+        .recover()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("recovering images")?;
+    let app = admin_api::router_with_images(svc.clone(), svc.images());
     info!(addr = %addr, "admin HTTP listening");
 
     let drain = {

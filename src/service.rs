@@ -13,7 +13,7 @@ use admin_api::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo
 
 use crate::{
     catalog::{self, Catalog},
-    control::{Settings, identity::Identity, volumes::Volumes},
+    control::{Settings, identity::Identity, images::Images, volumes::Volumes},
     store::{self, Store},
 };
 
@@ -39,6 +39,7 @@ pub struct DaemonService {
     catalog: Catalog,
     identity: Identity,
     volumes: Volumes,
+    images: Arc<Images>,
     shutting_down: AtomicBool,
 }
 
@@ -46,6 +47,7 @@ impl DaemonService {
     pub fn new(store: Store, catalog: Catalog, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             identity: Identity::new(catalog.clone(), settings.clone()),
+            images: Images::new(catalog.clone(), store.clone(), settings.clone()),
             volumes: Volumes::new(catalog.clone(), store.clone(), settings),
             store,
             catalog,
@@ -55,6 +57,10 @@ impl DaemonService {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    pub fn images(&self) -> Arc<Images> {
+        self.images.clone()
     }
 
     /// Where detaching a volume ends its NBD export (see [`crate::nbd::Fence`]).

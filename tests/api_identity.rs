@@ -550,7 +550,11 @@ fn token_issue_validate_rescope_revoke_and_errors() {
         ep["url"].as_str().expect("url").to_owned()
     };
     assert_eq!(url_of("identity"), format!("{base}/v3"));
-    assert_eq!(url_of("compute"), format!("{base}/v2.1/{project_id}"));
+    assert_eq!(
+        url_of("compute"),
+        format!("{base}/compute/v2.1/{project_id}")
+    );
+    assert_eq!(url_of("image"), format!("{base}/image"));
     // Only served APIs are listed (clients probe each one).
     let types: Vec<&str> = t["catalog"]
         .as_array()
@@ -558,7 +562,40 @@ fn token_issue_validate_rescope_revoke_and_errors() {
         .iter()
         .map(|s| s["type"].as_str().expect("type"))
         .collect();
-    assert_eq!(types, ["identity", "compute"]);
+    assert_eq!(types, ["identity", "compute", "image"]);
+
+    // Every endpoint's root answers its own service's version discovery (clients strip the
+    // version and project from the catalog URL and ask there).
+    let root_doc = |path: &str| {
+        let r = call(&cairn, "GET", path, &[], None);
+        assert!(r.status == 200 || r.status == 300, "{path}: {r:?}");
+        serde_json::from_str::<Value>(&r.body).expect("JSON")
+    };
+    let keystone = root_doc("/");
+    assert_eq!(keystone["versions"]["values"][0]["id"], "v3.14");
+    let nova = root_doc("/compute/");
+    let ids: Vec<&str> = nova["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| v["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["v2.0", "v2.1"]);
+    assert_eq!(
+        nova["versions"][1]["links"][0]["href"]
+            .as_str()
+            .map(|h| h.ends_with("/compute/v2.1/")),
+        Some(true),
+        "{nova}"
+    );
+    let glance = root_doc("/image");
+    assert_eq!(glance["versions"][0]["id"], "v2.17");
+    assert!(
+        glance["versions"][0]["links"][0]["href"]
+            .as_str()
+            .is_some_and(|h| h.ends_with("/image/v2/")),
+        "{glance}"
+    );
 
     // validate (GET), check (HEAD), catalog
     let auth = [

@@ -40,6 +40,8 @@ const VERSION_UPDATED: &str = "2020-04-07T00:00:00Z";
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(versions))
+        .routes(routes!(versions_mounted))
+        .routes(routes!(versions_mounted_slash))
         .routes(routes!(version_v3))
         .routes(routes!(version_v3_slash))
         .routes(routes!(
@@ -75,6 +77,7 @@ fn error(e: ServiceError) -> Response {
         ServiceError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
         ServiceError::Conflict(m) => (StatusCode::CONFLICT, m),
         ServiceError::OverLimit(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
+        ServiceError::Unsupported(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
         ServiceError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
     };
     let body = IdentityError {
@@ -259,6 +262,19 @@ async fn versions(State(s): State<AppState>) -> Response {
             },
         },
     )
+}
+
+/// The root of the `/identity` mount (devstack's identity endpoint) answers as `/` does.
+#[utoipa::path(get, path = "/identity", tag = "identity",
+    responses((status = 300, description = "Keystone's version list", body = IdentityVersions)))]
+async fn versions_mounted(state: State<AppState>) -> Response {
+    versions(state).await
+}
+
+#[utoipa::path(get, path = "/identity/", tag = "identity",
+    responses((status = 300, description = "Keystone's version list", body = IdentityVersions)))]
+async fn versions_mounted_slash(state: State<AppState>) -> Response {
+    versions(state).await
 }
 
 #[utoipa::path(get, path = "/v3", tag = "identity",
@@ -495,11 +511,20 @@ fn catalog(base: &str, project_id: &str) -> Vec<CatalogEntry> {
             .collect(),
     };
     // Only what is served: clients probe every service they find (openstackclient's
-    // `server list` fails on an image endpoint that answers 404). Block storage and images
-    // join when their APIs do.
+    // `server list` fails on an image endpoint that answers 404). Block storage joins when
+    // its API does. Each service has a root of its own for version discovery.
     vec![
         entry("identity", "keystone", format!("{base}/v3")),
-        entry("compute", "nova", format!("{base}/v2.1/{project_id}")),
+        entry(
+            "compute",
+            "nova",
+            format!("{base}{}/v2.1/{project_id}", crate::mount::COMPUTE.prefix),
+        ),
+        entry(
+            "image",
+            "glance",
+            format!("{base}{}", crate::mount::IMAGE.prefix),
+        ),
     ]
 }
 

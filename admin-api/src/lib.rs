@@ -23,9 +23,11 @@ use utoipa_axum::router::OpenApiRouter;
 pub mod auth;
 pub mod compute;
 pub mod error;
+pub mod image;
 pub mod keystone;
 mod metrics;
 pub mod model;
+pub mod mount;
 pub mod ops;
 pub mod pdisk;
 pub mod schema;
@@ -38,6 +40,8 @@ pub use service::{AdminService, ComponentHealth, Health, StoreMetrics, VersionIn
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<dyn AdminService>,
+    /// The Image family's service.
+    pub images: Arc<dyn image::ImageService>,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -45,14 +49,23 @@ pub struct AppState {
 /// route declarations (so the document cannot miss a route), a JSON 404 for unknown paths, a
 /// JSON 405 for known paths with the wrong method, and request counting for `/metrics`.
 pub fn router(service: Arc<dyn AdminService>) -> Router {
+    router_with_images(service, Arc::new(image::NoImages))
+}
+
+/// [`router`] with an Image service.
+pub fn router_with_images(
+    service: Arc<dyn AdminService>,
+    images: Arc<dyn image::ImageService>,
+) -> Router {
     let state = AppState {
         metrics: Arc::new(metrics::Metrics::new(service.clone())),
         service,
+        images,
     };
     let (routes, mut doc) = api_routes().split_for_parts();
     schema::complete(&mut doc);
     let doc = Arc::new(doc);
-    routes
+    let routes = routes
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -71,7 +84,11 @@ pub fn router(service: Arc<dyn AdminService>) -> Router {
             state.clone(),
             metrics::track_requests,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Outside the router, so that a mount is stripped before routing.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(mount::strip_mounts))
 }
 
 /// Token-authenticated families (identity, Compute) answer a 401 with the challenge
@@ -103,6 +120,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(keystone::router())
         .merge(compute::router())
         .merge(pdisk::router())
+        .merge(image::router())
 }
 
 /// The OpenAPI document of every route, as served at `/openapi.json`.
@@ -132,6 +150,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         schema::ComputeFault,
         schema::IdentityError,
         schema::PdiskError,
+        image::GlanceErrorBody,
     ))
 )]
 struct ApiDoc;

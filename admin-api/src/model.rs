@@ -395,6 +395,10 @@ pub enum ServiceError {
     /// A limit was reached (too many devices, users, quota).
     #[error("{0}")]
     OverLimit(String),
+    /// The content is of a kind the service does not take (image data that is not what its
+    /// disk_format says, or unsafe).
+    #[error("{0}")]
+    Unsupported(String),
     /// The daemon failed; details are logged, the client sees a generic message.
     #[error("{0}")]
     Internal(String),

@@ -124,7 +124,8 @@ fn common_error(e: ServiceError) -> Response {
         | ServiceError::Forbidden(m)
         | ServiceError::BadRequest(m)
         | ServiceError::Conflict(m)
-        | ServiceError::OverLimit(m) => bad_request(m),
+        | ServiceError::OverLimit(m)
+        | ServiceError::Unsupported(m) => bad_request(m),
     }
 }
 

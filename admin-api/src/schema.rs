@@ -42,7 +42,20 @@ fn unauthenticated(path: &str, method: &str) -> bool {
         (method, path),
         (
             _,
-            "/" | "/v3" | "/v3/" | "/v2.1" | "/v2.1/" | "/v2/{tenant_id}" | "/v2.1/{tenant_id}"
+            "/" | "/v3"
+                | "/v3/"
+                | "/v2.1"
+                | "/v2.1/"
+                | "/v2/{tenant_id}"
+                | "/v2.1/{tenant_id}"
+                | "/compute"
+                | "/compute/"
+                | "/identity"
+                | "/identity/"
+                | "/image"
+                | "/image/"
+                | "/versions"
+                | "/image/versions"
         ) | ("post", "/v3/auth/tokens")
             | (_, "/healthz" | "/version" | "/metrics")
     )
@@ -50,11 +63,32 @@ fn unauthenticated(path: &str, method: &str) -> bool {
 
 fn error_response(description: &str, schema: &str) -> RefOr<Response> {
     let mut r = Response::new(description);
+    if schema == "GlanceErrorBody" {
+        glance_error_content(&mut r);
+    } else {
+        r.content.insert(
+            "application/json".into(),
+            Content::new(Some(Ref::from_schema_name(schema))).into(),
+        );
+    }
+    r.into()
+}
+
+/// What webob sends for an error: HTML without an `Accept`, JSON when asked, else text.
+fn glance_error_content(r: &mut Response) {
+    let text = || {
+        Content::new(Some(
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::Type::String)
+                .build(),
+        ))
+    };
     r.content.insert(
         "application/json".into(),
-        Content::new(Some(Ref::from_schema_name(schema))).into(),
+        Content::new(Some(Ref::from_schema_name("GlanceErrorBody"))).into(),
     );
-    r.into()
+    r.content.insert("text/html".into(), text().into());
+    r.content.insert("text/plain".into(), text().into());
 }
 
 /// What every operation of a family may answer besides what its handler documents: the
@@ -77,6 +111,40 @@ pub fn complete(doc: &mut OpenApi) {
             }
         }
     }
+    add_mounted_aliases(doc);
+}
+
+/// Every route a service mount forwards is a route of its own ([`crate::mount`]): the copies
+/// carry the original's description, with operation ids suffixed by the mount's name.
+fn add_mounted_aliases(doc: &mut OpenApi) {
+    let mut aliases = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        for mount in crate::mount::MOUNTS {
+            let mounted = format!("{}{path}", mount.prefix);
+            if mount.inner(&mounted).is_none() {
+                continue;
+            }
+            let mut item = item.clone();
+            let suffix = format!("_{}", mount.prefix.trim_start_matches('/'));
+            for op in [
+                item.get.as_mut(),
+                item.put.as_mut(),
+                item.post.as_mut(),
+                item.delete.as_mut(),
+                item.head.as_mut(),
+                item.patch.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if let Some(id) = op.operation_id.as_mut() {
+                    id.push_str(&suffix);
+                }
+            }
+            aliases.push((mounted, item));
+        }
+    }
+    doc.paths.paths.extend(aliases);
 }
 
 fn complete_op(path: &str, method: &str, op: &mut Operation) {
@@ -158,6 +226,26 @@ fn complete_op(path: &str, method: &str, op: &mut Operation) {
                     "Unsupported Media Type: the body is not JSON",
                     "IdentityError",
                 );
+            }
+        }
+        "image" => {
+            if !open {
+                add(
+                    "401",
+                    "Unauthorized (keystonemiddleware's body): no token, or not a valid one",
+                    "IdentityError",
+                );
+                add("400", "Bad Request: a malformed request", "GlanceErrorBody");
+            }
+            // Glance's errors: webob's body, negotiated from `Accept`.
+            for (status, resp) in op.responses.responses.iter_mut() {
+                if status.starts_with('4')
+                    && status != "401"
+                    && let RefOr::T(r) = resp
+                    && r.content.is_empty()
+                {
+                    glance_error_content(r);
+                }
             }
         }
         "pdisk" => {

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "server_user",
         sql: include_str!("migrations/0002_server_user.sql"),
     },
+    Migration {
+        version: 3,
+        name: "images",
+        sql: include_str!("migrations/0003_images.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

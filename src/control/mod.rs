@@ -5,6 +5,7 @@
 //! and see each other's result (no double attach, no lost update).
 
 pub mod identity;
+pub mod images;
 pub mod volumes;
 
 use admin_api::model::ServiceError;
@@ -21,6 +22,8 @@ pub struct Settings {
     pub nbd_url: String,
     pub token_ttl: std::time::Duration,
     pub multiattach_limit: u32,
+    /// The largest image upload taken (Glance's `image_size_cap`).
+    pub image_size_cap: u64,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).

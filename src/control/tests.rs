@@ -22,6 +22,7 @@ fn settings() -> Settings {
         public_url: "http://127.0.0.1:8776".into(),
         nbd_url: "nbd://127.0.0.1:10809".into(),
         token_ttl: std::time::Duration::from_secs(3600),
+        image_size_cap: 1 << 40,
         multiattach_limit: 3,
     }
 }
@@ -41,7 +42,11 @@ async fn env() -> Env {
                    ('p1', 'one', '2026-01-01T00:00:00Z'), ('p2', 'two', '2026-01-01T00:00:00Z');
                  INSERT INTO users (id, name, created_at) VALUES
                    ('u1', 'alice', '2026-01-01T00:00:00Z'), ('u2', 'bob', '2026-01-01T00:00:00Z'),
-                   ('u3', 'root', '2026-01-01T00:00:00Z');",
+                   ('u3', 'root', '2026-01-01T00:00:00Z');
+                 -- root administers from p2 (the daemon always keeps an admin).
+                 INSERT INTO roles (id, name) VALUES ('r-admin', 'admin');
+                 INSERT INTO role_assignments (user_id, project_id, role_id)
+                   VALUES ('u3', 'p2', 'r-admin');",
             )?;
             Ok(())
         })

@@ -1423,13 +1423,31 @@ impl Store {
         let bpc = self.inner.sb.blocks_per_chunk() as u64;
         let mut c = a / bpc;
         let c_end = b.div_ceil(bpc);
-        while c < c_end {
+        // Unmapped stretches are skipped: trimming a huge, mostly empty range costs what is
+        // mapped in it, not its length.
+        while let Some(first) = self.next_mapped(id, c, c_end)? {
+            c = first;
             let piece_end = (c + RANGE_PIECE_CHUNKS).min(c_end);
             let _s = self.lock_stripes(id, c, piece_end, true).await;
             self.discard_chunks(id, a, b, c, piece_end).await?;
             c = piece_end;
         }
         Ok(())
+    }
+
+    /// The first mapped chunk of `id` in `[c0, c1)`.
+    fn next_mapped(&self, id: ObjectId, c0: u64, c1: u64) -> Result<Option<u64>> {
+        if c0 >= c1 {
+            return Ok(None);
+        }
+        let m = self.inner.meta.lock();
+        let obj = m.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+        let mut first = None;
+        obj.map.try_for_each_in(c0, c1, |c, _| {
+            first = Some(u64::from(c));
+            ControlFlow::Break(())
+        });
+        Ok(first)
     }
 
     /// Discard blocks `[a, b)` within chunks `[c0, c1)`.

@@ -63,6 +63,7 @@ impl From<ServiceError> for Fault {
             // nova answers quota and device limits with 413 overLimit (403 for "too many disk
             // devices" in modern nova, but the quota family of errors is 413).
             ServiceError::OverLimit(m) => Fault::new(StatusCode::PAYLOAD_TOO_LARGE, m),
+            ServiceError::Unsupported(m) => Fault::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
             ServiceError::Internal(m) => {
                 // The daemon already logged the cause; the client learns only that it failed.
                 tracing::warn!(error = %m, "compute request failed inside the daemon");

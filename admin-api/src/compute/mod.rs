@@ -31,7 +31,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 pub use fault::Fault;
 use fault::FaultResult;
 
-use crate::{AppState, auth, model::Caller, model::Role};
+use crate::{AppState, auth, model::Caller, model::Role, mount::BaseUrl};
 
 /// Path prefixes the family is served under (each followed by `/{tenant_id}`).
 pub const PREFIXES: [&str; 3] = ["/v1.1", "/v2", "/v2.1"];
@@ -51,6 +51,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     // Unauthenticated version documents (keystoneauth and novaclient discover with them).
     r.routes(routes!(version_v21))
         .routes(routes!(version_v21_slash))
+        .routes(routes!(versions_root))
+        .routes(routes!(versions_root_slash))
         .layer(middleware::from_fn(compute_headers))
 }
 
@@ -208,7 +210,7 @@ impl FromRequestParts<AppState> for Ctx {
             .find(|p| path.starts_with(&format!("{p}/")))
             .copied()
             .unwrap_or("/v2.1");
-        let root = host_root(&parts.headers);
+        let root = crate::mount::base_url(&parts.headers, &parts.extensions);
         Ok(Ctx {
             caller,
             tenant_id,
@@ -217,20 +219,6 @@ impl FromRequestParts<AppState> for Ctx {
             url: format!("{root}{path}"),
         })
     }
-}
-
-/// `http://host:port` as the client addressed us.
-fn host_root(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
-        })
-        .unwrap_or("localhost");
-    format!("http://{host}")
 }
 
 // ---- request bodies and queries ----------------------------------------------------------
@@ -354,8 +342,19 @@ pub(crate) struct ComputeVersionDocument {
     version: ComputeVersion,
 }
 
-fn version_doc(headers: &HeaderMap, legacy_v2: bool) -> ComputeVersionDocument {
-    let root = host_root(headers);
+/// `{"versions": [...]}`: nova's root document (both APIs).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ComputeVersions {
+    versions: Vec<ComputeVersion>,
+}
+
+fn version_doc(root: &str, legacy_v2: bool) -> ComputeVersionDocument {
+    ComputeVersionDocument {
+        version: version(root, legacy_v2),
+    }
+}
+
+fn version(root: &str, legacy_v2: bool) -> ComputeVersion {
     let link = |rel: &str, href: String, kind: Option<&str>| VersionLink {
         rel: rel.into(),
         href,
@@ -366,7 +365,7 @@ fn version_doc(headers: &HeaderMap, legacy_v2: bool) -> ComputeVersionDocument {
         "http://docs.openstack.org/".into(),
         Some("text/html"),
     );
-    let version = if legacy_v2 {
+    if legacy_v2 {
         // nova's legacy v2 document: no microversions.
         ComputeVersion {
             id: "v2.0".into(),
@@ -393,20 +392,36 @@ fn version_doc(headers: &HeaderMap, legacy_v2: bool) -> ComputeVersionDocument {
                 kind: "application/vnd.openstack.compute+json;version=2.1".into(),
             }],
         }
-    };
-    ComputeVersionDocument { version }
+    }
+}
+
+/// The root of the catalog's compute endpoint (`/compute`): nova's version list, where
+/// keystoneauth discovers the API versions and microversions.
+#[utoipa::path(get, path = "/compute", tag = "compute",
+    responses((status = 200, description = "Compute API versions (v2.0 legacy, v2.1 with 2.1 to 2.35)", body = ComputeVersions)))]
+async fn versions_root(BaseUrl(root): BaseUrl) -> axum::Json<ComputeVersions> {
+    let root = format!("{root}{}", crate::mount::COMPUTE.prefix);
+    axum::Json(ComputeVersions {
+        versions: vec![version(&root, true), version(&root, false)],
+    })
+}
+
+#[utoipa::path(get, path = "/compute/", tag = "compute",
+    responses((status = 200, description = "Compute API versions (v2.0 legacy, v2.1 with 2.1 to 2.35)", body = ComputeVersions)))]
+async fn versions_root_slash(root: BaseUrl) -> axum::Json<ComputeVersions> {
+    versions_root(root).await
 }
 
 #[utoipa::path(get, path = "/v2.1", tag = "compute",
     responses((status = 200, description = "Compute API version document (2.1 to 2.35)", body = ComputeVersionDocument)))]
-async fn version_v21(headers: HeaderMap) -> axum::Json<ComputeVersionDocument> {
-    axum::Json(version_doc(&headers, false))
+async fn version_v21(BaseUrl(root): BaseUrl) -> axum::Json<ComputeVersionDocument> {
+    axum::Json(version_doc(&root, false))
 }
 
 #[utoipa::path(get, path = "/v2.1/", tag = "compute",
     responses((status = 200, description = "Compute API version document (2.1 to 2.35)", body = ComputeVersionDocument)))]
-async fn version_v21_slash(headers: HeaderMap) -> axum::Json<ComputeVersionDocument> {
-    axum::Json(version_doc(&headers, false))
+async fn version_v21_slash(BaseUrl(root): BaseUrl) -> axum::Json<ComputeVersionDocument> {
+    axum::Json(version_doc(&root, false))
 }
 
 /// nova answers the bare project URL (the catalog's compute endpoint) with the version
@@ -416,9 +431,9 @@ async fn version_v21_slash(headers: HeaderMap) -> axum::Json<ComputeVersionDocum
     responses((status = 200, description = "Compute API version document (v2.1: 2.1 to 2.35; v2: legacy)", body = ComputeVersionDocument)))]
 async fn version_tenant(
     OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
+    BaseUrl(root): BaseUrl,
 ) -> axum::Json<ComputeVersionDocument> {
-    axum::Json(version_doc(&headers, !uri.path().starts_with("/v2.1/")))
+    axum::Json(version_doc(&root, !uri.path().starts_with("/v2.1/")))
 }
 
 // ---- headers -----------------------------------------------------------------------------

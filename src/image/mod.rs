@@ -1,0 +1,3 @@
+//! Images: format inspection (pure, safe on hostile input) and, next, conversion.
+
+pub mod inspect;
