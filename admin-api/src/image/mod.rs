@@ -1155,4 +1155,3 @@ async fn schema_metadefs_namespace(State(s): State<AppState>, headers: HeaderMap
 async fn schema_metadefs_resource_type(State(s): State<AppState>, headers: HeaderMap) -> Response {
     schema_response(s, headers, schemas::metadefs_resource_type).await
 }
-
