@@ -372,7 +372,7 @@ mod tests {
         let edit = edit(&body, dialect, admin)
             .map_err(|e| format!("{} {}", e.status.as_u16(), e.explanation))?;
         edit(&mut img)
-            .map_err(|e| GlanceError::from(e))
+            .map_err(GlanceError::from)
             .map_err(|e| format!("{} {}", e.status.as_u16(), e.explanation))?;
         Ok(img)
     }
