@@ -47,6 +47,10 @@ pub enum VolumeCmd {
         /// and print only the NBD URI.
         #[arg(long, value_name = "SERVER")]
         attach: Option<String>,
+        /// Fill it from this image (id or unique name): instant from a raw cache or a raw
+        /// image, else converted (the volume is `downloading` meanwhile).
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
     },
     /// List the project's volumes.
     List,
@@ -196,6 +200,18 @@ struct Session {
     token: String,
     identity: String,
     compute: String,
+    /// The Image service, if the catalog has one.
+    image: Option<String>,
+}
+
+/// The public URL of the catalog's service of `kind`.
+fn public_endpoint(catalog: &Value, kind: &str) -> Option<String> {
+    catalog.as_array()?.iter().find(|s| s["type"] == kind)?["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["interface"] == "public")?["url"]
+        .as_str()
+        .map(|u| u.trim_end_matches('/').to_owned())
 }
 
 fn credentials(args: &ClientArgs) -> Result<CloudAuth> {
@@ -345,25 +361,16 @@ impl Session {
             .find(|(k, _)| k.eq_ignore_ascii_case("x-subject-token"))
             .map(|(_, v)| v.clone())
             .ok_or_else(|| anyhow!("the token reply has no X-Subject-Token"))?;
-        let compute = r.body["token"]["catalog"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["type"] == "compute")
-            .and_then(|s| {
-                s["endpoints"]
-                    .as_array()?
-                    .iter()
-                    .find(|e| e["interface"] == "public")?["url"]
-                    .as_str()
-                    .map(|u| u.trim_end_matches('/').to_owned())
-            })
+        let catalog = &r.body["token"]["catalog"];
+        let compute = public_endpoint(catalog, "compute")
             .ok_or_else(|| anyhow!("the service catalog has no public compute endpoint"))?;
+        let image = public_endpoint(catalog, "image");
         Ok(Session {
             agent,
             token,
             identity,
             compute,
+            image,
         })
     }
 
@@ -401,6 +408,39 @@ impl Session {
                 .and_then(|s| s["id"].as_str().map(str::to_owned))
         };
         Ok(by("id").or_else(|| by("name")))
+    }
+
+    /// An image id from an id or a unique name.
+    fn image_id(&self, name_or_id: &str) -> Result<String> {
+        if uuid::Uuid::parse_str(name_or_id).is_ok() {
+            return Ok(name_or_id.to_owned());
+        }
+        let base = self
+            .image
+            .as_deref()
+            .ok_or_else(|| anyhow!("the service catalog has no public image endpoint"))?;
+        let name: String = form_urlencoded::byte_serialize(name_or_id.as_bytes()).collect();
+        let list = self.call(
+            "GET",
+            &format!("{base}/v2/images?name={name}"),
+            None,
+            &[200],
+        )?;
+        let found: Vec<String> = list["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| s(&i["id"]))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => bail!("no image is named {name_or_id:?}"),
+            many => bail!(
+                "{} images are named {name_or_id:?}; give an id: {}",
+                many.len(),
+                many.join(", ")
+            ),
+        }
     }
 
     /// A volume id from an id or a unique display name.
@@ -529,10 +569,14 @@ pub fn volume(args: &ClientArgs, cmd: VolumeCmd) -> Result<()> {
             description,
             multiattach,
             attach,
+            image,
         } => {
             let gib = parse_size_gib(&size)?;
             let mut body = json!({"volume": {"size": gib, "display_name": name,
                 "display_description": description}});
+            if let Some(image) = image {
+                body["volume"]["imageRef"] = json!(sess.image_id(&image)?);
+            }
             if multiattach {
                 // The os-volumes create schema has no `multiattach`: cinder's convention, a
                 // volume type of that name, says it.

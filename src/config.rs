@@ -187,6 +187,16 @@ pub struct Config {
     )]
     pub image_size_cap: u64,
 
+    /// Image conversions (raw caches, volumes filled from images) run at once; more wait.
+    #[arg(
+        long,
+        env = "CAIRN_IMAGE_CONVERT_JOBS",
+        value_name = "N",
+        default_value = "2",
+        value_parser = clap::value_parser!(u32).range(1..=64)
+    )]
+    pub image_convert_jobs: u32,
+
     /// An NBD client must finish its handshake (options up to GO/EXPORT_NAME) within this
     /// time, or its connection is closed. 0 is refused.
     #[arg(

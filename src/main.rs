@@ -9,7 +9,7 @@ use cairn::{
     catalog::Catalog,
     config::{self, Command, Config, FsckArgs, Layout, LogFormat, LogOptions},
     control::Settings,
-    nbd::{CatalogExports, NbdConfig, NbdListeners},
+    nbd::{CatalogExports, InternalExports, NbdConfig, NbdListeners},
     service::{self, DaemonService},
     store::{self, Store, StoreOptions},
 };
@@ -342,19 +342,22 @@ async fn run(
         token_ttl: Duration::from_secs(cfg.token_ttl),
         multiattach_limit: cfg.multiattach_limit,
         image_size_cap: cfg.image_size_cap,
+        nbd_socket: layout.nbd_socket.clone(),
+        convert_jobs: cfg.image_convert_jobs as usize,
     };
-    let svc = DaemonService::new(store.clone(), catalog.clone(), settings);
-    let exports = CatalogExports::new(catalog, Some(svc.export_fence()));
+    let internal = std::sync::Arc::new(InternalExports::default());
+    let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());
+    let exports = CatalogExports::new(catalog, Some(svc.export_fence()), internal);
     let nbd = nbd.serve(store, std::sync::Arc::new(exports));
     svc.identity()
         .bootstrap(layout, cfg.admin_password.as_deref())
         .await
         .context("bootstrapping identity")?;
-    svc.images()
-        .recover()
+    svc.recover()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("recovering images")?;
+        .context("recovering images and volumes")?;
+    tokio::spawn(svc.images().run_cache_worker());
     let app = admin_api::router_with_images(svc.clone(), svc.images());
     info!(addr = %addr, "admin HTTP listening");
 
@@ -380,6 +383,8 @@ async fn run(
         ),
     }
     info!("admin HTTP stopped");
+    // Conversions stop before their NBD exports do; the next start runs them again.
+    svc.images().stop_jobs().await;
     // Connections answer what they have read, then close; the store is closed after this.
     nbd.shutdown(grace).await;
     Ok(())

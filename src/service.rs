@@ -14,6 +14,8 @@ use admin_api::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo
 use crate::{
     catalog::{self, Catalog},
     control::{Settings, identity::Identity, images::Images, volumes::Volumes},
+    image::convert::Converter,
+    nbd::InternalExports,
     store::{self, Store},
 };
 
@@ -44,10 +46,22 @@ pub struct DaemonService {
 }
 
 impl DaemonService {
-    pub fn new(store: Store, catalog: Catalog, settings: Settings) -> Arc<Self> {
+    /// `internal`: where image conversions open their NBD exports.
+    pub fn new(
+        store: Store,
+        catalog: Catalog,
+        settings: Settings,
+        internal: Arc<InternalExports>,
+    ) -> Arc<Self> {
+        let converter = Converter::new(
+            store.clone(),
+            settings.nbd_socket.clone(),
+            internal,
+            settings.convert_jobs,
+        );
         Arc::new(Self {
             identity: Identity::new(catalog.clone(), settings.clone()),
-            images: Images::new(catalog.clone(), store.clone(), settings.clone()),
+            images: Images::new(catalog.clone(), store.clone(), settings.clone(), converter),
             volumes: Volumes::new(catalog.clone(), store.clone(), settings),
             store,
             catalog,
@@ -61,6 +75,12 @@ impl DaemonService {
 
     pub fn images(&self) -> Arc<Images> {
         self.images.clone()
+    }
+
+    /// Puts volumes and images a restart interrupted back in motion (see their `recover`).
+    pub async fn recover(&self) -> ServiceResult<()> {
+        self.images.recover().await?;
+        self.volumes.recover(&self.images).await
     }
 
     /// Where detaching a volume ends its NBD export (see [`crate::nbd::Fence`]).
@@ -216,7 +236,9 @@ impl AdminService for DaemonService {
     }
 
     async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
-        self.volumes.create_volume(caller, new).await
+        self.volumes
+            .create_volume_with(caller, new, Some(&self.images))
+            .await
     }
 
     async fn list_volumes(

@@ -983,7 +983,10 @@ fn nova_cli_discovers_the_version_and_attaches_by_server_name() {
     assert!(ok_, "{out}\n{err}");
     // Discovery (`GET` of the bare catalog endpoint) found the ceiling, and the attach was
     // sent at it.
-    let discovery = format!("-X GET {} ", c.url(&format!("/v2.1/{}", api.tenant)));
+    let discovery = format!(
+        "-X GET {} ",
+        c.url(&format!("/compute/v2.1/{}", api.tenant))
+    );
     assert!(err.contains(&discovery), "no discovery request:\n{err}");
     assert!(err.contains("X-OpenStack-Nova-API-Version: 2.35"), "{err}");
     let row = out

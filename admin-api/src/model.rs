@@ -163,6 +163,8 @@ pub enum VolumeStatus {
     Deleting,
     Error,
     Uploading,
+    /// Being filled from an image (Cinder's name for it).
+    Downloading,
 }
 
 impl VolumeStatus {
@@ -176,13 +178,22 @@ impl VolumeStatus {
             VolumeStatus::Deleting => "deleting",
             VolumeStatus::Error => "error",
             VolumeStatus::Uploading => "uploading",
+            VolumeStatus::Downloading => "downloading",
         }
     }
 
     pub fn parse(s: &str) -> Option<VolumeStatus> {
         use VolumeStatus::*;
         [
-            Creating, Available, Attaching, InUse, Detaching, Deleting, Error, Uploading,
+            Creating,
+            Available,
+            Attaching,
+            InUse,
+            Detaching,
+            Deleting,
+            Error,
+            Uploading,
+            Downloading,
         ]
         .into_iter()
         .find(|v| v.as_str() == s)
@@ -195,6 +206,9 @@ impl VolumeStatus {
             (self, to),
             (Creating, Available)
                 | (Creating, Error)
+                | (Creating, Downloading)
+                | (Downloading, Available)
+                | (Downloading, Error)
                 | (Available, Attaching)
                 | (Available, Deleting)
                 | (Available, Uploading)
@@ -314,6 +328,8 @@ pub struct NewVolume {
     pub multiattach: bool,
     pub visibility: Option<Visibility>,
     pub tag: Option<String>,
+    /// Made from this image (Compute `imageRef`, pdisk/client `--image`).
+    pub source_image_id: Option<String>,
 }
 
 /// Which volumes a listing shows.

@@ -9,7 +9,7 @@
 //! Visibility follows Glance: an admin sees everything; others see public and community
 //! images, their project's own, and shared images their project is a member of.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use admin_api::image::{
@@ -25,7 +25,9 @@ use uuid::Uuid;
 
 use super::{Settings, TxError, now, parse_ts, ts};
 use crate::catalog::Catalog;
-use crate::image::inspect::{self, Format, ReadAt};
+use crate::image::ObjectReader;
+use crate::image::convert::{ConvertError, Converter, Probe};
+use crate::image::inspect::{self, Format};
 use crate::store::{Store, StoreError};
 
 /// Bytes gathered before a write to the store (and the most an upload holds in memory,
@@ -38,6 +40,24 @@ const STORE_NAME: &str = "cairn";
 
 type Tx<T> = Result<T, TxError>;
 
+/// Where a volume made from an image gets its content.
+#[derive(Debug, Clone, Copy)]
+pub enum VolumeSource {
+    /// Raw content (a raw cache, a raw image): the volume is a copy-on-write clone of it.
+    Clone { object: Uuid, virtual_size: u64 },
+    /// The image's data is converted into the volume.
+    Convert { object: Uuid, probe: Probe },
+}
+
+impl VolumeSource {
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            VolumeSource::Clone { virtual_size, .. } => *virtual_size,
+            VolumeSource::Convert { probe, .. } => probe.virtual_size,
+        }
+    }
+}
+
 /// The image rules, over the catalog and the store.
 pub struct Images {
     catalog: Catalog,
@@ -48,6 +68,10 @@ pub struct Images {
     cache_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Progress of running conversions (percent), shown as `cache_raw_progress`.
     pub(crate) progress: Arc<parking_lot::Mutex<BTreeMap<String, u8>>>,
+    converter: Arc<Converter>,
+    /// Running jobs (raw caches by image id, volume fills by volume id), so that deleting
+    /// an image cancels its conversion and a shutdown stops them before the NBD server.
+    jobs: parking_lot::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// For work that outlives a request (imports run after their 202).
     me: std::sync::Weak<Images>,
 }
@@ -238,30 +262,6 @@ impl Hashes {
     }
 }
 
-/// Reads an object's bytes for the inspector.
-struct ObjectReader<'a> {
-    store: &'a Store,
-    object: Uuid,
-    len: u64,
-}
-
-impl ReadAt for ObjectReader<'_> {
-    fn size(&self) -> u64 {
-        self.len
-    }
-    async fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        if offset >= self.len {
-            return Ok(Vec::new());
-        }
-        let len = (len as u64).min(self.len - offset) as usize;
-        self.store
-            .read(self.object, offset, len)
-            .await
-            .map(|b| b.to_vec())
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    }
-}
-
 fn store_error(e: StoreError) -> ServiceError {
     match e {
         StoreError::NoSpace => ServiceError::OverLimit(
@@ -276,7 +276,12 @@ fn store_error(e: StoreError) -> ServiceError {
 }
 
 impl Images {
-    pub fn new(catalog: Catalog, store: Store, settings: Settings) -> Arc<Images> {
+    pub fn new(
+        catalog: Catalog,
+        store: Store,
+        settings: Settings,
+        converter: Arc<Converter>,
+    ) -> Arc<Images> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new_cyclic(|me| Images {
             catalog,
@@ -285,8 +290,271 @@ impl Images {
             cache_wanted: tx,
             cache_rx: parking_lot::Mutex::new(Some(rx)),
             progress: Arc::default(),
+            converter,
+            jobs: parking_lot::Mutex::default(),
             me: me.clone(),
         })
+    }
+
+    pub fn converter(&self) -> &Arc<Converter> {
+        &self.converter
+    }
+
+    /// Runs raw-cache jobs as they are queued (at most the converter's job count convert at
+    /// once; the others wait `Caching` at 0%). Returns when the queue closes.
+    pub async fn run_cache_worker(self: Arc<Self>) {
+        let Some(mut rx) = self.take_cache_queue() else {
+            return;
+        };
+        while let Some(id) = rx.recv().await {
+            self.spawn_job(id.clone(), {
+                let me = self.clone();
+                async move { me.cache_job(&id).await }
+            });
+        }
+    }
+
+    /// Runs `job` as the one job under `key` (a second one under a running key is dropped).
+    fn spawn_job(&self, key: String, job: impl std::future::Future<Output = ()> + Send + 'static) {
+        let Some(me) = self.me.upgrade() else { return };
+        // Held while spawning, so that the job's own removal comes after its insertion.
+        let mut jobs = self.jobs.lock();
+        if jobs.get(&key).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let k = key.clone();
+        let handle = tokio::spawn(async move {
+            job.await;
+            me.jobs.lock().remove(&k);
+        });
+        jobs.insert(key, handle);
+    }
+
+    /// Cancels the job under `key` (its `qemu-img` is killed) and waits until it is gone.
+    async fn cancel_job(&self, key: &str) {
+        let handle = self.jobs.lock().remove(key);
+        if let Some(h) = handle {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
+    /// Stops every running conversion, leaving its records as they are: the next start
+    /// finds them and starts them again ([`Images::recover`]). Called before the NBD server
+    /// stops, so that no job sees its exports go and records a failure.
+    pub async fn stop_jobs(&self) {
+        let handles: Vec<_> = self.jobs.lock().drain().map(|(_, h)| h).collect();
+        for h in &handles {
+            h.abort();
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+
+    /// One raw-cache job: Queued -> Caching -> Cached (or Error with the reason).
+    async fn cache_job(&self, id: &str) {
+        let raw = Uuid::new_v4();
+        let started = {
+            let id = id.to_owned();
+            self.tx(move |conn| {
+                let Some(s) = load(conn, &id)? else {
+                    return Ok(None);
+                };
+                let (Some(data), Some(size)) = (parse_object(&s.data_object), s.image.size) else {
+                    return Ok(None);
+                };
+                if s.image.status != "active" || s.cache_status.as_deref() != Some("Queued") {
+                    return Ok(None);
+                }
+                // Recorded before the object exists: a crash leaves a name recovery deletes.
+                conn.execute(
+                    "UPDATE images SET cache_status = 'Caching', raw_object_id = ?2, \
+                     cache_error = NULL, cache_size = NULL WHERE id = ?1",
+                    params![id, raw.to_string()],
+                )?;
+                let format = s.image.disk_format.clone().unwrap_or_else(|| "raw".into());
+                Ok(Some((data, size, format)))
+            })
+            .await
+        };
+        let (data, size, format) = match started {
+            Ok(Some(x)) => x,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(image = %id, error = %e, "starting a raw-cache job");
+                return;
+            }
+        };
+        tracing::info!(image = %id, disk_format = %format, "raw cache: converting");
+        self.progress.lock().insert(id.to_owned(), 0);
+        let outcome = self.fill_cache(data, size, &format, raw, id).await;
+        self.progress.lock().remove(id);
+        let (status, error, cache_size) = match &outcome {
+            Ok(allocated) => ("Cached", None, Some(*allocated as i64)),
+            Err(e) => ("Error", Some(e.to_string()), None),
+        };
+        let recorded = {
+            let id = id.to_owned();
+            let error = error.clone();
+            self.tx(move |conn| {
+                Ok(conn.execute(
+                    "UPDATE images SET cache_status = ?3, cache_error = ?4, cache_size = ?5, \
+                     raw_object_id = CASE WHEN ?3 = 'Cached' THEN raw_object_id END \
+                     WHERE id = ?1 AND raw_object_id = ?2",
+                    params![id, raw.to_string(), status, error, cache_size],
+                )?)
+            })
+            .await
+        };
+        if outcome.is_err() || !matches!(recorded, Ok(1)) {
+            // Failed, or the image went meanwhile: nothing keeps the object.
+            self.delete_data(raw).await;
+        }
+        match outcome {
+            Ok(_) => tracing::info!(image = %id, "raw cache: cached"),
+            Err(e) => tracing::warn!(image = %id, error = %e, "raw cache: failed"),
+        }
+    }
+
+    /// Makes `raw` the raw content of `data`; returns its allocated bytes.
+    async fn fill_cache(
+        &self,
+        data: Uuid,
+        size: u64,
+        format: &str,
+        raw: Uuid,
+        id: &str,
+    ) -> Result<u64, ConvertError> {
+        let probe = self.converter.probe(data, size, format).await?;
+        if probe.is_raw() {
+            // Raw content already: the cache is a clone (metadata only).
+            self.store.clone_object(data, raw).await?;
+        } else {
+            self.store.create_object(raw, probe.virtual_size).await?;
+            let progress = self.progress.clone();
+            let id = id.to_owned();
+            self.converter
+                .convert(data, probe, raw, move |p| {
+                    progress.lock().insert(id.clone(), p);
+                })
+                .await?;
+        }
+        Ok(self.store.object_info(raw)?.allocated_bytes)
+    }
+
+    /// What a new volume of `size_bytes` made from image `id` is filled from, after the
+    /// checks Cinder makes (visible, active, not larger than the volume, `min_disk`).
+    pub async fn volume_source(
+        &self,
+        caller: &Caller,
+        id: &str,
+        size_bytes: u64,
+    ) -> ServiceResult<VolumeSource> {
+        let s = {
+            let caller = caller.clone();
+            let id = id.to_owned();
+            self.tx(move |conn| {
+                visible_image(conn, &caller, &id).map_err(|e| match e {
+                    TxError::Service(ServiceError::NotFound(_)) => {
+                        ServiceError::NotFound(format!("Image {id} could not be found.")).into()
+                    }
+                    other => other,
+                })
+            })
+            .await?
+        };
+        let i = &s.image;
+        let (Some(data), Some(size), "active") =
+            (parse_object(&s.data_object), i.size, i.status.as_str())
+        else {
+            return Err(ServiceError::BadRequest(format!(
+                "Image {} is not active.",
+                i.id
+            )));
+        };
+        let gib = |b: u64| b.div_ceil(1 << 30);
+        let volume_gib = size_bytes >> 30;
+        if i.min_disk > volume_gib {
+            return Err(ServiceError::BadRequest(format!(
+                "Volume size {volume_gib}GB cannot be smaller than the image minDisk size {}GB.",
+                i.min_disk
+            )));
+        }
+        let cached = match (s.cache_status.as_deref(), parse_object(&s.raw_object)) {
+            (Some("Cached"), Some(raw)) => Some(raw),
+            _ => None,
+        };
+        let source = match cached {
+            Some(raw) => VolumeSource::Clone {
+                object: raw,
+                virtual_size: i.virtual_size.unwrap_or(size),
+            },
+            None => {
+                let format = i.disk_format.as_deref().unwrap_or("raw");
+                let probe = self
+                    .converter
+                    .probe(data, size, format)
+                    .await
+                    .map_err(|e| match e {
+                        ConvertError::Refused(m) => {
+                            ServiceError::BadRequest(format!("Image {} is unacceptable: {m}", i.id))
+                        }
+                        other => {
+                            tracing::error!(image = %i.id, error = %other, "probing an image for a volume");
+                            ServiceError::Internal(
+                                "the image could not be read; see the daemon log".into(),
+                            )
+                        }
+                    })?;
+                if probe.is_raw() {
+                    VolumeSource::Clone {
+                        object: data,
+                        virtual_size: size,
+                    }
+                } else {
+                    VolumeSource::Convert {
+                        object: data,
+                        probe,
+                    }
+                }
+            }
+        };
+        if source.virtual_size() > size_bytes {
+            return Err(ServiceError::BadRequest(format!(
+                "Size of specified image {}GB is larger than volume size {volume_gib}GB.",
+                gib(source.virtual_size())
+            )));
+        }
+        Ok(source)
+    }
+
+    /// What a volume fill cut by a restart converts from again, if its image still has data
+    /// to convert (no permission check: the volume was made by one that passed).
+    pub async fn source_for_recovery(&self, id: &str) -> Option<VolumeSource> {
+        let id = id.to_owned();
+        let s = self.tx(move |conn| load(conn, &id)).await.ok().flatten()?;
+        let (data, size) = (parse_object(&s.data_object)?, s.image.size?);
+        let format = s.image.disk_format.as_deref().unwrap_or("raw");
+        let probe = self.converter.probe(data, size, format).await.ok()?;
+        (!probe.is_raw()).then_some(VolumeSource::Convert {
+            object: data,
+            probe,
+        })
+    }
+
+    /// Converts image data into a new volume's object in the background; `done` records the
+    /// outcome (the volume's status).
+    pub fn fill_volume<F, Fut>(&self, volume: Uuid, object: Uuid, probe: Probe, done: F)
+    where
+        F: FnOnce(Result<(), ConvertError>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let converter = self.converter.clone();
+        self.spawn_job(volume.to_string(), async move {
+            let r = converter.convert(object, probe, volume, |_| {}).await;
+            done(r).await;
+        });
     }
 
     /// The queue of images whose raw cache is wanted (taken once, by the cache worker).
@@ -313,7 +581,7 @@ impl Images {
     pub async fn recover(&self) -> ServiceResult<()> {
         let (cut, importing, wanted) = self
             .tx(|conn| {
-                let cut: Vec<(String, Option<String>)> = conn
+                let mut cut: Vec<(String, Option<String>)> = conn
                     .prepare(
                         "SELECT id, data_object_id FROM images WHERE status = 'saving' \
                          OR (status = 'uploading' AND size_bytes IS NULL)",
@@ -332,10 +600,16 @@ impl Images {
                     .prepare("SELECT id FROM images WHERE status = 'importing'")?
                     .query_map([], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
+                let partial: Vec<Option<String>> = conn
+                    .prepare("SELECT raw_object_id FROM images WHERE cache_status = 'Caching'")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
                 conn.execute(
-                    "UPDATE images SET cache_status = 'Queued' WHERE cache_status = 'Caching'",
+                    "UPDATE images SET cache_status = 'Queued', raw_object_id = NULL \
+                     WHERE cache_status = 'Caching'",
                     [],
                 )?;
+                cut.extend(partial.into_iter().map(|o| (String::new(), o)));
                 let wanted: Vec<String> = conn
                     .prepare("SELECT id FROM images WHERE cache_status = 'Queued'")?
                     .query_map([], |r| r.get(0))?
@@ -344,7 +618,11 @@ impl Images {
             })
             .await?;
         for (id, object) in cut {
-            tracing::warn!(image = %id, "an upload was cut by a restart; the image is queued again");
+            if id.is_empty() {
+                tracing::info!("a raw-cache conversion was cut by a restart; it starts again");
+            } else {
+                tracing::warn!(image = %id, "an upload was cut by a restart; the image is queued again");
+            }
             if let Some(o) = object.and_then(|o| Uuid::parse_str(&o).ok()) {
                 self.delete_data(o).await;
             }
@@ -463,11 +741,7 @@ impl Images {
         disk_format: Option<&str>,
         container_format: Option<&str>,
     ) -> ServiceResult<(Option<String>, Option<u64>)> {
-        let reader = ObjectReader {
-            store: &self.store,
-            object,
-            len: size,
-        };
+        let reader = ObjectReader::new(&self.store, object, size);
         let found = match inspect::inspect(&reader).await {
             Ok(f) => f,
             Err(inspect::InspectError::Multiple(m)) if container_format == Some("bare") => {
@@ -822,6 +1096,9 @@ impl ImageService for Images {
                 Ok(s)
             })
             .await?;
+        // A running conversion stops before its objects go (one that ends first finds the
+        // row gone and deletes its own object).
+        self.cancel_job(&s.image.id).await;
         self.progress.lock().remove(&s.image.id);
         for object in [parse_object(&s.data_object), parse_object(&s.raw_object)]
             .into_iter()

@@ -24,6 +24,10 @@ pub struct Settings {
     pub multiattach_limit: u32,
     /// The largest image upload taken (Glance's `image_size_cap`).
     pub image_size_cap: u64,
+    /// The NBD server's unix socket (image conversions reach store objects through it).
+    pub nbd_socket: std::path::PathBuf,
+    /// Image conversions running at once.
+    pub convert_jobs: usize,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).

@@ -24,6 +24,8 @@ fn settings() -> Settings {
         token_ttl: std::time::Duration::from_secs(3600),
         image_size_cap: 1 << 40,
         multiattach_limit: 3,
+        nbd_socket: "/nonexistent/nbd.sock".into(),
+        convert_jobs: 1,
     }
 }
 

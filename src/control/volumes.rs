@@ -13,7 +13,9 @@ use admin_api::model::*;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
+use super::images::{Images, VolumeSource};
 use super::{Settings, TxError, new_id, now, parse_ts, ts};
+use crate::image::convert::Probe;
 use crate::nbd::{Fence, fence::Ending};
 use crate::{
     catalog::Catalog,
@@ -378,6 +380,18 @@ impl Volumes {
     }
 
     pub async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
+        self.create_volume_with(caller, new, None).await
+    }
+
+    /// Creates a volume, from an image when `new.source_image_id` names one (`images` then
+    /// says what it is filled from: a copy-on-write clone of raw content, instant whatever
+    /// the size, or a conversion that runs after this returns, the volume `downloading`).
+    pub async fn create_volume_with(
+        &self,
+        caller: &Caller,
+        new: NewVolume,
+        images: Option<&Arc<Images>>,
+    ) -> ServiceResult<Volume> {
         need(caller, Role::Member, "volume:create")?;
         if new.size_gib == 0 {
             return Err(ServiceError::BadRequest(
@@ -391,19 +405,32 @@ impl Volumes {
             .ok_or_else(|| {
                 ServiceError::BadRequest(format!("Volume size {} GiB is too large.", new.size_gib))
             })?;
+        let source = match (&new.source_image_id, images) {
+            (Some(image), Some(images)) => {
+                Some(images.volume_source(caller, image, size_bytes).await?)
+            }
+            (Some(image), None) => {
+                return Err(ServiceError::NotFound(format!(
+                    "Image {image} could not be found."
+                )));
+            }
+            (None, _) => None,
+        };
         let id = Uuid::new_v4();
         let id_s = id.to_string();
         let metadata = serde_json::to_string(&new.metadata).unwrap_or_else(|_| "{}".into());
         {
             let caller = caller.clone();
             let id_s = id_s.clone();
+            let image = new.source_image_id.clone();
             self.tx(move |conn, _| {
                 let t = ts(now());
                 conn.execute(
                     "INSERT INTO volumes (id, project_id, user_id, name, description, size_bytes, \
                      status, object_id, volume_type, availability_zone, multiattach, visibility, \
-                     tag, metadata, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'creating', ?1, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
+                     tag, metadata, created_at, updated_at, source_image_id, bootable) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'creating', ?1, ?7, ?8, ?9, ?10, ?11, ?12, \
+                     ?13, ?13, ?14, ?15)",
                     params![
                         id_s,
                         caller.project_id,
@@ -417,29 +444,48 @@ impl Volumes {
                         new.visibility.unwrap_or(Visibility::Private).as_str(),
                         new.tag,
                         metadata,
-                        t
+                        t,
+                        image,
+                        // Cinder marks volumes made from images bootable.
+                        image.is_some(),
                     ],
                 )?;
                 Ok(())
             })
             .await?;
         }
-        // Creating the object allocates nothing: blocks are allocated when written.
-        let created = self.store.create_object(id, size_bytes).await;
-        // The store refused the request itself (a size past its largest object) before
-        // logging anything: the record goes too, so that a refused call changes nothing.
-        if let Err(StoreError::Invalid(msg)) = created {
+        let created = match source {
+            // Creating the object allocates nothing: blocks are allocated when written.
+            None | Some(VolumeSource::Convert { .. }) => {
+                self.store.create_object(id, size_bytes).await
+            }
+            Some(VolumeSource::Clone { object, .. }) => {
+                self.clone_sized(object, id, size_bytes).await
+            }
+        };
+        // Refused before anything was kept (a size past the store's largest object, an image
+        // deleted meanwhile): the record goes too, so that a refused call changes nothing.
+        let refused = match &created {
+            Err(StoreError::Invalid(msg)) => Some(ServiceError::BadRequest(msg.clone())),
+            Err(StoreError::NotFound(_)) => Some(ServiceError::NotFound(format!(
+                "Image {} could not be found.",
+                new.source_image_id.as_deref().unwrap_or_default()
+            ))),
+            _ => None,
+        };
+        if let Some(err) = refused {
             let id_s = id_s.clone();
             self.tx(move |conn, _| {
                 conn.execute("DELETE FROM volumes WHERE id = ?1", [&id_s])?;
                 Ok(())
             })
             .await?;
-            return Err(ServiceError::BadRequest(msg));
+            return Err(err);
         }
-        let to = match &created {
-            Ok(()) => VolumeStatus::Available,
-            Err(e) => {
+        let to = match (&created, source) {
+            (Ok(()), Some(VolumeSource::Convert { .. })) => VolumeStatus::Downloading,
+            (Ok(()), _) => VolumeStatus::Available,
+            (Err(e), _) => {
                 tracing::error!(volume = %id, error = %e, "creating the volume's store object");
                 VolumeStatus::Error
             }
@@ -455,7 +501,13 @@ impl Volumes {
         };
         match created {
             Ok(()) => {
-                tracing::info!(volume = %id, size_gib = v.size_gib, project = %v.project_id, "volume created");
+                if let (Some(VolumeSource::Convert { object, probe }), Some(images)) =
+                    (source, images)
+                {
+                    self.fill_from_image(images, id, object, probe);
+                }
+                tracing::info!(volume = %id, size_gib = v.size_gib, project = %v.project_id,
+                    image = ?new.source_image_id, "volume created");
                 Ok(v)
             }
             Err(StoreError::NoSpace) => Err(ServiceError::OverLimit(
@@ -465,6 +517,98 @@ impl Volumes {
                 "could not create the volume in the store; see the daemon log".into(),
             )),
         }
+    }
+
+    /// `dst` as a copy-on-write clone of `src`, grown to `size` (metadata only).
+    async fn clone_sized(&self, src: Uuid, dst: Uuid, size: u64) -> Result<(), StoreError> {
+        self.store.clone_object(src, dst).await?;
+        let resized = if self.store.object_info(dst)?.size == size {
+            Ok(())
+        } else {
+            self.store.resize(dst, size).await
+        };
+        if let Err(e) = resized {
+            let _ = self.store.delete_object(dst).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Converts image data into a `downloading` volume in the background; the volume becomes
+    /// `available`, or `error` if the conversion fails.
+    fn fill_from_image(&self, images: &Arc<Images>, id: Uuid, object: Uuid, probe: Probe) {
+        let catalog = self.catalog.clone();
+        images.fill_volume(id, object, probe, move |r| async move {
+            let to = match &r {
+                Ok(()) => VolumeStatus::Available,
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "filling a volume from its image failed");
+                    VolumeStatus::Error
+                }
+            };
+            let id_s = id.to_string();
+            let recorded = super::immediate(&catalog, move |conn| {
+                set_status(conn, &id_s, VolumeStatus::Downloading, to)
+            })
+            .await;
+            match recorded {
+                Ok(()) if r.is_ok() => tracing::info!(volume = %id, "volume filled from its image"),
+                Ok(()) => {}
+                Err(e) => tracing::error!(volume = %id, error = %e, "recording a volume fill"),
+            }
+        });
+    }
+
+    /// Volumes a restart caught `downloading`: filled again from the start (the object is
+    /// emptied first), or `error` when their image can no longer be converted.
+    pub async fn recover(&self, images: &Arc<Images>) -> ServiceResult<()> {
+        let cut: Vec<(String, Option<String>, u64)> = self
+            .tx(|conn, _| {
+                Ok(conn
+                    .prepare(
+                        "SELECT id, source_image_id, size_bytes FROM volumes \
+                         WHERE status = 'downloading'",
+                    )?
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .await?;
+        for (id, image, size) in cut {
+            let Ok(uuid) = Uuid::parse_str(&id) else {
+                continue;
+            };
+            let again = match image {
+                Some(image) => {
+                    let emptied = async {
+                        self.store.resize(uuid, 0).await?;
+                        self.store.resize(uuid, size).await
+                    };
+                    match (images.source_for_recovery(&image).await, emptied.await) {
+                        (Some(VolumeSource::Convert { object, probe }), Ok(())) => {
+                            Some((object, probe))
+                        }
+                        _ => None,
+                    }
+                }
+                None => None,
+            };
+            match again {
+                Some((object, probe)) => {
+                    tracing::info!(volume = %id, "filling a volume from its image again after a restart");
+                    self.fill_from_image(images, uuid, object, probe);
+                }
+                None => {
+                    tracing::warn!(volume = %id, "a volume fill cut by a restart cannot start again; the volume is in error");
+                    self.tx(move |conn, _| {
+                        set_status(conn, &id, VolumeStatus::Downloading, VolumeStatus::Error)
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub async fn list_volumes(

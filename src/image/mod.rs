@@ -1,3 +1,41 @@
-//! Images: format inspection (pure, safe on hostile input) and, next, conversion.
+//! Images: format inspection (pure, safe on hostile input) and conversion to raw with
+//! `qemu-img` reading and writing store objects through internal NBD exports.
 
+pub mod convert;
 pub mod inspect;
+
+use uuid::Uuid;
+
+use crate::store::Store;
+
+/// An object's bytes as the inspector reads them.
+pub struct ObjectReader<'a> {
+    store: &'a Store,
+    object: Uuid,
+    len: u64,
+}
+
+impl<'a> ObjectReader<'a> {
+    /// The first `len` bytes of `object`.
+    pub fn new(store: &'a Store, object: Uuid, len: u64) -> Self {
+        ObjectReader { store, object, len }
+    }
+}
+
+impl inspect::ReadAt for ObjectReader<'_> {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if offset >= self.len {
+            return Ok(Vec::new());
+        }
+        let len = (len as u64).min(self.len - offset) as usize;
+        self.store
+            .read(self.object, offset, len)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}

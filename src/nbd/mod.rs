@@ -1,7 +1,8 @@
 //! NBD: cairn volumes served over the Network Block Device protocol.
 //!
 //! `proto` is the pure wire codec (no I/O); `server` runs the listeners and `conn` one
-//! connection on top of it; `exports` says which volumes are offered (attached ones).
+//! connection on top of it; `exports` says what is offered (attached volumes, images
+//! with raw content, and internal exports for image conversion).
 
 mod conn;
 pub mod exports;
@@ -9,6 +10,6 @@ pub mod fence;
 pub mod proto;
 pub mod server;
 
-pub use exports::CatalogExports;
+pub use exports::{CatalogExports, ExportLease, InternalExports};
 pub use fence::Fence;
 pub use server::{Export, ExportSource, NbdConfig, NbdListeners, NbdServer};

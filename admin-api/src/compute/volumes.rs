@@ -91,7 +91,8 @@ pub(super) async fn show_extension(ctx: Ctx) -> FaultResult<Response> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct VolumeView {
     id: String,
-    /// creating, available, attaching, in-use, detaching, uploading, deleting or error.
+    /// creating, downloading (being filled from an image), available, attaching, in-use,
+    /// detaching, uploading, deleting or error.
     status: String,
     /// GiB.
     size: u64,
@@ -195,6 +196,12 @@ pub(crate) struct VolumeCreate {
     /// cairn keeps no snapshots: any value is a 404.
     #[schema(max_length = 255)]
     snapshot_id: Option<String>,
+    /// A cairn extension (Cinder's key): the volume is made from this image, a copy-on-write
+    /// clone of its raw content (instant), or `downloading` while it is converted. The size
+    /// must hold the image's virtual size and `min_disk`.
+    #[serde(rename = "imageRef")]
+    #[schema(format = "uuid")]
+    image_ref: Option<String>,
 }
 
 async fn list(state: &AppState, ctx: &Ctx, raw_query: Option<String>) -> FaultResult<Response> {
@@ -286,8 +293,9 @@ fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
 pub(crate) const MULTIATTACH_TYPE: &str = "multiattach";
 
 /// The keys of `volume` that `POST os-volumes` takes (a test holds [`VolumeCreate`] to them).
-pub(super) const VOLUME_KEYS: [&str; 7] = [
+pub(super) const VOLUME_KEYS: [&str; 8] = [
     "size",
+    "imageRef",
     "volume_type",
     "metadata",
     "snapshot_id",
@@ -357,6 +365,7 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
         availability_zone: opt_string(v, "availability_zone")?,
         snapshot_id: None,
         metadata,
+        source_image_id: opt_string(v, "imageRef")?,
         ..NewVolume::default()
     })
 }
@@ -368,7 +377,7 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
                   headers(("Location" = String, description = "the volume's URL"))),
               (status = 400, description = "badRequest: invalid body", body = BadRequest),
               (status = 403, description = "forbidden: reader role", body = Forbidden),
-              (status = 404, description = "itemNotFound: the snapshot (cairn keeps none)", body = ItemNotFound),
+              (status = 404, description = "itemNotFound: the snapshot (cairn keeps none) or the image", body = ItemNotFound),
               (status = 413, description = "overLimit: quota", body = OverLimit)))]
 pub(super) async fn create_volume(
     State(state): State<AppState>,
