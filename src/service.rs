@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use admin_api::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo, model::*};
+use admin_api::{
+    AdminService, ComponentHealth, ConversionMetrics, Health, StoreMetrics, VersionInfo, model::*,
+};
 
 use crate::{
     catalog::{self, Catalog},
@@ -122,6 +124,19 @@ impl AdminService for DaemonService {
 
     fn version(&self) -> VersionInfo {
         version_info()
+    }
+
+    fn conversion_metrics(&self) -> ConversionMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.images.converter().stats;
+        ConversionMetrics {
+            running: s.running.load(Relaxed),
+            waiting: s.waiting.load(Relaxed),
+            completed: s.completed.load(Relaxed),
+            failed: s.failed.load(Relaxed),
+            bytes_total: s.bytes_total.load(Relaxed),
+            bytes_done: s.bytes_done.load(Relaxed),
+        }
     }
 
     fn store_metrics(&self) -> StoreMetrics {

@@ -34,7 +34,9 @@ pub mod schema;
 mod service;
 pub mod time_fmt;
 
-pub use service::{AdminService, ComponentHealth, Health, StoreMetrics, VersionInfo};
+pub use service::{
+    AdminService, ComponentHealth, ConversionMetrics, Health, StoreMetrics, VersionInfo,
+};
 
 /// State shared by every handler of every family.
 #[derive(Clone)]

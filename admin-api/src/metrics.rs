@@ -209,6 +209,43 @@ impl Collector for StoreCollector {
             s.written_bytes,
         )?;
         counter(e, "cairn_store_flushes", "Durable flushes", s.flushes)?;
+        let c = self.service.conversion_metrics();
+        gauge(
+            e,
+            "cairn_image_conversions_running",
+            "Image conversions (raw caches, volumes from images) running",
+            c.running,
+        )?;
+        gauge(
+            e,
+            "cairn_image_conversions_waiting",
+            "Image conversions waiting for a slot (--image-convert-jobs)",
+            c.waiting,
+        )?;
+        counter(
+            e,
+            "cairn_image_conversions_completed",
+            "Image conversions that completed",
+            c.completed,
+        )?;
+        counter(
+            e,
+            "cairn_image_conversions_failed",
+            "Image conversions that failed",
+            c.failed,
+        )?;
+        gauge(
+            e,
+            "cairn_image_conversion_bytes",
+            "Virtual bytes of the running conversions",
+            c.bytes_total,
+        )?;
+        gauge(
+            e,
+            "cairn_image_conversion_done_bytes",
+            "Of those, the bytes converted so far",
+            c.bytes_done,
+        )?;
         Ok(())
     }
 }

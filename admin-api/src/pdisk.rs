@@ -602,7 +602,7 @@ async fn create_disk_get() -> Response {
 
 /// `detach` (every disk of a VM). `attach`, `hotattach` and `hotdetach` need a disk UUID.
 #[utoipa::path(post, path = "/{action}", tag = "pdisk",
-    params(("action" = DetachAction, Path, description = "`detach`")),
+    params(("action" = inline(DetachAction), Path, description = "`detach`")),
     request_body(description = "exactly `node` and `vm_id`",
         content((VmFields = "application/x-www-form-urlencoded"), (VmFields = "application/json"))),
     responses(
@@ -625,7 +625,7 @@ async fn action_without_uuid(
 /// `attach` (static, at VM launch), `hotattach` (assigns `vda`..`vdz`) and `hotdetach` of one
 /// disk; `detach` ignores the UUID, as the original did.
 #[utoipa::path(post, path = "/{action}/{uuid}", tag = "pdisk",
-    params(("action" = DiskAction, Path, description = "`attach`, `hotattach`, `hotdetach` or `detach`"),
+    params(("action" = inline(DiskAction), Path, description = "`attach`, `hotattach`, `hotdetach` or `detach`"),
            ("uuid" = String, Path, description = "disk UUID")),
     request_body(description = "exactly `node` and `vm_id`",
         content((VmFields = "application/x-www-form-urlencoded"), (VmFields = "application/json"))),

@@ -20,6 +20,10 @@ pub trait AdminService: Send + Sync + 'static {
 
     /// A snapshot of the store counters for `/metrics`. Called on every scrape; must be cheap.
     fn store_metrics(&self) -> StoreMetrics;
+    /// Image conversions (raw caches, volumes filled from images) for `/metrics`.
+    fn conversion_metrics(&self) -> ConversionMetrics {
+        ConversionMetrics::default()
+    }
 
     /// Base URL of this API as clients reach it, without a trailing `/` (service catalog,
     /// Keystone `links`). The default suits router tests.
@@ -267,6 +271,18 @@ pub struct VersionInfo {
     pub store_format_version: u32,
     /// Schema version of the catalog database this binary writes.
     pub catalog_schema_version: u32,
+}
+
+/// Image conversion figures exported on `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversionMetrics {
+    pub running: u64,
+    pub waiting: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Virtual bytes of the running conversions, and how many of them are converted.
+    pub bytes_total: u64,
+    pub bytes_done: u64,
 }
 
 /// Store counters exported on `/metrics` (names in [`crate::ops`] docs).

@@ -236,6 +236,11 @@ impl Converter {
             Err(inspect::InspectError::Io(e)) => return Err(ConvertError::Io(e)),
         };
         inspect::check_claim(disk_format, &found).map_err(ConvertError::Refused)?;
+        if let Some(v) = found.virtual_size.filter(|&v| v > MAX_VIRTUAL_SIZE) {
+            return Err(ConvertError::Refused(format!(
+                "Image failed safety checks: virtual size {v} is above {MAX_VIRTUAL_SIZE} bytes"
+            )));
+        }
         // A raw claim over content of another format is taken as raw bytes (Glance).
         let format = if disk_format == "raw" {
             Format::Raw
@@ -259,6 +264,7 @@ impl Converter {
         let lease = self.exports.open(object, true, "image probe");
         let info = self.info(&lease, format).await?;
         let virtual_size = check_info(&info, format)?;
+        self.check_whole(&lease, format, len).await?;
         if let Some(v) = found.virtual_size
             && v != virtual_size
         {
@@ -270,6 +276,60 @@ impl Converter {
             format,
             virtual_size,
         })
+    }
+
+    /// Refuses damaged and truncated images, whose missing parts qemu would read as zeros:
+    /// `qemu-img check` where the format has one (leaks pass; corruptions and errors do not),
+    /// and `qemu-img map`, whose data extents must all lie inside the image's `len` bytes.
+    async fn check_whole(
+        &self,
+        lease: &ExportLease,
+        format: Format,
+        len: u64,
+    ) -> Result<(), ConvertError> {
+        let spec = source_spec(&self.socket(), lease.name(), format);
+        let refuse =
+            |why: String| ConvertError::Refused(format!("Image failed safety checks: {why}"));
+        if matches!(
+            format,
+            Format::Qcow2 | Format::Qed | Format::Vhdx | Format::Vmdk | Format::Vdi
+        ) {
+            let out = self
+                .command(INFO_CPU_SECONDS)
+                .args(["check", "--output=json"])
+                .arg(&spec)
+                .output()
+                .await?;
+            // 0: clean; 3: leaked clusters only (space, not data).
+            if !matches!(out.status.code(), Some(0 | 3)) {
+                let detail = if out.stderr.is_empty() {
+                    tail(&out.stdout)
+                } else {
+                    tail(&out.stderr)
+                };
+                return Err(refuse(format!(
+                    "qemu-img check finds it damaged or truncated: {detail}"
+                )));
+            }
+        }
+        let out = self
+            .command(INFO_CPU_SECONDS)
+            .args(["map", "--output=json"])
+            .arg(&spec)
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(refuse(format!(
+                "qemu-img map could not read it: {}",
+                tail(&out.stderr)
+            )));
+        }
+        let map: Vec<Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| ConvertError::Tool {
+                what: "map",
+                message: format!("unreadable output: {e}"),
+            })?;
+        check_map(&map, len).map_err(refuse)
     }
 
     async fn info(&self, lease: &ExportLease, format: Format) -> Result<Value, ConvertError> {
@@ -394,6 +454,24 @@ impl Converter {
     }
 }
 
+/// Every data extent of a `qemu-img map` must lie within the image's `len` bytes.
+fn check_map(map: &[Value], len: u64) -> Result<(), String> {
+    for e in map {
+        if e["data"] != Value::Bool(true) {
+            continue;
+        }
+        let (Some(offset), Some(length)) = (e["offset"].as_u64(), e["length"].as_u64()) else {
+            continue;
+        };
+        if offset.checked_add(length).is_none_or(|end| end > len) {
+            return Err(format!(
+                "data at offset {offset} ({length} bytes) lies past its end ({len} bytes): it is truncated"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What `qemu-img info` must say of a safe image; returns its virtual size.
 fn check_info(info: &Value, format: Format) -> Result<u64, ConvertError> {
     let refuse = |why: String| ConvertError::Refused(format!("Image failed safety checks: {why}"));
@@ -486,6 +564,20 @@ mod tests {
         let sparse = json!({"format": "vmdk", "virtual-size": 1 << 20,
                             "format-specific": {"type": "vmdk", "data": {"create-type": "streamOptimized", "extents": [{}]}}});
         assert_eq!(check_info(&sparse, Format::Vmdk).unwrap(), 1 << 20);
+    }
+
+    #[test]
+    fn map_extents_must_lie_inside_the_image() {
+        let map = |offset: u64| {
+            vec![
+                json!({"start": 0, "length": 65536, "data": false, "zero": true}),
+                json!({"start": 65536, "length": 65536, "data": true, "offset": offset}),
+                json!({"start": 131072, "length": 65536, "data": true, "compressed": true}),
+            ]
+        };
+        assert!(check_map(&map(0), 65536).is_ok());
+        assert!(check_map(&map(1), 65536).unwrap_err().contains("truncated"));
+        assert!(check_map(&map(u64::MAX), 1 << 40).is_err());
     }
 
     #[test]

@@ -659,3 +659,20 @@ impl MachineLock {
         MachineLock(file)
     }
 }
+
+/// A program of the pinned test venv (`scripts/setup-test-deps`; `CAIRN_TEST_VENV` overrides
+/// where it is). Missing programs fail the test.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var_os("CAIRN_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/cairn/test-venv")
+        });
+    let bin = venv.join("bin").join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run scripts/setup-test-deps",
+        bin.display()
+    );
+    bin
+}
