@@ -356,7 +356,10 @@ fn openstack_cli_uploads_imports_downloads_and_validates_starlingx_properties() 
         );
         assert_eq!(patch.status, 400, "{}", patch.body);
         // webob's JSON error body: the message, then its HTML line breaks.
-        let m = patch.json()["message"].as_str().unwrap_or_default().to_owned();
+        let m = patch.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert!(m.starts_with(&format!("{msg}<br />")), "{}", patch.body);
         let create = osc(
             &c,
@@ -803,8 +806,15 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
     assert_eq!(v["status"], "available", "{v}");
     compare(&base, &attach(&c, &tok, &tenant, &vid));
 
-    // Four caches and one volume converted, none failed, none running.
-    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 5.0);
+    // Asking for the cache later (StarlingX: `cache_raw` set by PATCH) starts it.
+    assert!(image_json(&c, &tok, pid).get("cache_raw_status").is_none());
+    let set = osc(&c, &["image", "set", "--property", "cache_raw=True", pid]);
+    assert!(set.ok, "{}", set.stderr);
+    assert_eq!(wait_cache(&c, &tok, pid)["cache_raw_status"], "Cached");
+    compare(&base, &unix_uri(&c, &format!("image/{pid}")));
+
+    // Five caches and one volume converted, none failed, none running.
+    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 6.0);
     assert_eq!(metric(&c, "cairn_image_conversions_failed_total"), 0.0);
     assert_eq!(metric(&c, "cairn_image_conversions_running"), 0.0);
 
@@ -1024,6 +1034,30 @@ fn a_restart_in_the_middle_of_caching_caches_once_and_leaks_nothing() {
     }
     let i = image_json(&c, &tok, &id);
     assert_eq!(i["cache_raw_status"], "Caching", "{i}");
+    assert_eq!(i["cache_raw_progress"], "0%", "{i}");
+    assert_eq!(metric(&c, "cairn_image_conversions_running"), 1.0);
+    assert_eq!(
+        metric(&c, "cairn_image_conversion_bytes"),
+        (64u64 << 20) as f64
+    );
+
+    // Deleting an image whose conversion runs cancels it and leaves nothing behind: only
+    // the first image's data and its cut conversion's object remain.
+    std::fs::remove_file(&marker).unwrap();
+    let doomed = upload(&c, &imgs.path("imgc.qcow2"), "qcow2", "bare", "doomed");
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no second conversion\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(image_json(&c, &tok, &doomed)["cache_raw_status"], "Caching");
+    let del = osc(&c, &["image", "delete", &doomed]);
+    assert!(del.ok, "{}", del.stderr);
+    assert_eq!(metric(&c, "cairn_store_objects"), 2.0);
+    assert_eq!(metric(&c, "cairn_image_conversions_running"), 1.0);
     c.stop_with(libc::SIGKILL);
 
     let c = Serve::new()
