@@ -197,6 +197,15 @@ pub struct Config {
     )]
     pub image_convert_jobs: u32,
 
+    /// Show an image's `direct_url` (Glance's `show_image_direct_url`): the NBD URL of its
+    /// raw content, once it has some. Off, as in Glance: it tells clients where data lives.
+    #[arg(
+        long,
+        env = "CAIRN_SHOW_IMAGE_DIRECT_URL",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    pub show_image_direct_url: bool,
+
     /// An NBD client must finish its handshake (options up to GO/EXPORT_NAME) within this
     /// time, or its connection is closed. 0 is refused.
     #[arg(

@@ -344,6 +344,7 @@ async fn run(
         image_size_cap: cfg.image_size_cap,
         nbd_socket: layout.nbd_socket.clone(),
         convert_jobs: cfg.image_convert_jobs as usize,
+        show_image_direct_url: cfg.show_image_direct_url,
     };
     let internal = std::sync::Arc::new(InternalExports::default());
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());

@@ -698,6 +698,7 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
         let id = upload(&c, &imgs.path(file), fmt, "bare", file);
         let i = wait_cache(&c, &tok, &id);
         assert_eq!(i["cache_raw_status"], "Cached", "{file}: {i}");
+        assert!(i.get("direct_url").is_none(), "shown without the flag: {i}");
         let url = i["cache_raw_url"].as_str().unwrap_or_default();
         assert!(
             url.starts_with("nbd://") && url.ends_with(&format!("/image/{id}")),
@@ -1073,4 +1074,110 @@ fn a_restart_in_the_middle_of_caching_caches_once_and_leaks_nothing() {
     assert_eq!(metric(&c, "cairn_store_objects"), 2.0);
     // Lets the first daemon's orphaned fake qemu-img go.
     std::fs::write(marker.with_extension("stop"), b"").unwrap();
+}
+
+#[test]
+fn uploads_over_the_cap_or_cut_short_leave_the_image_queued_and_nothing_behind() {
+    let c = Serve::new()
+        .arg("--admin-password")
+        .arg(PW)
+        .arg("--image-size-cap")
+        .arg("1048576")
+        .arg("--show-image-direct-url")
+        .start();
+    let (tok, _) = token(&c);
+    let dir = common::temp_dir();
+    let big = dir.path().join("big.raw");
+    let small = dir.path().join("small.raw");
+    let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(&big, &data).unwrap();
+    std::fs::write(&small, &data[..512 << 10]).unwrap();
+    let r = c.request(
+        "POST",
+        "/image/v2/images",
+        &[("x-auth-token", &tok)],
+        Some((
+            "application/json",
+            r#"{"name": "capped", "disk_format": "raw", "container_format": "bare"}"#,
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let objects = metric(&c, "cairn_store_objects");
+    let put = |file: &Path, extra: &[&str]| {
+        let o = run(Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+                "-T",
+            ])
+            .arg(file)
+            .args(["-H", "content-type: application/octet-stream", "-H"])
+            .arg(format!("x-auth-token: {tok}"))
+            .args(extra)
+            .arg(c.url(&format!("/image/v2/images/{id}/file"))));
+        o.stdout
+    };
+    let queued_and_empty = |what: &str| {
+        let i = image_json(&c, &tok, &id);
+        assert_eq!(i["status"], "queued", "{what}: {i}");
+        assert!(
+            i["size"].is_null() && i["checksum"].is_null(),
+            "{what}: {i}"
+        );
+        assert_eq!(metric(&c, "cairn_store_objects"), objects, "{what}");
+    };
+    // Over the cap with a Content-Length (refused before reading) and without one (chunked:
+    // refused once the data passes the cap).
+    assert_eq!(put(&big, &[]), "413");
+    queued_and_empty("declared too large");
+    assert_eq!(put(&big, &["-H", "transfer-encoding: chunked"]), "413");
+    queued_and_empty("streamed too large");
+
+    // Cut short: the client declares more than it sends and hangs up.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(c.http()).unwrap();
+        write!(
+            s,
+            "PUT /image/v2/images/{id}/file HTTP/1.1\r\nhost: cairn\r\nx-auth-token: {tok}\r\n\
+             content-type: application/octet-stream\r\ncontent-length: 1000000\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(&data[..300_000]).unwrap();
+        s.flush().unwrap();
+        // Dropped: the connection closes with the body incomplete.
+    }
+    let deadline = Instant::now() + CONVERT_DEADLINE;
+    while image_json(&c, &tok, &id)["status"] != "queued"
+        || metric(&c, "cairn_store_objects") != objects
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cut upload never ended\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    queued_and_empty("cut short");
+
+    // The image still takes a whole upload, and keeps exactly it.
+    assert_eq!(put(&small, &[]), "204");
+    let i = image_json(&c, &tok, &id);
+    assert_eq!(i["status"], "active", "{i}");
+    assert_eq!(i["size"], 512 << 10, "{i}");
+    assert_eq!(i["checksum"], md5_hex(&small), "{i}");
+    assert_eq!(metric(&c, "cairn_store_objects"), objects + 1.0);
+    // A raw image's data is its raw content: shown as `direct_url`, readable over NBD.
+    let url = i["direct_url"].as_str().unwrap_or_default();
+    assert!(
+        url.starts_with("nbd://") && url.ends_with(&format!("/image/{id}")),
+        "{i}"
+    );
+    compare(&small, &unix_uri(&c, &format!("image/{id}")));
 }

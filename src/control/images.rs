@@ -204,8 +204,20 @@ fn set_status(conn: &Connection, id: &str, status: &str) -> Tx<()> {
 
 /// The API's view of a stored image: the client's properties plus what the daemon keeps
 /// (StarlingX's `store` and `cache_raw_*`).
-fn view(s: &Stored, nbd_url: &str, progress: &parking_lot::Mutex<BTreeMap<String, u8>>) -> Image {
+fn view(
+    s: &Stored,
+    settings: &Settings,
+    progress: &parking_lot::Mutex<BTreeMap<String, u8>>,
+) -> Image {
+    let nbd_url = &settings.nbd_url;
     let mut i = s.image.clone();
+    // Glance's `show_image_direct_url`: where the data can be read without the API, the
+    // NBD export of the image's raw content, once there is one.
+    let raw_content = i.status == "active"
+        && (s.cache_status.as_deref() == Some("Cached") || i.disk_format.as_deref() == Some("raw"));
+    if settings.show_image_direct_url && raw_content {
+        i.direct_url = Some(format!("{nbd_url}/image/{}", i.id));
+    }
     for k in COMPUTED {
         i.properties.remove(k);
     }
@@ -572,7 +584,7 @@ impl Images {
 
     /// The API's view of a stored image.
     fn view(&self, s: &Stored) -> Image {
-        view(s, &self.settings.nbd_url, &self.progress)
+        view(s, &self.settings, &self.progress)
     }
 
     /// Puts every image back in a state a client can act on after a restart: cut uploads and
@@ -1024,7 +1036,7 @@ impl ImageService for Images {
     ) -> ServiceResult<Image> {
         let caller = caller.clone();
         let id = id.to_owned();
-        let nbd_url = self.settings.nbd_url.clone();
+        let settings = self.settings.clone();
         let progress = self.progress.clone();
         let (s, queued) = self
             .tx(move |conn| {
@@ -1033,7 +1045,7 @@ impl ImageService for Images {
                     return Err(forbidden("modify_image").into());
                 }
                 // The edit sees what the client sees; what it may not touch is put back.
-                let mut image = view(&s, &nbd_url, &progress);
+                let mut image = view(&s, &settings, &progress);
                 let before = image.clone();
                 edit(&mut image)?;
                 if image == before {
@@ -1147,171 +1159,22 @@ impl ImageService for Images {
         body: ByteStream,
         size_hint: Option<u64>,
     ) -> ServiceResult<()> {
-        let cap = self.settings.image_size_cap;
-        if size_hint.is_some_and(|n| n > cap) {
-            return Err(ServiceError::OverLimit(
-                "The incoming image is too large: The provided image is too large.".into(),
-            ));
-        }
-        let object = Uuid::new_v4();
-        let (to, from_status) = match kind {
-            UploadKind::Direct => ("saving", "queued"),
-            UploadKind::Stage => ("uploading", "queued"),
-        };
-        let s = {
-            let caller = caller.clone();
-            let id = id.to_owned();
-            self.tx(move |conn| {
-                let s = visible_image(conn, &caller, &id)?;
-                if !may_modify(&caller, &s.image) {
-                    return Err(forbidden(if kind == UploadKind::Direct {
-                        "upload_image"
-                    } else {
-                        "modify_image"
-                    })
-                    .into());
-                }
-                if s.image.status != from_status {
-                    return Err(ServiceError::Conflict(format!(
-                        "Image status transition from {} to {to} is not allowed",
-                        s.image.status
-                    ))
-                    .into());
-                }
-                if kind == UploadKind::Direct {
-                    match (&s.image.disk_format, &s.image.container_format) {
-                        (None, None) => {
-                            return Err(ServiceError::BadRequest(
-                                "Properties disk_format, container_format must be set prior to saving data."
-                                    .into(),
-                            )
-                            .into());
-                        }
-                        (None, _) => {
-                            return Err(ServiceError::BadRequest(
-                                "Property disk_format must be set prior to saving data.".into(),
-                            )
-                            .into());
-                        }
-                        (_, None) => {
-                            return Err(ServiceError::BadRequest(
-                                "Property container_format must be set prior to saving data."
-                                    .into(),
-                            )
-                            .into());
-                        }
-                        _ => {}
-                    }
-                }
-                conn.execute(
-                    "UPDATE images SET status = ?2, data_object_id = ?3, updated_at = ?4 WHERE id = ?1",
-                    params![id, to, object.to_string(), ts(now())],
-                )?;
-                Ok(s)
+        // A task of its own: a client that hangs up mid-upload drops this future, and the
+        // upload must still end as a cut one (queued again, its object deleted).
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ServiceError::Internal("shutting down".into()))?;
+        let caller = caller.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { me.upload_now(&caller, &id, kind, body, size_hint).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "an upload task failed");
+                Err(ServiceError::Internal(
+                    "the upload failed; see the daemon log".into(),
+                ))
             })
-            .await?
-        };
-        let id = s.image.id.clone();
-        let received = match self.store.create_object(object, cap).await {
-            Ok(()) => self.receive(object, body).await,
-            Err(e) => Err(store_error(e)),
-        };
-        let received = match received {
-            Ok((size, hashes)) => match self.store.resize(object, size).await {
-                Ok(()) => match self.store.flush().await {
-                    Ok(()) => Ok((size, hashes)),
-                    Err(e) => Err(store_error(e)),
-                },
-                Err(e) => Err(store_error(e)),
-            },
-            Err(e) => Err(e),
-        };
-        let checked = match (received, kind) {
-            (Ok((size, hashes)), UploadKind::Direct) => self
-                .inspect_upload(
-                    object,
-                    size,
-                    s.image.disk_format.as_deref(),
-                    s.image.container_format.as_deref(),
-                )
-                .await
-                .map(|(detected, vsize)| (size, hashes, detected, vsize)),
-            (Ok((size, hashes)), UploadKind::Stage) => Ok((size, hashes, None, None)),
-            (Err(e), _) => Err(e),
-        };
-        let (size, hashes, detected, vsize) = match checked {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(image = %id, error = %e, "upload failed; the image is queued again");
-                let i = id.clone();
-                let o = object.to_string();
-                let _ = self
-                    .tx(move |conn| {
-                        conn.execute(
-                            "UPDATE images SET status = 'queued', data_object_id = NULL, \
-                             updated_at = ?3 WHERE id = ?1 AND data_object_id = ?2",
-                            params![i, o, ts(now())],
-                        )?;
-                        Ok(())
-                    })
-                    .await;
-                self.delete_data(object).await;
-                return Err(e);
-            }
-        };
-        let md5 = hex(&hashes.md5.finalize());
-        let sha512 = hex(&hashes.sha512.finalize());
-        let done = {
-            let id = id.clone();
-            let o = object.to_string();
-            self.tx(move |conn| {
-                let Some(now_s) = load(conn, &id)? else {
-                    return Ok(None);
-                };
-                if now_s.data_object.as_deref() != Some(o.as_str()) || now_s.image.status != to {
-                    return Ok(None);
-                }
-                let status = if kind == UploadKind::Direct {
-                    "active"
-                } else {
-                    "uploading"
-                };
-                conn.execute(
-                    "UPDATE images SET status = ?2, size_bytes = ?3, checksum = ?4, \
-                     os_hash_algo = 'sha512', os_hash_value = ?5, virtual_size = ?6, \
-                     detected_format = ?7, updated_at = ?8 WHERE id = ?1",
-                    params![
-                        id,
-                        status,
-                        size as i64,
-                        md5,
-                        sha512,
-                        vsize.map(|v| v as i64),
-                        detected,
-                        ts(now())
-                    ],
-                )?;
-                let s = load(conn, &id)?.ok_or_else(|| no_image(&id))?;
-                Ok(Some(Images::queue_cache_if_wanted(conn, &s)?))
-            })
-            .await?
-        };
-        match done {
-            None => {
-                // Deleted (or reset) while uploading: nothing refers to the object any more.
-                self.delete_data(object).await;
-                Err(ServiceError::Conflict(format!(
-                    "Image {id} could not be found after upload. The image may have been deleted during the upload, cleaning up the chunks uploaded."
-                )))
-            }
-            Some(queued) => {
-                tracing::info!(image = %id, bytes = size, "image data stored");
-                if queued {
-                    let _ = self.cache_wanted.send(id);
-                }
-                Ok(())
-            }
-        }
     }
 
     async fn import(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
@@ -1581,5 +1444,183 @@ impl ImageService for Images {
             Ok(())
         })
         .await
+    }
+}
+
+impl Images {
+    /// [`ImageService::upload`], run as a task of its own.
+    async fn upload_now(
+        &self,
+        caller: &Caller,
+        id: &str,
+        kind: UploadKind,
+        body: ByteStream,
+        size_hint: Option<u64>,
+    ) -> ServiceResult<()> {
+        let cap = self.settings.image_size_cap;
+        if size_hint.is_some_and(|n| n > cap) {
+            return Err(ServiceError::OverLimit(
+                "The incoming image is too large: The provided image is too large.".into(),
+            ));
+        }
+        let object = Uuid::new_v4();
+        let (to, from_status) = match kind {
+            UploadKind::Direct => ("saving", "queued"),
+            UploadKind::Stage => ("uploading", "queued"),
+        };
+        let s = {
+            let caller = caller.clone();
+            let id = id.to_owned();
+            self.tx(move |conn| {
+                let s = visible_image(conn, &caller, &id)?;
+                if !may_modify(&caller, &s.image) {
+                    return Err(forbidden(if kind == UploadKind::Direct {
+                        "upload_image"
+                    } else {
+                        "modify_image"
+                    })
+                    .into());
+                }
+                if s.image.status != from_status {
+                    return Err(ServiceError::Conflict(format!(
+                        "Image status transition from {} to {to} is not allowed",
+                        s.image.status
+                    ))
+                    .into());
+                }
+                if kind == UploadKind::Direct {
+                    match (&s.image.disk_format, &s.image.container_format) {
+                        (None, None) => {
+                            return Err(ServiceError::BadRequest(
+                                "Properties disk_format, container_format must be set prior to saving data."
+                                    .into(),
+                            )
+                            .into());
+                        }
+                        (None, _) => {
+                            return Err(ServiceError::BadRequest(
+                                "Property disk_format must be set prior to saving data.".into(),
+                            )
+                            .into());
+                        }
+                        (_, None) => {
+                            return Err(ServiceError::BadRequest(
+                                "Property container_format must be set prior to saving data."
+                                    .into(),
+                            )
+                            .into());
+                        }
+                        _ => {}
+                    }
+                }
+                conn.execute(
+                    "UPDATE images SET status = ?2, data_object_id = ?3, updated_at = ?4 WHERE id = ?1",
+                    params![id, to, object.to_string(), ts(now())],
+                )?;
+                Ok(s)
+            })
+            .await?
+        };
+        let id = s.image.id.clone();
+        let received = match self.store.create_object(object, cap).await {
+            Ok(()) => self.receive(object, body).await,
+            Err(e) => Err(store_error(e)),
+        };
+        let received = match received {
+            Ok((size, hashes)) => match self.store.resize(object, size).await {
+                Ok(()) => match self.store.flush().await {
+                    Ok(()) => Ok((size, hashes)),
+                    Err(e) => Err(store_error(e)),
+                },
+                Err(e) => Err(store_error(e)),
+            },
+            Err(e) => Err(e),
+        };
+        let checked = match (received, kind) {
+            (Ok((size, hashes)), UploadKind::Direct) => self
+                .inspect_upload(
+                    object,
+                    size,
+                    s.image.disk_format.as_deref(),
+                    s.image.container_format.as_deref(),
+                )
+                .await
+                .map(|(detected, vsize)| (size, hashes, detected, vsize)),
+            (Ok((size, hashes)), UploadKind::Stage) => Ok((size, hashes, None, None)),
+            (Err(e), _) => Err(e),
+        };
+        let (size, hashes, detected, vsize) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(image = %id, error = %e, "upload failed; the image is queued again");
+                let i = id.clone();
+                let o = object.to_string();
+                let _ = self
+                    .tx(move |conn| {
+                        conn.execute(
+                            "UPDATE images SET status = 'queued', data_object_id = NULL, \
+                             updated_at = ?3 WHERE id = ?1 AND data_object_id = ?2",
+                            params![i, o, ts(now())],
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                self.delete_data(object).await;
+                return Err(e);
+            }
+        };
+        let md5 = hex(&hashes.md5.finalize());
+        let sha512 = hex(&hashes.sha512.finalize());
+        let done = {
+            let id = id.clone();
+            let o = object.to_string();
+            self.tx(move |conn| {
+                let Some(now_s) = load(conn, &id)? else {
+                    return Ok(None);
+                };
+                if now_s.data_object.as_deref() != Some(o.as_str()) || now_s.image.status != to {
+                    return Ok(None);
+                }
+                let status = if kind == UploadKind::Direct {
+                    "active"
+                } else {
+                    "uploading"
+                };
+                conn.execute(
+                    "UPDATE images SET status = ?2, size_bytes = ?3, checksum = ?4, \
+                     os_hash_algo = 'sha512', os_hash_value = ?5, virtual_size = ?6, \
+                     detected_format = ?7, updated_at = ?8 WHERE id = ?1",
+                    params![
+                        id,
+                        status,
+                        size as i64,
+                        md5,
+                        sha512,
+                        vsize.map(|v| v as i64),
+                        detected,
+                        ts(now())
+                    ],
+                )?;
+                let s = load(conn, &id)?.ok_or_else(|| no_image(&id))?;
+                Ok(Some(Images::queue_cache_if_wanted(conn, &s)?))
+            })
+            .await?
+        };
+        match done {
+            None => {
+                // Deleted (or reset) while uploading: nothing refers to the object any more.
+                self.delete_data(object).await;
+                Err(ServiceError::Conflict(format!(
+                    "Image {id} could not be found after upload. The image may have been deleted during the upload, cleaning up the chunks uploaded."
+                )))
+            }
+            Some(queued) => {
+                tracing::info!(image = %id, bytes = size, "image data stored");
+                if queued {
+                    let _ = self.cache_wanted.send(id);
+                }
+                Ok(())
+            }
+        }
     }
 }

@@ -28,6 +28,8 @@ pub struct Settings {
     pub nbd_socket: std::path::PathBuf,
     /// Image conversions running at once.
     pub convert_jobs: usize,
+    /// Show images' `direct_url` (Glance's `show_image_direct_url`).
+    pub show_image_direct_url: bool,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).

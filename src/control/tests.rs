@@ -26,6 +26,7 @@ fn settings() -> Settings {
         multiattach_limit: 3,
         nbd_socket: "/nonexistent/nbd.sock".into(),
         convert_jobs: 1,
+        show_image_direct_url: false,
     }
 }
 

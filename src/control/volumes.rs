@@ -460,7 +460,7 @@ impl Volumes {
                 self.store.create_object(id, size_bytes).await
             }
             Some(VolumeSource::Clone { object, .. }) => {
-                self.clone_sized(object, id, size_bytes).await
+                self.store.clone_object_grown(object, id, size_bytes).await
             }
         };
         // Refused before anything was kept (a size past the store's largest object, an image
@@ -517,21 +517,6 @@ impl Volumes {
                 "could not create the volume in the store; see the daemon log".into(),
             )),
         }
-    }
-
-    /// `dst` as a copy-on-write clone of `src`, grown to `size` (metadata only).
-    async fn clone_sized(&self, src: Uuid, dst: Uuid, size: u64) -> Result<(), StoreError> {
-        self.store.clone_object(src, dst).await?;
-        let resized = if self.store.object_info(dst)?.size == size {
-            Ok(())
-        } else {
-            self.store.resize(dst, size).await
-        };
-        if let Err(e) = resized {
-            let _ = self.store.delete_object(dst).await;
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// Converts image data into a `downloading` volume in the background; the volume becomes

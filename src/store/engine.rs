@@ -263,6 +263,29 @@ impl Store {
         self.flush().await
     }
 
+    /// [`Store::clone_object`], then grown to `size` (at least `src`'s size), in one durable
+    /// commit: a volume made from an image's raw content, at the cost of one flush.
+    pub async fn clone_object_grown(&self, src: ObjectId, dst: ObjectId, size: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_size(size)?;
+        let lock = self.obj_lock(src)?;
+        let _g = lock.write().await;
+        let src_size = self.object_info(src)?.size;
+        if size < src_size {
+            return Err(StoreError::Invalid(format!(
+                "a clone of {src_size} bytes cannot be {size} bytes"
+            )));
+        }
+        {
+            let mut m = self.inner.meta.lock();
+            m.log(Record::CloneObject { src, dst })?;
+            if size != src_size {
+                m.log(Record::Resize { id: dst, size })?;
+            }
+        }
+        self.flush().await
+    }
+
     pub async fn delete_object(&self, id: ObjectId) -> Result<()> {
         self.check_open()?;
         let lock = self.obj_lock(id)?;
@@ -2993,6 +3016,36 @@ mod tests {
         want.extend([4u8; 4096]);
         want.extend([5u8; 4096]);
         assert_eq!(s.read(c, 0, 3 * 4096).await.unwrap(), want);
+        s.close().await.unwrap();
+    }
+
+    /// A grown clone shares the source's blocks, reads zeros past them, survives a reopen,
+    /// and a clone smaller than its source is refused with nothing made.
+    #[tokio::test]
+    async fn a_grown_clone_reads_its_source_then_zeros() {
+        let (tmp, s, a, _) = one_block_store().await;
+        let b = ObjectId::new_v4();
+        s.clone_object_grown(a, b, 1 << 40).await.unwrap();
+        assert_eq!(s.object_info(b).unwrap().size, 1 << 40);
+        assert_eq!(s.stats().physical_bytes, 4096);
+        let c = ObjectId::new_v4();
+        assert!(matches!(
+            s.clone_object_grown(a, c, 4096).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(s.object_info(c), Err(StoreError::NotFound(_))));
+        s.close().await.unwrap();
+        let s = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(s.object_info(b).unwrap().size, 1 << 40);
+        assert_eq!(s.read(b, 0, 4096).await.unwrap(), vec![7u8; 4096]);
+        assert_eq!(s.read(b, 1 << 20, 4096).await.unwrap(), vec![0u8; 4096]);
+        assert_eq!(
+            s.read(b, (1 << 40) - 4096, 4096).await.unwrap(),
+            vec![0u8; 4096]
+        );
+        assert_eq!(s.object_info(a).unwrap().size, 1 << 20);
         s.close().await.unwrap();
     }
 
