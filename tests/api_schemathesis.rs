@@ -12,25 +12,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::Serve;
-
-fn venv_bin(name: &str) -> PathBuf {
-    let venv = std::env::var_os("CAIRN_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/cairn/test-venv")
-        });
-    let bin = venv.join("bin").join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: run scripts/setup-test-deps",
-        bin.display()
-    );
-    bin
-}
+use common::{Serve, venv_bin};
 
 /// The bootstrap admin's token and project id.
 fn admin_token(c: &common::Cairn, password: &str) -> (String, String) {

@@ -892,6 +892,28 @@ impl Images {
         })
     }
 
+    /// The image for a change of its members: its owner's (or an admin's) call, on a
+    /// `shared` image. `policy` names the refused rule, `verb` the refused change.
+    fn shared_image_of_owner(
+        conn: &Connection,
+        caller: &Caller,
+        id: &str,
+        policy: &str,
+        verb: &str,
+    ) -> Tx<Stored> {
+        let s = Images::member_image(conn, caller, id)?;
+        if !may_modify(caller, &s.image) {
+            return Err(forbidden(policy).into());
+        }
+        if s.image.visibility != "shared" {
+            return Err(ServiceError::Forbidden(format!(
+                "Not allowed to {verb} members for image {id}."
+            ))
+            .into());
+        }
+        Ok(s)
+    }
+
     fn load_member(conn: &Connection, image: &str, member: &str) -> Tx<Member> {
         conn.prepare_cached(
             "SELECT image_id, member_id, status, created_at, updated_at FROM image_members \
@@ -1346,16 +1368,7 @@ impl ImageService for Images {
         let caller = caller.clone();
         let (id, member) = (image_id.to_owned(), member_id.to_owned());
         self.tx(move |conn| {
-            let s = Images::member_image(conn, &caller, &id)?;
-            if !may_modify(&caller, &s.image) {
-                return Err(forbidden("add_member").into());
-            }
-            if s.image.visibility != "shared" {
-                return Err(ServiceError::Forbidden(format!(
-                    "Not allowed to create members for image {id}."
-                ))
-                .into());
-            }
+            Images::shared_image_of_owner(conn, &caller, &id, "add_member", "create")?;
             if member_status(conn, &id, &member)?.is_some() {
                 return Err(ServiceError::Conflict(format!(
                     "Member {member} is duplicated for image {id}"
@@ -1426,16 +1439,7 @@ impl ImageService for Images {
         let caller = caller.clone();
         let (id, member) = (image_id.to_owned(), member_id.to_owned());
         self.tx(move |conn| {
-            let s = Images::member_image(conn, &caller, &id)?;
-            if !may_modify(&caller, &s.image) {
-                return Err(forbidden("delete_member").into());
-            }
-            if s.image.visibility != "shared" {
-                return Err(ServiceError::Forbidden(format!(
-                    "Not allowed to delete members for image {id}."
-                ))
-                .into());
-            }
+            Images::shared_image_of_owner(conn, &caller, &id, "delete_member", "delete")?;
             Images::load_member(conn, &id, &member)?;
             conn.execute(
                 "DELETE FROM image_members WHERE image_id = ?1 AND member_id = ?2",
