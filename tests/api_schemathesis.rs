@@ -79,7 +79,10 @@ fn schemathesis_finds_nothing() {
              response_schema_conformance,response_headers_conformance",
         ])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--seed", "20261207", "--workers", "2", "--no-color"])
+        // One worker: with two threads, hypothesis's lambda descriptions call `ast.parse`
+        // concurrently, which CPython 3.11 reports as "AST constructor recursion depth
+        // mismatch" now and then (seen once in CI): a tool error, not a finding.
+        .args(["--seed", "20261207", "--workers", "1", "--no-color"])
         .args(["--request-timeout", "30"])
         // Two free-form path ids (image and member) make hypothesis discard many draws.
         .arg("--suppress-health-check=filter_too_much")
