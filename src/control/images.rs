@@ -438,7 +438,10 @@ impl Images {
         raw: Uuid,
         id: &str,
     ) -> Result<u64, ConvertError> {
+        let started = std::time::Instant::now();
         let probe = self.converter.probe(data, size, format).await?;
+        tracing::info!(image = %id, format = %probe.format, virtual_size = probe.virtual_size,
+            probe_ms = started.elapsed().as_millis() as u64, "raw cache: image checked");
         if probe.is_raw() {
             // Raw content already: the cache is a clone (metadata only).
             self.store.clone_object(data, raw).await?;
