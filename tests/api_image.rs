@@ -1,7 +1,7 @@
 //! Images on the real daemon with real clients: the `openstack` CLI, python-glanceclient and
 //! openstacksdk against the Image API v2 (uploads, imports, downloads compared byte for byte,
 //! the StarlingX properties and their messages, members); the raw cache with images made by
-//! `qemu-img` (qcow2 sparse and compressed, vmdk streamOptimized, vdi), read back over NBD
+//! `qemu-img` (qcow2 sparse and compressed, vmdk streamOptimized, vdi, vhdx, vhd), read back over NBD
 //! with `qemu-img compare`; volumes made from images; hostile images refused; a restart in
 //! the middle of a conversion.
 
@@ -161,7 +161,7 @@ fn sh(cmd: &mut Command) -> String {
 }
 
 /// A 64 MiB sparse raw disk with 40 scattered 64 KiB runs of pseudo-random data, and the
-/// same disk as qcow2, compressed qcow2, streamOptimized vmdk and vdi.
+/// same disk as qcow2, compressed qcow2, streamOptimized vmdk, vdi, vhdx and vhd.
 struct Images {
     dir: tempfile::TempDir,
 }
@@ -195,6 +195,12 @@ impl Images {
                 &["-O", "vmdk", "-o", "subformat=streamOptimized"][..],
             ),
             ("img.vdi", &["-O", "vdi"][..]),
+            ("img.vhdx", &["-O", "vhdx"][..]),
+            // force_size: the disk's exact size, not one rounded to a CHS geometry.
+            (
+                "img.vhd",
+                &["-O", "vpc", "-o", "force_size=on,subformat=dynamic"][..],
+            ),
         ] {
             sh(Command::new("qemu-img")
                 .arg("convert")
@@ -694,6 +700,8 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
         ("imgc.qcow2", "qcow2"),
         ("img.vmdk", "vmdk"),
         ("img.vdi", "vdi"),
+        ("img.vhdx", "vhdx"),
+        ("img.vhd", "vhd"),
     ] {
         let id = upload(&c, &imgs.path(file), fmt, "bare", file);
         let i = wait_cache(&c, &tok, &id);
@@ -814,8 +822,8 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
     assert_eq!(wait_cache(&c, &tok, pid)["cache_raw_status"], "Cached");
     compare(&base, &unix_uri(&c, &format!("image/{pid}")));
 
-    // Five caches and one volume converted, none failed, none running.
-    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 6.0);
+    // Seven caches and one volume converted, none failed, none running.
+    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 8.0);
     assert_eq!(metric(&c, "cairn_image_conversions_failed_total"), 0.0);
     assert_eq!(metric(&c, "cairn_image_conversions_running"), 0.0);
 
