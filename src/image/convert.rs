@@ -94,6 +94,22 @@ pub struct Converter {
     pub stats: ConvertStats,
 }
 
+/// One more on a gauge for as long as it lives.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicU64) -> Gauge<'a> {
+        g.fetch_add(1, Ordering::Relaxed);
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a job from start to end (also when its task is cancelled).
 struct Running<'a> {
     stats: &'a ConvertStats,
@@ -361,9 +377,11 @@ impl Converter {
         target: Uuid,
         mut progress: impl FnMut(u8) + Send,
     ) -> Result<(), ConvertError> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = self.slots.acquire().await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = {
+            // Counted while waiting, also when the job is cancelled meanwhile.
+            let _waiting = Gauge::up(&self.stats.waiting);
+            self.slots.acquire().await
+        };
         let _permit = permit.map_err(|_| ConvertError::Refused("shutting down".into()))?;
         self.stats.running.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -587,6 +605,44 @@ mod tests {
         assert!(check_map(&map(0), 65536).is_ok());
         assert!(check_map(&map(1), 65536).unwrap_err().contains("truncated"));
         assert!(check_map(&map(u64::MAX), 1 << 40).is_err());
+    }
+
+    /// A job cancelled while it waits for a slot leaves the gauges as they were.
+    #[tokio::test]
+    async fn a_job_cancelled_while_waiting_is_no_longer_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::store::StoreOptions::default())
+            .await
+            .unwrap();
+        let conv = Converter::new(
+            store.clone(),
+            dir.path().join("nbd.sock"),
+            Arc::new(InternalExports::default()),
+            1,
+        );
+        let held = conv.slots.acquire().await.unwrap();
+        let probe = Probe {
+            format: Format::Qcow2,
+            virtual_size: 1 << 20,
+        };
+        let job = tokio::spawn({
+            let conv = conv.clone();
+            async move {
+                let _ = conv
+                    .convert(Uuid::new_v4(), probe, Uuid::new_v4(), |_| {})
+                    .await;
+            }
+        });
+        while conv.stats.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        job.abort();
+        let _ = job.await;
+        drop(held);
+        assert_eq!(conv.stats.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(conv.stats.running.load(Ordering::Relaxed), 0);
+        assert_eq!(conv.stats.bytes_total.load(Ordering::Relaxed), 0);
+        store.close().await.unwrap();
     }
 
     #[test]
