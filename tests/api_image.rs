@@ -267,6 +267,45 @@ fn metric(c: &Cairn, name: &str) -> f64 {
         .value
 }
 
+/// `POST /v2/images` of a queued image; its id.
+fn create_queued(c: &Cairn, tok: &str, name: &str, disk_format: &str) -> String {
+    let r = c.request(
+        "POST",
+        "/image/v2/images",
+        &[("x-auth-token", tok)],
+        Some((
+            "application/json",
+            &json!({"name": name, "disk_format": disk_format, "container_format": "bare"})
+                .to_string(),
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// `PUT .../file` of `file` with curl (no client cleans up after a failure); the status.
+fn curl_upload(c: &Cairn, tok: &str, id: &str, file: &Path, extra: &[&str]) -> String {
+    let o = run(Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-T",
+        ])
+        .arg(file)
+        .args(["-H", "content-type: application/octet-stream", "-H"])
+        .arg(format!("x-auth-token: {tok}"))
+        .args(extra)
+        .arg(c.url(&format!("/image/v2/images/{id}/file"))));
+    // Not `o.ok`: a server that refuses a body early may leave curl unable to send the rest;
+    // the status it received is what counts ("000" if none).
+    o.stdout
+}
+
 #[test]
 fn openstack_cli_uploads_imports_downloads_and_validates_starlingx_properties() {
     let c = daemon();
@@ -912,33 +951,8 @@ fn hostile_images_are_refused_and_read_nothing() {
         ("datafile.qcow2", "qcow2"),
         ("notqcow.raw", "qcow2"),
     ] {
-        let r = c.request(
-            "POST",
-            "/image/v2/images",
-            &[("x-auth-token", &tok)],
-            Some((
-                "application/json",
-                &json!({"name": file, "disk_format": fmt, "container_format": "bare"}).to_string(),
-            )),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-        let id = r.json()["id"].as_str().unwrap().to_owned();
-        let o = run(Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "-T",
-            ])
-            .arg(p(file))
-            .args(["-H", "content-type: application/octet-stream", "-H"])
-            .arg(format!("x-auth-token: {tok}"))
-            .arg(c.url(&format!("/image/v2/images/{id}/file"))));
-        assert_eq!(o.stdout, "415", "{file}: {}", o.stderr);
+        let id = create_queued(&c, &tok, file, fmt);
+        assert_eq!(curl_upload(&c, &tok, &id, &p(file), &[]), "415", "{file}");
         let i = image_json(&c, &tok, &id);
         assert_eq!(i["status"], "queued", "{file}: {i}");
         assert!(
@@ -1100,37 +1114,9 @@ fn uploads_over_the_cap_or_cut_short_leave_the_image_queued_and_nothing_behind()
     let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
     std::fs::write(&big, &data).unwrap();
     std::fs::write(&small, &data[..512 << 10]).unwrap();
-    let r = c.request(
-        "POST",
-        "/image/v2/images",
-        &[("x-auth-token", &tok)],
-        Some((
-            "application/json",
-            r#"{"name": "capped", "disk_format": "raw", "container_format": "bare"}"#,
-        )),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let id = create_queued(&c, &tok, "capped", "raw");
     let objects = metric(&c, "cairn_store_objects");
-    let put = |file: &Path, extra: &[&str]| {
-        let o = run(Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "-T",
-            ])
-            .arg(file)
-            .args(["-H", "content-type: application/octet-stream", "-H"])
-            .arg(format!("x-auth-token: {tok}"))
-            .args(extra)
-            .arg(c.url(&format!("/image/v2/images/{id}/file"))));
-        o.stdout
-    };
+    let put = |file: &Path, extra: &[&str]| curl_upload(&c, &tok, &id, file, extra);
     let queued_and_empty = |what: &str| {
         let i = image_json(&c, &tok, &id);
         assert_eq!(i["status"], "queued", "{what}: {i}");
