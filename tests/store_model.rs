@@ -333,6 +333,16 @@ proptest! {
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(run(ops))?;
+        // A case takes well under a second; one that runs for a minute is stuck, and is
+        // reported with its operations instead of holding the suite until CI's limit.
+        let shown = format!("{ops:?}");
+        match rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(60), run(ops)).await }) {
+            Ok(result) => result?,
+            Err(_) => {
+                // Not a panic: proptest would shrink it, a minute per step.
+                eprintln!("store operations did not finish within 60 s: {shown}");
+                std::process::exit(101);
+            }
+        }
     }
 }
