@@ -133,6 +133,7 @@ impl AdminService for DaemonService {
             running: s.running.load(Relaxed),
             waiting: s.waiting.load(Relaxed),
             completed: s.completed.load(Relaxed),
+            in_process: s.in_process.load(Relaxed),
             failed: s.failed.load(Relaxed),
             bytes_total: s.bytes_total.load(Relaxed),
             bytes_done: s.bytes_done.load(Relaxed),

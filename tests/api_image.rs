@@ -161,7 +161,9 @@ fn sh(cmd: &mut Command) -> String {
 }
 
 /// A 64 MiB sparse raw disk with 40 scattered 64 KiB runs of pseudo-random data, and the
-/// same disk as qcow2, compressed qcow2, streamOptimized vmdk, vdi, vhdx and vhd.
+/// same disk as qcow2 (64 KiB clusters, 4 KiB clusters, version 2, and 2 MiB clusters, which
+/// go to qemu-img instead of the in-process reader), compressed qcow2, streamOptimized vmdk,
+/// vdi, vhdx and vhd.
 struct Images {
     dir: tempfile::TempDir,
 }
@@ -190,6 +192,12 @@ impl Images {
         for (name, args) in [
             ("img.qcow2", &["-O", "qcow2"][..]),
             ("imgc.qcow2", &["-c", "-O", "qcow2"][..]),
+            (
+                "img4k.qcow2",
+                &["-O", "qcow2", "-o", "cluster_size=4096"][..],
+            ),
+            ("imgv2.qcow2", &["-O", "qcow2", "-o", "compat=0.10"][..]),
+            ("img2m.qcow2", &["-O", "qcow2", "-o", "cluster_size=2M"][..]),
             (
                 "img.vmdk",
                 &["-O", "vmdk", "-o", "subformat=streamOptimized"][..],
@@ -737,6 +745,9 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
     for (file, fmt) in [
         ("img.qcow2", "qcow2"),
         ("imgc.qcow2", "qcow2"),
+        ("img4k.qcow2", "qcow2"),
+        ("imgv2.qcow2", "qcow2"),
+        ("img2m.qcow2", "qcow2"),
         ("img.vmdk", "vmdk"),
         ("img.vdi", "vdi"),
         ("img.vhdx", "vhdx"),
@@ -760,6 +771,9 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
         compare(&base, &unix_uri(&c, &format!("image/{id}")));
         ids.push(id);
     }
+    // qcow2 with clusters of 4 to 64 KiB was read in-process; 2 MiB clusters and the other
+    // formats went to qemu-img.
+    assert_eq!(metric(&c, "cairn_image_conversions_in_process_total"), 4.0);
     // The exports are listed, read-only.
     let list = sh(Command::new("nbdinfo")
         .arg("--list")
@@ -861,8 +875,10 @@ fn raw_cache_round_trips_every_format_and_volumes_clone_it() {
     assert_eq!(wait_cache(&c, &tok, pid)["cache_raw_status"], "Cached");
     compare(&base, &unix_uri(&c, &format!("image/{pid}")));
 
-    // Seven caches and one volume converted, none failed, none running.
-    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 8.0);
+    // Ten caches and one volume converted (six of them qcow2 in-process), none failed, none
+    // running.
+    assert_eq!(metric(&c, "cairn_image_conversions_completed_total"), 11.0);
+    assert_eq!(metric(&c, "cairn_image_conversions_in_process_total"), 6.0);
     assert_eq!(metric(&c, "cairn_image_conversions_failed_total"), 0.0);
     assert_eq!(metric(&c, "cairn_image_conversions_running"), 0.0);
 
@@ -1045,7 +1061,8 @@ fn a_restart_in_the_middle_of_caching_caches_once_and_leaks_nothing() {
         .start();
     let (tok, _) = token(&c);
     let imgs = Images::new();
-    let id = upload(&c, &imgs.path("img.qcow2"), "qcow2", "bare", "restart");
+    // Formats qemu-img converts (qcow2 is read in-process).
+    let id = upload(&c, &imgs.path("img.vdi"), "vdi", "bare", "restart");
     let deadline = Instant::now() + CONVERT_DEADLINE;
     while !marker.exists() {
         assert!(
@@ -1067,7 +1084,7 @@ fn a_restart_in_the_middle_of_caching_caches_once_and_leaks_nothing() {
     // Deleting an image whose conversion runs cancels it and leaves nothing behind: only
     // the first image's data and its cut conversion's object remain.
     std::fs::remove_file(&marker).unwrap();
-    let doomed = upload(&c, &imgs.path("imgc.qcow2"), "qcow2", "bare", "doomed");
+    let doomed = upload(&c, &imgs.path("img.vmdk"), "vmdk", "bare", "doomed");
     while !marker.exists() {
         assert!(
             Instant::now() < deadline,

@@ -230,6 +230,12 @@ impl Collector for StoreCollector {
         )?;
         counter(
             e,
+            "cairn_image_conversions_in_process",
+            "Completed image conversions done in-process (qcow2) rather than by qemu-img",
+            c.in_process,
+        )?;
+        counter(
+            e,
             "cairn_image_conversions_failed",
             "Image conversions that failed",
             c.failed,

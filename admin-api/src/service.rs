@@ -279,6 +279,8 @@ pub struct ConversionMetrics {
     pub running: u64,
     pub waiting: u64,
     pub completed: u64,
+    /// Of the completed ones, those done in-process (qcow2) rather than by `qemu-img`.
+    pub in_process: u64,
     pub failed: u64,
     /// Virtual bytes of the running conversions, and how many of them are converted.
     pub bytes_total: u64,

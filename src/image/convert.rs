@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use super::ObjectReader;
 use super::inspect::{self, Format};
+use super::qcow2;
 use crate::nbd::{ExportLease, InternalExports};
 use crate::store::{Store, StoreError};
 
@@ -63,6 +64,8 @@ pub enum ConvertError {
 pub struct Probe {
     pub format: Format,
     pub virtual_size: u64,
+    /// The image's bytes (the source object's length).
+    pub len: u64,
 }
 
 impl Probe {
@@ -78,6 +81,8 @@ pub struct ConvertStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
     pub completed: AtomicU64,
+    /// Of those, done in-process (qcow2) rather than by `qemu-img`.
+    pub in_process: AtomicU64,
     pub failed: AtomicU64,
     /// Virtual bytes of the running conversions, and how many of them are done.
     pub bytes_total: AtomicU64,
@@ -267,6 +272,7 @@ impl Converter {
             return Ok(Probe {
                 format,
                 virtual_size: len,
+                len,
             });
         }
         if !matches!(
@@ -291,6 +297,7 @@ impl Converter {
         Ok(Probe {
             format,
             virtual_size,
+            len,
         })
     }
 
@@ -414,6 +421,54 @@ impl Converter {
             return Err(ConvertError::Refused(
                 "raw content is cloned, not converted".into(),
             ));
+        }
+        if probe.format == Format::Qcow2 {
+            let header = self
+                .store
+                .read(object, 0, probe.len.min(512) as usize)
+                .await?;
+            if qcow2::fits(&header) {
+                let started = std::time::Instant::now();
+                let mut last = 0u8;
+                let total = probe.virtual_size.max(1);
+                let result = qcow2::convert(&self.store, object, probe.len, target, |done| {
+                    running.advance(done);
+                    let pct = (done.min(total) * 100 / total) as u8;
+                    if pct != last {
+                        last = pct;
+                        progress(pct);
+                    }
+                })
+                .await;
+                match result {
+                    Ok(()) => {
+                        let converted = started.elapsed();
+                        self.store.flush().await?;
+                        self.stats.in_process.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            target = %target,
+                            virtual_size = probe.virtual_size,
+                            in_process_ms = converted.as_millis() as u64,
+                            flush_ms = (started.elapsed() - converted).as_millis() as u64,
+                            "image conversion done"
+                        );
+                        return Ok(());
+                    }
+                    Err(qcow2::Qcow2Error::Unsupported(e)) => {
+                        tracing::info!(
+                            target = %target,
+                            error = %e,
+                            "qcow2 image not readable in-process; converting with qemu-img"
+                        );
+                    }
+                    Err(qcow2::Qcow2Error::Failed(e)) => {
+                        return Err(ConvertError::Tool {
+                            what: "convert",
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
         }
         let src = self.exports.open(object, true, "image conversion source");
         let dst = self.exports.open(target, false, "image conversion target");
@@ -624,6 +679,7 @@ mod tests {
         let probe = Probe {
             format: Format::Qcow2,
             virtual_size: 1 << 20,
+            len: 1 << 20,
         };
         let job = tokio::spawn({
             let conv = conv.clone();

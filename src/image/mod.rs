@@ -1,8 +1,10 @@
-//! Images: format inspection (pure, safe on hostile input) and conversion to raw with
-//! `qemu-img` reading and writing store objects through internal NBD exports.
+//! Images: format inspection (pure, safe on hostile input) and conversion to raw: qcow2
+//! in-process (imago), the other formats with `qemu-img` reading and writing store objects
+//! through internal NBD exports.
 
 pub mod convert;
 pub mod inspect;
+pub mod qcow2;
 
 use uuid::Uuid;
 
