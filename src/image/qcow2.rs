@@ -336,3 +336,22 @@ async fn walk(
     done.send_replace(size);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(cluster_bits: u32) -> Vec<u8> {
+        let mut h = b"QFI\xfb\0\0\0\x03".to_vec();
+        h.resize(20, 0);
+        h.extend_from_slice(&cluster_bits.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn only_small_clusters_are_converted_in_process() {
+        assert!(fits(&header(12)) && fits(&header(16)));
+        assert!(!fits(&header(9)) && !fits(&header(17)) && !fits(&header(21)));
+        assert!(!fits(&header(16)[..22]));
+    }
+}
