@@ -134,6 +134,11 @@ struct Inner {
     /// Bytes written since writeback was last started, on a line of its own.
     unkicked: Padded<AtomicU64>,
     kicking: AtomicBool,
+    /// Background tasks in flight (writeback kicks, journal growth, auto commits). Each
+    /// holds the store, and so its lock: close waits for them, or a reopen right after a
+    /// close could find the store still locked.
+    background: AtomicU64,
+    background_done: tokio::sync::Notify,
     closed: AtomicBool,
     counters: Counters,
     zero_crc: u32,
@@ -496,8 +501,7 @@ impl Store {
             return;
         }
         inner.unkicked.0.store(0, Ordering::Relaxed);
-        let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn_background(|this| async move {
             let ops: Vec<Op> = {
                 let m = this.inner.meta.lock();
                 m.dirty_segments
@@ -630,7 +634,45 @@ impl Store {
         res
     }
 
+    /// Runs `f` on a clone of the store as a task that [`Store::close`] waits for.
+    fn spawn_background<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        struct Done(Store);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let inner = &self.0.inner;
+                if inner.background.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    inner.background_done.notify_waiters();
+                }
+            }
+        }
+        self.inner.background.fetch_add(1, Ordering::AcqRel);
+        let done = Done(self.clone());
+        let fut = f(self.clone());
+        tokio::spawn(async move {
+            fut.await;
+            drop(done);
+        });
+    }
+
+    /// Until no background task runs.
+    async fn background_settled(&self) {
+        loop {
+            let settled = self.inner.background_done.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.inner.background.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
     async fn close_inner(&self) -> Result<()> {
+        self.background_settled().await;
         // Quiesce: every change holds stripes, so holding them all waits them out; reads
         // hold a grace period instead.
         let _all = self.lock_all_stripes().await;
@@ -776,8 +818,7 @@ impl Store {
         match growth {
             Some(Growth::Now) => self.grow_journal(0).await?,
             Some(Growth::Soon) if !self.inner.growing.swap(true, Ordering::AcqRel) => {
-                let this = self.clone();
-                tokio::spawn(async move {
+                self.spawn_background(|this| async move {
                     if let Err(e) = this.grow_journal(0).await {
                         tracing::warn!(error = %e, "could not grow the journal");
                     }
@@ -790,8 +831,7 @@ impl Store {
             return self.flush().await;
         }
         if big && !self.inner.auto_commit.swap(true, Ordering::AcqRel) {
-            let this = self.clone();
-            tokio::spawn(async move {
+            self.spawn_background(|this| async move {
                 if let Err(e) = this.flush().await {
                     tracing::warn!(error = %e, "background commit failed");
                 }
@@ -2237,6 +2277,8 @@ fn open_sync(dir: &Path, opts: &StoreOptions) -> Result<Inner> {
         growing: AtomicBool::new(false),
         unkicked: Padded(AtomicU64::new(0)),
         kicking: AtomicBool::new(false),
+        background: AtomicU64::new(0),
+        background_done: tokio::sync::Notify::new(),
         closed: AtomicBool::new(false),
         counters,
         zero_crc: super::format::crc_of_zero_block(),

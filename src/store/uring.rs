@@ -406,6 +406,31 @@ struct Shared {
 }
 
 impl Shared {
+    /// `n` rings of `entries` completions each, sharing one eventfd; no reaper yet.
+    fn new(entries: u32, n: usize) -> io::Result<Arc<Shared>> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd is a fresh descriptor we own.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let cq = entries.max(SQ_ENTRIES * 2).next_power_of_two();
+        let rings = (0..n)
+            .map(|_| Ring::new(SQ_ENTRIES, cq, efd.as_raw_fd()))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_boxed_slice();
+        Ok(Arc::new(Shared {
+            fixed: FixedFiles::new(&rings),
+            rings,
+            efd,
+            handed_off: AtomicUsize::new(0),
+            idle_hint: AtomicBool::new(false),
+            idle: Mutex::new(false),
+            closing: AtomicBool::new(false),
+        }))
+    }
+
     fn set_eventfd(&self, on: bool) {
         for r in self.rings.iter() {
             let _t = r.table.lock();
@@ -453,6 +478,19 @@ impl Shared {
     /// Reap every ring and wake their callers; then decide whether to stop, or to wait for
     /// the eventfd (with notifications off when nothing is handed off).
     fn reap_round(&self, wakers: &mut Vec<Waker>) -> Reaped {
+        // Running means awake, whatever the last round left: a nap can also end on a count
+        // the eventfd took before notifications went off. Without this, a round that then
+        // finds work handed off after its first look dropped the hint but stayed "idle" with
+        // notifications off, so the submitter (seeing no hint) did not kick, its completion
+        // signalled nothing, and the reaper slept for good (a store test hung in CI). On
+        // again before the rings are reaped: what completes after the reap is signalled.
+        {
+            let mut idle = self.idle.lock();
+            if std::mem::take(&mut *idle) {
+                self.idle_hint.store(false, Ordering::SeqCst);
+                self.set_eventfd(true);
+            }
+        }
         let mut inflight = 0;
         for r in self.rings.iter() {
             let mut t = r.table.lock();
@@ -509,27 +547,7 @@ impl Uring {
     }
 
     fn with_rings(entries: u32, n: usize) -> io::Result<Uring> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: efd is a fresh descriptor we own.
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let cq = entries.max(SQ_ENTRIES * 2).next_power_of_two();
-        let rings = (0..n)
-            .map(|_| Ring::new(SQ_ENTRIES, cq, efd.as_raw_fd()))
-            .collect::<io::Result<Vec<_>>>()?
-            .into_boxed_slice();
-        let shared = Arc::new(Shared {
-            fixed: FixedFiles::new(&rings),
-            rings,
-            efd,
-            handed_off: AtomicUsize::new(0),
-            idle_hint: AtomicBool::new(false),
-            idle: Mutex::new(false),
-            closing: AtomicBool::new(false),
-        });
+        let shared = Shared::new(entries, n)?;
         match tokio::runtime::Handle::try_current().ok().and_then(|rt| {
             let _enter = rt.enter();
             // Registration panics on a runtime built without its I/O driver: then use the
@@ -845,8 +863,11 @@ impl Drop for Uring {
                 if inflight == 0 {
                     break;
                 }
-                // SAFETY: waits for one completion; submits nothing, no argument.
-                let _ = unsafe { r.uring.submitter().enter::<libc::sigset_t>(0, 1, 1, None) };
+                // Waits for a completion, for 1 ms at most: the reaper may reap the last one
+                // between our look and the wait, and an unbounded wait would never end.
+                let ts = io_uring::types::Timespec::new().nsec(1_000_000);
+                let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+                let _ = r.uring.submitter().submit_with_args(1, &args);
             }
             // Let go of the registered files now. A closed ring drops them later, in a
             // kernel work item of its own, and until then their filesystem cannot be
@@ -1072,6 +1093,34 @@ mod tests {
     use std::os::unix::fs::OpenOptionsExt;
 
     const BLK: usize = 4096;
+
+    fn notifications_on(s: &Shared) -> bool {
+        s.rings.iter().all(|r| {
+            let _t = r.table.lock();
+            // SAFETY: the table lock is held; only the flags word is read.
+            !unsafe { r.uring.completion_shared() }.eventfd_disabled()
+        })
+    }
+
+    /// Once awake, the reaper listens again, whatever woke it: a nap can end on a count the
+    /// eventfd took before notifications went off, and a round that then finds work handed
+    /// off must not stay idle with notifications off (the submitter, which saw no hint, does
+    /// not kick, and its completion would signal nothing: a store test hung in CI so).
+    #[test]
+    fn a_reaper_woken_from_a_nap_listens_again() {
+        let s = Shared::new(64, 2).unwrap();
+        let mut wakers = Vec::new();
+        assert!(matches!(s.reap_round(&mut wakers), Reaped::Wait));
+        assert!(*s.idle.lock() && !notifications_on(&s), "napping");
+        s.handed_off.fetch_add(1, Ordering::SeqCst);
+        assert!(matches!(s.reap_round(&mut wakers), Reaped::Wait));
+        assert!(!*s.idle.lock(), "awake with work handed off");
+        assert!(notifications_on(&s), "and listening for its completion");
+        // With nothing handed off it naps again.
+        s.handed_off.fetch_sub(1, Ordering::SeqCst);
+        assert!(matches!(s.reap_round(&mut wakers), Reaped::Wait));
+        assert!(*s.idle.lock() && !notifications_on(&s));
+    }
 
     fn pattern(i: usize) -> Vec<u8> {
         (0..BLK).map(|k| (i * 31 + k * 7) as u8).collect()
