@@ -274,6 +274,15 @@ impl AdminService for DaemonService {
         self.volumes.get_volume(caller, id, pdisk_rules).await
     }
 
+    async fn update_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        update: VolumeUpdate,
+    ) -> ServiceResult<Volume> {
+        self.volumes.update_volume(caller, id, update).await
+    }
+
     async fn delete_volume(
         &self,
         caller: &Caller,

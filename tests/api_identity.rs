@@ -562,7 +562,21 @@ fn token_issue_validate_rescope_revoke_and_errors() {
         .iter()
         .map(|s| s["type"].as_str().expect("type"))
         .collect();
-    assert_eq!(types, ["identity", "compute", "image"]);
+    assert_eq!(
+        types,
+        [
+            "identity",
+            "compute",
+            "image",
+            "block-storage",
+            "volumev3",
+            "volumev2"
+        ]
+    );
+    assert_eq!(
+        url_of("block-storage"),
+        format!("{base}/volume/v3/{project_id}")
+    );
 
     // Every endpoint's root answers its own service's version discovery (clients strip the
     // version and project from the catalog URL and ask there).
@@ -588,6 +602,8 @@ fn token_issue_validate_rescope_revoke_and_errors() {
         Some(true),
         "{nova}"
     );
+    let cinder = root_doc("/volume/");
+    assert_eq!(cinder["versions"][1]["id"], "v3.0", "{cinder}");
     let glance = root_doc("/image");
     assert_eq!(glance["versions"][0]["id"], "v2.17");
     assert!(

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Cairn, Serve, venv_bin};
+use common::{Cairn, Out, Serve, admin_token, clean, os_client, osc, run, venv_bin};
 use serde_json::{Value, json};
 
 const PW: &str = "image-test-admin-pw";
@@ -24,84 +24,16 @@ fn daemon() -> Cairn {
     Serve::new().arg("--admin-password").arg(PW).start()
 }
 
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        assert!(self.ok, "failed:\n{}\n{}", self.stdout, self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
-    }
-}
-
-fn run(cmd: &mut Command) -> Out {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// A command with nothing from the developer's OpenStack environment.
-fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("OS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd
-}
-
-/// `openstack --os-cloud cairn <args>` with the daemon's clouds.yaml.
-fn osc(c: &Cairn, args: &[&str]) -> Out {
-    run(clean(venv_bin("openstack"))
-        .env("OS_CLIENT_CONFIG_FILE", c.data_dir().join("clouds.yaml"))
-        .args(["--os-cloud", "cairn"])
-        .args(args))
-}
-
-/// The `glance` CLI, authenticated by the usual environment variables. Its stdin is closed:
-/// glanceclient uploads whatever a non-terminal stdin holds (its documented `<&-` case).
+/// The `glance` CLI, authenticated by the usual environment variables, stdin closed.
 fn glance(c: &Cairn, args: &[&str]) -> Out {
-    run(clean("sh")
-        .args(["-c", "exec \"$0\" \"$@\" <&-"])
-        .arg(venv_bin("glance"))
-        .env("OS_AUTH_URL", c.url("/v3"))
-        .env("OS_USERNAME", "admin")
-        .env("OS_PASSWORD", PW)
-        .env("OS_PROJECT_NAME", "admin")
-        .env("OS_USER_DOMAIN_NAME", "Default")
-        .env("OS_PROJECT_DOMAIN_NAME", "Default")
+    run(os_client(c, "glance", PW)
         .env("OS_IMAGE_API_VERSION", "2")
         .args(args))
 }
 
 /// An admin token and its project id.
 fn token(c: &Cairn) -> (String, String) {
-    let body = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": "admin", "domain": {"name": "Default"}, "password": PW}}},
-        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}});
-    let r = c.request(
-        "POST",
-        "/v3/auth/tokens",
-        &[],
-        Some(("application/json", &body.to_string())),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let t = r.header("x-subject-token").expect("token").to_owned();
-    let p = r.json()["token"]["project"]["id"]
-        .as_str()
-        .expect("project")
-        .to_owned();
-    (t, p)
+    admin_token(c, PW)
 }
 
 fn image_json(c: &Cairn, tok: &str, id: &str) -> Value {

@@ -511,8 +511,10 @@ fn catalog(base: &str, project_id: &str) -> Vec<CatalogEntry> {
             .collect(),
     };
     // Only what is served: clients probe every service they find (openstackclient's
-    // `server list` fails on an image endpoint that answers 404). Block storage joins when
-    // its API does. Each service has a root of its own for version discovery.
+    // `server list` fails on an image endpoint that answers 404). Each service has a root of
+    // its own for version discovery. Block Storage is listed under its official type and the
+    // aliases cinderclient (`volumev3`) and older clients (`volumev2`) look up.
+    let volume = |v: &str| format!("{base}{}/{v}/{project_id}", crate::mount::VOLUME.prefix);
     vec![
         entry("identity", "keystone", format!("{base}/v3")),
         entry(
@@ -525,6 +527,9 @@ fn catalog(base: &str, project_id: &str) -> Vec<CatalogEntry> {
             "glance",
             format!("{base}{}", crate::mount::IMAGE.prefix),
         ),
+        entry("block-storage", "cinder", volume("v3")),
+        entry("volumev3", "cinderv3", volume("v3")),
+        entry("volumev2", "cinderv2", volume("v2")),
     ]
 }
 

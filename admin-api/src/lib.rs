@@ -33,6 +33,7 @@ pub mod pdisk;
 pub mod schema;
 mod service;
 pub mod time_fmt;
+pub mod volume;
 
 pub use service::{
     AdminService, ComponentHealth, ConversionMetrics, Health, StoreMetrics, VersionInfo,
@@ -123,6 +124,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(compute::router())
         .merge(pdisk::router())
         .merge(image::router())
+        .merge(volume::router())
 }
 
 /// The OpenAPI document of every route, as served at `/openapi.json`.

@@ -332,6 +332,20 @@ pub struct NewVolume {
     pub source_image_id: Option<String>,
 }
 
+/// What `PUT .../volumes/{id}` changes (Block Storage): each field when given; `Some(None)`
+/// clears a name or description.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeUpdate {
+    pub name: Option<Option<String>>,
+    pub description: Option<Option<String>>,
+    /// Replaces the whole metadata map.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Merged into the metadata (after `metadata`).
+    pub merge_metadata: BTreeMap<String, String>,
+    /// A metadata key to remove; NotFound if it is not there.
+    pub delete_metadata_key: Option<String>,
+}
+
 /// Which volumes a listing shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeScope {

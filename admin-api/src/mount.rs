@@ -25,25 +25,60 @@ pub struct ServiceMount {
     pub prefix: &'static str,
     /// Path prefixes (after the mount) that belong to this service.
     pub paths: &'static [&'static str],
+    /// The `paths` themselves (with or without a trailing `/`) are routes of the mount's own,
+    /// not forwarded: Block Storage's `/volume/v3` is cinder's version document, where the
+    /// unprefixed `/v3` is Keystone's.
+    pub own_roots: bool,
+    /// When not empty: only `<path>/{project}/<resource>...` with one of these resources is
+    /// forwarded (`/volume/v3/auth/tokens` must not reach Keystone, nor `/volume/v2/images`
+    /// Glance).
+    pub resources: &'static [&'static str],
+    /// Forwarded only as they are (with or without a trailing `/`), nothing under them.
+    pub exact: &'static [&'static str],
 }
 
 pub const COMPUTE: ServiceMount = ServiceMount {
     prefix: "/compute",
     // Not nova's legacy `/v2/`: under one listener it would reach the other services' `/v2`.
     paths: &["/v2.1", "/v1.1"],
+    own_roots: false,
+    resources: &[],
+    exact: &[],
 };
 
 pub const IMAGE: ServiceMount = ServiceMount {
     prefix: "/image",
     paths: &["/versions", "/v2/images", "/v2/schemas", "/v2/info"],
+    own_roots: false,
+    resources: &[],
+    exact: &[],
 };
 
 pub const IDENTITY: ServiceMount = ServiceMount {
     prefix: "/identity",
-    paths: &["/v3"],
+    // Keystone's subtrees only: Block Storage's `/v3/{project}/volumes` is not identity's.
+    paths: &[
+        "/v3/auth",
+        "/v3/domains",
+        "/v3/projects",
+        "/v3/role_assignments",
+        "/v3/roles",
+        "/v3/users",
+    ],
+    own_roots: false,
+    resources: &[],
+    exact: &["/v3"],
 };
 
-pub const MOUNTS: [ServiceMount; 3] = [COMPUTE, IMAGE, IDENTITY];
+pub const VOLUME: ServiceMount = ServiceMount {
+    prefix: "/volume",
+    paths: &["/v3", "/v2"],
+    own_roots: true,
+    resources: &["volumes"],
+    exact: &[],
+};
+
+pub const MOUNTS: [ServiceMount; 4] = [COMPUTE, IMAGE, IDENTITY, VOLUME];
 
 impl ServiceMount {
     /// The inner path for `path` when it lies under this mount and belongs to its service.
@@ -53,10 +88,23 @@ impl ServiceMount {
         if rest.is_empty() || rest == "/" {
             return None;
         }
+        if self.exact.iter().any(|e| {
+            rest.strip_prefix(e)
+                .is_some_and(|t| t.is_empty() || t == "/")
+        }) {
+            return Some(rest);
+        }
         self.paths
             .iter()
             // `/v2.1` covers `/v2.1/...` but not `/v2.10`.
             .any(|p| match rest.strip_prefix(p) {
+                Some("" | "/") if self.own_roots => false,
+                Some(tail) if !self.resources.is_empty() => {
+                    let mut seg = tail.split('/').skip(1);
+                    let (project, resource) = (seg.next(), seg.next());
+                    project.is_some_and(|p| !p.is_empty())
+                        && resource.is_some_and(|r| self.resources.contains(&r))
+                }
                 Some(tail) => p.ends_with('/') || tail.is_empty() || tail.starts_with('/'),
                 None => false,
             })
@@ -138,10 +186,28 @@ mod tests {
             Some("/v2/images/x/file")
         );
         assert_eq!(IMAGE.inner("/image/v2/p/os-volumes"), None);
+        assert_eq!(
+            VOLUME.inner("/volume/v3/p/volumes/detail"),
+            Some("/v3/p/volumes/detail")
+        );
+        assert_eq!(VOLUME.inner("/volume/v2/p/volumes"), Some("/v2/p/volumes"));
+        // Its version roots are its own routes (the unprefixed `/v3` is Keystone's).
+        assert_eq!(VOLUME.inner("/volume/v3"), None);
+        assert_eq!(VOLUME.inner("/volume/v3/"), None);
+        assert_eq!(VOLUME.inner("/volume/v2/"), None);
+        // Only Block Storage's resources pass.
+        assert_eq!(VOLUME.inner("/volume/v3/auth/tokens"), None);
+        assert_eq!(VOLUME.inner("/volume/v2/images"), None);
+        assert_eq!(VOLUME.inner("/volume/v2/p/os-volumes"), None);
+        assert_eq!(VOLUME.inner("/volume/v3/p/volumesx"), None);
+        assert_eq!(VOLUME.inner("/volume/v3/p/volumes"), Some("/v3/p/volumes"));
         assert_eq!(IMAGE.inner("/image"), None);
         assert_eq!(
             IDENTITY.inner("/identity/v3/auth/tokens"),
             Some("/v3/auth/tokens")
         );
+        assert_eq!(IDENTITY.inner("/identity/v3"), Some("/v3"));
+        assert_eq!(IDENTITY.inner("/identity/v3/"), Some("/v3/"));
+        assert_eq!(IDENTITY.inner("/identity/v3/p/volumes"), None);
     }
 }

@@ -56,6 +56,12 @@ fn unauthenticated(path: &str, method: &str) -> bool {
                 | "/image/"
                 | "/versions"
                 | "/image/versions"
+                | "/volume"
+                | "/volume/"
+                | "/volume/v3"
+                | "/volume/v3/"
+                | "/volume/v2"
+                | "/volume/v2/"
         ) | ("post", "/v3/auth/tokens")
             | (_, "/healthz" | "/version" | "/metrics")
     )
@@ -174,6 +180,31 @@ fn complete_op(path: &str, method: &str, op: &mut Operation) {
             .or_insert_with(|| error_response(description, schema));
     };
     match tag.as_str() {
+        "volume" => {
+            if !open {
+                add(
+                    "400",
+                    "badRequest: the URL's project is not the token's (\"Malformed request url\"), or the request is malformed",
+                    "BadRequest",
+                );
+                add(
+                    "401",
+                    "unauthorized: no token, or not a valid one",
+                    "Unauthorized",
+                );
+            }
+            if path.starts_with("/v3/") {
+                add(
+                    "406",
+                    "the requested microversion is not 3.0",
+                    "NotAcceptable",
+                );
+            }
+            if body {
+                add("413", "overLimit: the body is too large", "OverLimit");
+                add("415", "badMediaType: the body is not JSON", "BadMediaType");
+            }
+        }
         "compute" => {
             if !open {
                 add(

@@ -153,6 +153,16 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, pdisk_rules);
         Err(unimplemented())
     }
+    /// Name, description, metadata (Block Storage `PUT`); needs member on the volume's project.
+    async fn update_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        update: VolumeUpdate,
+    ) -> ServiceResult<Volume> {
+        let _ = (caller, id, update);
+        Err(unimplemented())
+    }
     /// Refused (Conflict) while attached; needs member on the volume's project (pdisk: the
     /// owner or an admin).
     async fn delete_volume(

@@ -664,6 +664,50 @@ impl Volumes {
         .await
     }
 
+    pub async fn update_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        update: VolumeUpdate,
+    ) -> ServiceResult<Volume> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let caller = caller.clone();
+        let shown = id.to_owned();
+        self.tx(move |conn, s| {
+            let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+            if !may_see(&caller, &v, false) {
+                return Err(not_found("Volume", &shown).into());
+            }
+            if !may_change(&caller, &v, false) {
+                return Err(ServiceError::Forbidden(
+                    "Policy doesn't allow volume:update to be performed.".into(),
+                )
+                .into());
+            }
+            let name = update.name.unwrap_or(v.name);
+            let description = update.description.unwrap_or(v.description);
+            let mut metadata = update.metadata.unwrap_or(v.metadata);
+            metadata.extend(update.merge_metadata);
+            if let Some(k) = update.delete_metadata_key
+                && metadata.remove(&k).is_none()
+            {
+                return Err(
+                    ServiceError::NotFound(format!("Metadata item was not found: {k}")).into(),
+                );
+            }
+            let metadata = serde_json::to_string(&metadata).unwrap_or_else(|_| "{}".into());
+            conn.execute(
+                "UPDATE volumes SET name = ?2, description = ?3, metadata = ?4, updated_at = ?5 \
+                 WHERE id = ?1",
+                params![key, name, description, metadata, ts(now())],
+            )?;
+            load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown).into())
+        })
+        .await
+    }
+
     pub async fn delete_volume(
         &self,
         caller: &Caller,

@@ -676,3 +676,84 @@ pub fn venv_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// What a client command printed, and whether it succeeded.
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn json(&self) -> serde_json::Value {
+        assert!(self.ok, "failed:\n{}\n{}", self.stdout, self.stderr);
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Out {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A command with nothing from the developer's OpenStack environment.
+pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("OS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
+/// `openstack --os-cloud cairn <args>` with the daemon's clouds.yaml.
+pub fn osc(c: &Cairn, args: &[&str]) -> Out {
+    run(clean(venv_bin("openstack"))
+        .env("OS_CLIENT_CONFIG_FILE", c.data_dir().join("clouds.yaml"))
+        .args(["--os-cloud", "cairn"])
+        .args(args))
+}
+
+/// A venv client (`glance`, `cinder`) authenticated as `admin` by the usual environment
+/// variables, with its stdin closed: glanceclient uploads whatever a non-terminal stdin
+/// holds (its documented `<&-` case).
+pub fn os_client(c: &Cairn, program: &str, password: &str) -> Command {
+    let mut cmd = clean("sh");
+    cmd.args(["-c", "exec \"$0\" \"$@\" <&-"])
+        .arg(venv_bin(program))
+        .env("OS_AUTH_URL", c.url("/v3"))
+        .env("OS_USERNAME", "admin")
+        .env("OS_PASSWORD", password)
+        .env("OS_PROJECT_NAME", "admin")
+        .env("OS_USER_DOMAIN_NAME", "Default")
+        .env("OS_PROJECT_DOMAIN_NAME", "Default");
+    cmd
+}
+
+/// A token for `admin` (password `password`) on the admin project, and that project's id.
+pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
+    let body = serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": "admin", "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}});
+    let r = c.request(
+        "POST",
+        "/v3/auth/tokens",
+        &[],
+        Some(("application/json", &body.to_string())),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let t = r.header("x-subject-token").expect("token").to_owned();
+    let p = r.json()["token"]["project"]["id"]
+        .as_str()
+        .expect("project")
+        .to_owned();
+    (t, p)
+}

@@ -9,9 +9,9 @@
 //! Every error is a Compute fault ([`fault::Fault`]); every response carries
 //! `x-openstack-request-id` and `x-compute-request-id`.
 
-mod fault;
+pub(crate) mod fault;
 mod servers;
-mod volumes;
+pub(crate) mod volumes;
 
 use std::collections::HashMap;
 
@@ -114,10 +114,10 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
     r
 }
 
-type MethodRoutes = utoipa_axum::router::UtoipaMethodRouter<AppState>;
+pub(crate) type MethodRoutes = utoipa_axum::router::UtoipaMethodRouter<AppState>;
 
 /// A known path with a method it does not serve: `405 badMethod` (plus `Allow`, set by axum).
-fn with_bad_method((schemas, paths, method_router): MethodRoutes) -> MethodRoutes {
+pub(crate) fn with_bad_method((schemas, paths, method_router): MethodRoutes) -> MethodRoutes {
     (schemas, paths, method_router.fallback(bad_method))
 }
 
@@ -128,7 +128,7 @@ async fn bad_method(method: axum::http::Method) -> Fault {
     )
 }
 
-async fn unknown_path(OriginalUri(uri): OriginalUri) -> Fault {
+pub(crate) async fn unknown_path(OriginalUri(uri): OriginalUri) -> Fault {
     Fault::not_found(format!("The resource could not be found: {}", uri.path()))
 }
 
@@ -454,9 +454,16 @@ async fn compute_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// The microversion a `/v2.1` request asks for: `OpenStack-API-Version: compute X.Y` wins
-/// over `X-OpenStack-Nova-API-Version: X.Y`; none means 2.1; `latest` means 2.35.
-fn requested_version(headers: &HeaderMap) -> FaultResult<(u32, u32)> {
+/// The microversion a request asks for: `OpenStack-API-Version: <service> X.Y` wins over the
+/// service's `legacy` header (`X-OpenStack-Nova-API-Version: X.Y`); none means `min`,
+/// `latest` means `max`; outside them is a 406.
+pub(crate) fn requested_version(
+    headers: &HeaderMap,
+    service: &str,
+    legacy: Option<&HeaderName>,
+    min: (u32, u32),
+    max: (u32, u32),
+) -> FaultResult<(u32, u32)> {
     let from_new = headers
         .get_all(&API_VERSION)
         .iter()
@@ -465,22 +472,20 @@ fn requested_version(headers: &HeaderMap) -> FaultResult<(u32, u32)> {
         .find_map(|item| {
             let mut it = item.split_whitespace();
             match (it.next(), it.next()) {
-                (Some(service), Some(ver)) if service.eq_ignore_ascii_case("compute") => {
-                    Some(ver.to_owned())
-                }
+                (Some(s), Some(ver)) if s.eq_ignore_ascii_case(service) => Some(ver.to_owned()),
                 _ => None,
             }
         });
     let requested = from_new.or_else(|| {
-        headers
-            .get(&NOVA_API_VERSION)
+        legacy
+            .and_then(|h| headers.get(h))
             .map(|v| v.to_str().unwrap_or("?").trim().to_owned())
     });
     let Some(requested) = requested else {
-        return Ok(MIN_VERSION);
+        return Ok(min);
     };
     if requested.eq_ignore_ascii_case("latest") {
-        return Ok(MAX_VERSION);
+        return Ok(max);
     }
     let parsed = requested.split_once('.').and_then(|(a, b)| {
         let ok = |s: &str| {
@@ -499,12 +504,12 @@ fn requested_version(headers: &HeaderMap) -> FaultResult<(u32, u32)> {
             "API Version String {requested} is of invalid format. Must be of format MajorNum.MinorNum."
         )));
     };
-    if v < MIN_VERSION || v > MAX_VERSION {
+    if v < min || v > max {
         return Err(Fault::new(
             StatusCode::NOT_ACCEPTABLE,
             format!(
                 "Version {}.{} is not supported by the API. Minimum is {}.{} and maximum is {}.{}.",
-                v.0, v.1, MIN_VERSION.0, MIN_VERSION.1, MAX_VERSION.0, MAX_VERSION.1
+                v.0, v.1, min.0, min.1, max.0, max.1
             ),
         ));
     }
@@ -514,7 +519,14 @@ fn requested_version(headers: &HeaderMap) -> FaultResult<(u32, u32)> {
 /// Microversion negotiation for `/v2.1` routes: refuse what cairn does not speak, and say
 /// which version answered.
 async fn microversion(req: Request, next: Next) -> Response {
-    let (mut resp, v) = match requested_version(req.headers()) {
+    let requested = requested_version(
+        req.headers(),
+        "compute",
+        Some(&NOVA_API_VERSION),
+        MIN_VERSION,
+        MAX_VERSION,
+    );
+    let (mut resp, v) = match requested {
         Ok(v) => (next.run(req).await, v),
         Err(fault) => (fault.into_response(), MIN_VERSION),
     };

@@ -246,13 +246,13 @@ pub(super) async fn list_volumes_detail(
     list(&state, &ctx, q).await
 }
 
-fn invalid(field: &str, why: &str) -> Fault {
+pub(crate) fn invalid(field: &str, why: &str) -> Fault {
     Fault::bad_request(format!(
         "Invalid input for field/attribute {field}. Value: {why}"
     ))
 }
 
-fn opt_string(m: &Map<String, Value>, key: &str) -> FaultResult<Option<String>> {
+pub(crate) fn opt_string(m: &Map<String, Value>, key: &str) -> FaultResult<Option<String>> {
     match m.get(key) {
         // nova's schema wants a string, but cinder (which nova proxies) takes null as "not
         // given", and so do clients that serialise unset options.
@@ -264,7 +264,7 @@ fn opt_string(m: &Map<String, Value>, key: &str) -> FaultResult<Option<String>> 
 }
 
 /// `size`: an integer or a string of digits, at least 1 (nova's `positive_integer`).
-fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
+pub(crate) fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
     let n = match v {
         None => {
             return Err(Fault::bad_request(
@@ -287,6 +287,33 @@ fn parse_size(v: Option<&Value>) -> FaultResult<u64> {
         return Err(invalid("size", "is too large"));
     }
     Ok(n)
+}
+
+/// `metadata`: an object of strings, keys 1 to 255 characters, values at most 255.
+pub(crate) fn parse_metadata(v: Option<&Value>) -> FaultResult<BTreeMap<String, String>> {
+    match v {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => {
+            let mut out = BTreeMap::new();
+            for (k, val) in m {
+                let Value::String(s) = val else {
+                    return Err(invalid(
+                        "metadata",
+                        &format!("value of '{k}' is not a string"),
+                    ));
+                };
+                if k.is_empty() || k.chars().count() > 255 || s.chars().count() > 255 {
+                    return Err(invalid(
+                        "metadata",
+                        "keys must be 1 to 255 characters, values at most 255",
+                    ));
+                }
+                out.insert(k.clone(), s.clone());
+            }
+            Ok(out)
+        }
+        Some(_) => Err(invalid("metadata", "is not of type 'object'")),
+    }
 }
 
 /// The volume type that makes a multi-attach volume (cinder's convention).
@@ -323,29 +350,7 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
         )));
     }
     let size_gib = parse_size(v.get("size"))?;
-    let metadata = match v.get("metadata") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(m)) => {
-            let mut out = BTreeMap::new();
-            for (k, val) in m {
-                let Value::String(s) = val else {
-                    return Err(invalid(
-                        "metadata",
-                        &format!("value of '{k}' is not a string"),
-                    ));
-                };
-                if k.is_empty() || k.chars().count() > 255 || s.chars().count() > 255 {
-                    return Err(invalid(
-                        "metadata",
-                        "keys must be 1 to 255 characters, values at most 255",
-                    ));
-                }
-                out.insert(k.clone(), s.clone());
-            }
-            out
-        }
-        Some(_) => return Err(invalid("metadata", "is not of type 'object'")),
-    };
+    let metadata = parse_metadata(v.get("metadata"))?;
     let snapshot_id = opt_string(v, "snapshot_id")?;
     if let Some(s) = snapshot_id {
         // cairn keeps no snapshots; an unknown snapshot is a 404, as upstream.

@@ -1,0 +1,326 @@
+//! Block Storage (cinder) v3, and v2 as seed 003 uses it: `/v3/{tenant_id}/volumes...` and
+//! `/v2/{tenant_id}/volumes...`, also under the catalog's `/volume` endpoint, whose roots
+//! (`/volume`, `/volume/v3`, `/volume/v2`) answer cinder's version documents.
+//!
+//! The volumes are the same as Compute's `os-volumes` and pdisk's disks: one model, three
+//! views. Errors are cinder faults (the same shape as nova's), and every response carries
+//! `x-openstack-request-id`. Under `/v3` requests are microversioned: cairn speaks 3.0.
+
+mod volumes;
+
+use std::collections::HashMap;
+
+use axum::{
+    extract::{FromRequestParts, OriginalUri, Path, Request},
+    http::{HeaderName, HeaderValue, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::compute::fault::FaultResult;
+use crate::compute::{Fault, unknown_path, with_bad_method};
+use crate::{AppState, auth, model::Caller, model::Role, mount::BaseUrl};
+
+/// Path prefixes the family is served under (each followed by `/{tenant_id}`).
+pub const PREFIXES: [&str; 2] = ["/v3", "/v2"];
+
+/// Microversions cairn accepts under `/v3`.
+pub const MIN_VERSION: (u32, u32) = (3, 0);
+pub const MAX_VERSION: (u32, u32) = (3, 0);
+
+pub fn router() -> OpenApiRouter<AppState> {
+    let mut r = OpenApiRouter::new();
+    for prefix in PREFIXES {
+        r = r.nest(prefix, family_routes(prefix));
+    }
+    r.routes(routes!(versions_root))
+        .routes(routes!(versions_root_slash))
+        .routes(routes!(version_v3))
+        .routes(routes!(version_v3_slash))
+        .routes(routes!(version_v2))
+        .routes(routes!(version_v2_slash))
+        .layer(middleware::from_fn(volume_headers))
+}
+
+fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
+    let r = OpenApiRouter::new()
+        .routes(with_bad_method(routes!(
+            volumes::list_volumes,
+            volumes::create_volume
+        )))
+        .routes(with_bad_method(routes!(volumes::list_volumes_detail)))
+        .routes(with_bad_method(routes!(
+            volumes::show_volume,
+            volumes::update_volume,
+            volumes::delete_volume
+        )))
+        .routes(with_bad_method(routes!(
+            volumes::show_metadata,
+            volumes::merge_metadata,
+            volumes::replace_metadata
+        )))
+        .routes(with_bad_method(routes!(
+            volumes::show_meta,
+            volumes::set_meta,
+            volumes::delete_meta
+        )))
+        .route(
+            "/{tenant_id}/volumes/{volume_id}/{*rest}",
+            any(unknown_path),
+        );
+    if prefix == "/v3" {
+        r.layer(middleware::from_fn(microversion))
+    } else {
+        r
+    }
+}
+
+// ---- request context ---------------------------------------------------------------------
+
+/// An authenticated Block Storage request: the caller, whose project is the URL's
+/// `{tenant_id}`, the other path parameters, and the base URL for links.
+pub(crate) struct Ctx {
+    pub caller: Caller,
+    pub tenant_id: String,
+    params: HashMap<String, String>,
+    /// `http://host/volume/v3` (the prefix the request came in under).
+    pub base: String,
+}
+
+impl Ctx {
+    pub fn param(&self, name: &str) -> &str {
+        self.params
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Writes need member (or admin) on the project; a reader may only look.
+    pub fn require_writer(&self, action: &str) -> FaultResult<()> {
+        if self.caller.has(Role::Member) {
+            Ok(())
+        } else {
+            Err(Fault::forbidden(format!(
+                "Policy doesn't allow {action} to be performed."
+            )))
+        }
+    }
+
+    /// `{base}/{tenant_id}/{rest}`: a `self` link.
+    pub fn link(&self, rest: &str) -> String {
+        format!("{}/{}/{rest}", self.base, self.tenant_id)
+    }
+
+    /// A `bookmark` link: without the version, as cinder's.
+    pub fn bookmark(&self, rest: &str) -> String {
+        let root = self
+            .base
+            .rsplit_once('/')
+            .map(|(root, _)| root)
+            .unwrap_or(&self.base);
+        format!("{root}/{}/{rest}", self.tenant_id)
+    }
+}
+
+impl FromRequestParts<AppState> for Ctx {
+    type Rejection = Fault;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Ctx, Fault> {
+        let caller = auth::token_caller(state, &parts.headers).await?;
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Fault::bad_request("Malformed request url"))?;
+        let tenant_id = params.get("tenant_id").cloned().unwrap_or_default();
+        if tenant_id != caller.project_id {
+            // cinder's `Resource._process_stack`, word for word (seed 003's example).
+            return Err(Fault::bad_request("Malformed request url"));
+        }
+        let path = parts
+            .extensions
+            .get::<OriginalUri>()
+            .map(|u| u.0.path().to_owned())
+            .unwrap_or_else(|| parts.uri.path().to_owned());
+        let prefix = if path.starts_with("/v2/") {
+            "/v2"
+        } else {
+            "/v3"
+        };
+        let root = crate::mount::base_url(&parts.headers, &parts.extensions);
+        Ok(Ctx {
+            caller,
+            tenant_id,
+            params,
+            base: format!("{root}{prefix}"),
+        })
+    }
+}
+
+// ---- version discovery -------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CinderVersionLink {
+    rel: String,
+    href: String,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CinderMediaType {
+    base: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// One of cinder's version entries.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CinderVersion {
+    /// `v3.0` or `v2.0`.
+    id: String,
+    /// `CURRENT` (v3) or `DEPRECATED` (v2, as cinder marked it before removing it).
+    status: String,
+    /// The highest microversion ("" for v2).
+    version: String,
+    min_version: String,
+    updated: String,
+    links: Vec<CinderVersionLink>,
+    #[serde(rename = "media-types")]
+    media_types: Vec<CinderMediaType>,
+}
+
+/// `{"versions": [...]}`: cinder answers its root and each version's root with this.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CinderVersions {
+    versions: Vec<CinderVersion>,
+}
+
+fn version(root: &str, v3: bool) -> CinderVersion {
+    let link = |rel: &str, href: String, kind: Option<&str>| CinderVersionLink {
+        rel: rel.into(),
+        href,
+        kind: kind.map(str::to_owned),
+    };
+    let (id, status, version, min, updated, major) = if v3 {
+        (
+            "v3.0",
+            "CURRENT",
+            format!("{}.{}", MAX_VERSION.0, MAX_VERSION.1),
+            format!("{}.{}", MIN_VERSION.0, MIN_VERSION.1),
+            "2016-02-08T12:20:21Z",
+            "3",
+        )
+    } else {
+        (
+            "v2.0",
+            "DEPRECATED",
+            String::new(),
+            String::new(),
+            "2017-02-25T12:00:00Z",
+            "2",
+        )
+    };
+    CinderVersion {
+        id: id.into(),
+        status: status.into(),
+        version,
+        min_version: min,
+        updated: updated.into(),
+        links: vec![
+            link(
+                "describedby",
+                "https://docs.openstack.org/".into(),
+                Some("text/html"),
+            ),
+            link("self", format!("{root}/v{major}/"), None),
+        ],
+        media_types: vec![CinderMediaType {
+            base: "application/json".into(),
+            kind: format!("application/vnd.openstack.volume+json;version={major}"),
+        }],
+    }
+}
+
+fn volume_root(base: &str) -> String {
+    format!("{base}{}", crate::mount::VOLUME.prefix)
+}
+
+/// The root of the catalog's block-storage endpoint: cinder's version list.
+#[utoipa::path(get, path = "/volume", tag = "volume",
+    responses((status = 200, description = "Block Storage API versions (v3 with 3.0; v2, deprecated)", body = CinderVersions)))]
+async fn versions_root(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
+    let root = volume_root(&base);
+    axum::Json(CinderVersions {
+        versions: vec![version(&root, false), version(&root, true)],
+    })
+}
+
+#[utoipa::path(get, path = "/volume/", tag = "volume",
+    responses((status = 200, description = "Block Storage API versions", body = CinderVersions)))]
+async fn versions_root_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
+    versions_root(base).await
+}
+
+#[utoipa::path(get, path = "/volume/v3", tag = "volume",
+    responses((status = 200, description = "the v3 version (3.0)", body = CinderVersions)))]
+async fn version_v3(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
+    axum::Json(CinderVersions {
+        versions: vec![version(&volume_root(&base), true)],
+    })
+}
+
+#[utoipa::path(get, path = "/volume/v3/", tag = "volume",
+    responses((status = 200, description = "the v3 version (3.0)", body = CinderVersions)))]
+async fn version_v3_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
+    version_v3(base).await
+}
+
+#[utoipa::path(get, path = "/volume/v2", tag = "volume",
+    responses((status = 200, description = "the v2 version", body = CinderVersions)))]
+async fn version_v2(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
+    axum::Json(CinderVersions {
+        versions: vec![version(&volume_root(&base), false)],
+    })
+}
+
+#[utoipa::path(get, path = "/volume/v2/", tag = "volume",
+    responses((status = 200, description = "the v2 version", body = CinderVersions)))]
+async fn version_v2_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
+    version_v2(base).await
+}
+
+// ---- headers -----------------------------------------------------------------------------
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-openstack-request-id");
+static API_VERSION: HeaderName = HeaderName::from_static("openstack-api-version");
+
+/// A request id on every Block Storage response, as cinder sends it.
+async fn volume_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4())) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    resp
+}
+
+/// Microversion negotiation for `/v3` routes (`OpenStack-API-Version: volume 3.x`).
+async fn microversion(req: Request, next: Next) -> Response {
+    let requested =
+        crate::compute::requested_version(req.headers(), "volume", None, MIN_VERSION, MAX_VERSION);
+    let (mut resp, v) = match requested {
+        Ok(v) => (next.run(req).await, v),
+        Err(fault) => (fault.into_response(), MIN_VERSION),
+    };
+    let h = resp.headers_mut();
+    if let Ok(val) = HeaderValue::from_str(&format!("volume {}.{}", v.0, v.1)) {
+        h.insert(API_VERSION.clone(), val);
+    }
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("OpenStack-API-Version"),
+    );
+    resp
+}

@@ -1,0 +1,480 @@
+//! Block Storage (cinder v3, and v2 as seed 003 uses it) on the real daemon: the `openstack`
+//! CLI and python-cinderclient managing volumes, the same volumes Compute sees and attaches;
+//! version discovery at the catalog's endpoints; and every error in cinder's fault format.
+
+mod common;
+
+use common::{Cairn, Out, Reply, Serve, admin_token, os_client, osc, run};
+use serde_json::{Value, json};
+
+const PW: &str = "volume-test-admin-pw";
+const NO_SUCH: &str = "6edbc2f4-1507-44f8-ac0d-eed1d2608d38";
+
+fn daemon() -> Cairn {
+    Serve::new().arg("--admin-password").arg(PW).start()
+}
+
+fn cinder(c: &Cairn, args: &[&str]) -> Out {
+    run(os_client(c, "cinder", PW).args(args))
+}
+
+/// A caller of the Block Storage API under `/volume/v3/{project}` (or another prefix).
+struct Api<'a> {
+    c: &'a Cairn,
+    token: String,
+    project: String,
+    prefix: &'static str,
+}
+
+impl Api<'_> {
+    fn path(&self, rest: &str) -> String {
+        format!("{}/{}{rest}", self.prefix, self.project)
+    }
+    fn call(&self, method: &str, rest: &str, body: Option<&Value>) -> Reply {
+        let body = body.map(Value::to_string);
+        self.c.request(
+            method,
+            &self.path(rest),
+            &[("X-Auth-Token", &self.token)],
+            body.as_deref().map(|b| ("application/json", b)),
+        )
+    }
+    fn get(&self, rest: &str) -> Reply {
+        self.call("GET", rest, None)
+    }
+}
+
+/// A cinder fault: the status, `{"<name>": {"message", "code"}}`, and the message.
+fn fault(r: &Reply, status: u16, name: &str) -> String {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v[name]["code"], status, "{v}");
+    assert!(
+        r.header("x-openstack-request-id")
+            .is_some_and(|id| id.starts_with("req-")),
+        "no request id"
+    );
+    v[name]["message"].as_str().expect("message").to_owned()
+}
+
+#[test]
+fn openstack_and_cinder_manage_the_volumes_compute_attaches() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+
+    let v = osc(
+        &c,
+        &[
+            "volume",
+            "create",
+            "--size",
+            "1",
+            "--description",
+            "hello",
+            "--property",
+            "k=v",
+            "-f",
+            "json",
+            "v1",
+        ],
+    )
+    .json();
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(v["size"], 1);
+    assert_eq!(v["description"], "hello");
+    assert_eq!(v["properties"], json!({"k": "v"}));
+    assert_eq!(v["bootable"], false);
+    let v1 = v["id"].as_str().unwrap().to_owned();
+
+    let set = osc(
+        &c,
+        &[
+            "volume",
+            "set",
+            "--name",
+            "v1b",
+            "--description",
+            "d2",
+            "--property",
+            "a=b",
+            "v1",
+        ],
+    );
+    assert!(set.ok, "{}", set.stderr);
+    let unset = osc(&c, &["volume", "unset", "--property", "k", "v1b"]);
+    assert!(unset.ok, "{}", unset.stderr);
+    let v = osc(&c, &["volume", "show", "-f", "json", "v1b"]).json();
+    assert_eq!(
+        (v["name"].as_str(), v["description"].as_str()),
+        (Some("v1b"), Some("d2"))
+    );
+    assert_eq!(v["properties"], json!({"a": "b"}));
+    let missing = osc(&c, &["volume", "unset", "--property", "zz", "v1b"]);
+    assert!(
+        !missing.ok && missing.stderr.contains("Metadata item was not found"),
+        "{}",
+        missing.stderr
+    );
+
+    // cinderclient: create, show by name, list, delete.
+    let made = cinder(&c, &["create", "2", "--name", "c1"]);
+    assert!(
+        made.ok && made.stdout.contains("| c1 "),
+        "{}{}",
+        made.stdout,
+        made.stderr
+    );
+    let shown = cinder(&c, &["show", "c1"]);
+    assert!(
+        shown.ok && shown.stdout.contains("available"),
+        "{}",
+        shown.stdout
+    );
+    let list = cinder(&c, &["list"]);
+    assert!(
+        list.ok && list.stdout.contains("c1") && list.stdout.contains("v1b"),
+        "{}",
+        list.stdout
+    );
+    let del = cinder(&c, &["delete", "c1"]);
+    assert!(del.ok, "{}", del.stderr);
+    let list = osc(&c, &["volume", "list", "-f", "json"]).json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["Name"].as_str())
+        .collect();
+    assert_eq!(names, ["v1b"]);
+
+    // One model: Compute sees the volume, attaches it, and Block Storage shows that.
+    let compute = |method: &str, rest: &str, body: Option<Value>| {
+        let body = body.map(|b| b.to_string());
+        c.request(
+            method,
+            &format!("/compute/v2.1/{project}{rest}"),
+            &[("X-Auth-Token", &token)],
+            body.as_deref().map(|b| ("application/json", b)),
+        )
+    };
+    let r = compute("GET", &format!("/os-volumes/{v1}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["volume"]["displayName"], "v1b");
+    let r = compute("POST", "/servers", Some(json!({"server": {"name": "vm"}})));
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    let sid = r.json()["server"]["id"].as_str().unwrap().to_owned();
+    let r = compute(
+        "POST",
+        &format!("/servers/{sid}/os-volume_attachments"),
+        Some(json!({"volumeAttachment": {"volumeId": v1}})),
+    );
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    let v = osc(&c, &["volume", "show", "-f", "json", &v1]).json();
+    assert_eq!(v["status"], "in-use", "{v}");
+    assert_eq!(v["attachments"][0]["server_id"], sid.as_str(), "{v}");
+    let refused = osc(&c, &["volume", "delete", &v1]);
+    assert!(
+        !refused.ok && refused.stderr.contains("Invalid volume"),
+        "{}",
+        refused.stderr
+    );
+    let r = compute(
+        "DELETE",
+        &format!("/servers/{sid}/os-volume_attachments/{v1}"),
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let del = osc(&c, &["volume", "delete", &v1]);
+    assert!(del.ok, "{}", del.stderr);
+    let r = compute("GET", &format!("/os-volumes/{v1}"), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+#[test]
+fn discovery_paging_metadata_and_cinder_faults() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+
+    // Version documents at the roots of the catalog's endpoints (no token needed).
+    let root = c.get("/volume").json();
+    let ids: Vec<&str> = root["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["v2.0", "v3.0"]);
+    for path in ["/volume/v3", "/volume/v3/"] {
+        let v = c.get(path).json();
+        let v3 = &v["versions"][0];
+        assert_eq!(
+            (v3["id"].as_str(), v3["status"].as_str()),
+            (Some("v3.0"), Some("CURRENT"))
+        );
+        assert_eq!(
+            (v3["version"].as_str(), v3["min_version"].as_str()),
+            (Some("3.0"), Some("3.0"))
+        );
+        assert!(v3["links"].to_string().contains("/volume/v3/"), "{v}");
+    }
+    assert_eq!(c.get("/volume/v2").json()["versions"][0]["id"], "v2.0");
+    // Keystone keeps the unprefixed `/v3`.
+    assert_eq!(c.get("/v3").json()["version"]["id"], "v3.14");
+    let cat = c.request("GET", "/v3/auth/catalog", &[("X-Auth-Token", &token)], None);
+    let cat = cat.json();
+    for (ty, ver) in [
+        ("block-storage", "v3"),
+        ("volumev3", "v3"),
+        ("volumev2", "v2"),
+    ] {
+        let e = cat["catalog"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == ty)
+            .unwrap_or_else(|| panic!("no {ty} in {cat}"));
+        let url = e["endpoints"][0]["url"].as_str().unwrap();
+        assert!(url.ends_with(&format!("/volume/{ver}/{project}")), "{url}");
+    }
+
+    // Faults: wrong project, no token, unknown volume, bad bodies, bad microversion.
+    let other = Api {
+        project: NO_SUCH.into(),
+        ..Api {
+            c: &c,
+            token: token.clone(),
+            project: String::new(),
+            prefix: "/volume/v3",
+        }
+    };
+    assert_eq!(
+        fault(&other.get("/volumes"), 400, "badRequest"),
+        "Malformed request url"
+    );
+    let r = c.request("GET", &api.path("/volumes"), &[], None);
+    fault(&r, 401, "unauthorized");
+    assert_eq!(
+        fault(
+            &api.get(&format!("/volumes/{NO_SUCH}")),
+            404,
+            "itemNotFound"
+        ),
+        format!("Volume {NO_SUCH} could not be found.")
+    );
+    let before = api.get("/volumes").json()["volumes"]
+        .as_array()
+        .unwrap()
+        .len();
+    for body in [
+        json!({}),
+        json!({"volume": {"size": 0}}),
+        json!({"volume": {"size": "x"}}),
+        json!({"volume": {"size": 1, "bogus": true}}),
+        json!({"volume": {"size": 1, "multiattach": "yes"}}),
+        json!({"volume": {"size": 1, "snapshot_id": NO_SUCH}}),
+        json!({"volume": {"size": 1, "metadata": {"k": 1}}}),
+    ] {
+        fault(
+            &api.call("POST", "/volumes", Some(&body)),
+            400,
+            "badRequest",
+        );
+    }
+    let r = c.request(
+        "POST",
+        &api.path("/volumes"),
+        &[("X-Auth-Token", &token)],
+        Some(("text/plain", "size=1")),
+    );
+    fault(&r, 415, "badMediaType");
+    assert_eq!(
+        fault(
+            &api.call(
+                "POST",
+                "/volumes",
+                Some(&json!({"volume": {"size": 1, "imageRef": NO_SUCH}}))
+            ),
+            404,
+            "itemNotFound"
+        ),
+        format!("Image {NO_SUCH} could not be found.")
+    );
+    // Refused requests made nothing.
+    assert_eq!(
+        api.get("/volumes").json()["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+    let r = c.request(
+        "GET",
+        &api.path("/volumes"),
+        &[
+            ("X-Auth-Token", &token),
+            ("OpenStack-API-Version", "volume 3.5"),
+        ],
+        None,
+    );
+    fault(&r, 406, "computeFault");
+    let r = c.request(
+        "GET",
+        &api.path("/volumes"),
+        &[
+            ("X-Auth-Token", &token),
+            ("OpenStack-API-Version", "volume 3.0"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("openstack-api-version"), Some("volume 3.0"));
+
+    // Create (202, detail view), also through v2 and the unprefixed paths.
+    let mut ids = Vec::new();
+    for (prefix, name) in [("/volume/v3", "b"), ("/volume/v2", "a"), ("/v3", "c")] {
+        let p = Api {
+            prefix,
+            ..Api {
+                c: &c,
+                token: token.clone(),
+                project: project.clone(),
+                prefix: "",
+            }
+        };
+        let r = p.call(
+            "POST",
+            "/volumes",
+            Some(&json!({"volume": {"size": 1, "name": name, "metadata": {"n": name}}})),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        let v = &r.json()["volume"];
+        assert_eq!(
+            (v["status"].as_str(), v["bootable"].as_str()),
+            (Some("available"), Some("false"))
+        );
+        assert_eq!(
+            v["os-vol-tenant-attr:tenant_id"],
+            project.as_str(),
+            "admin extras: {v}"
+        );
+        let self_link = v["links"][0]["href"].as_str().unwrap();
+        assert!(
+            self_link.contains(&format!("{prefix}/{project}/volumes/")),
+            "{self_link}"
+        );
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    // Paging by name, two at a time, following `next`.
+    let r = api.get("/volumes/detail?sort=name:asc&limit=2").json();
+    let names: Vec<&str> = r["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let next = r["volumes_links"][0]["href"].as_str().expect("next link");
+    let next = next.split_once("/volume/v3").unwrap().1;
+    let r = c
+        .request(
+            "GET",
+            &format!("/volume/v3{next}"),
+            &[("X-Auth-Token", &token)],
+            None,
+        )
+        .json();
+    let names: Vec<&str> = r["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["c"]);
+    assert!(r.get("volumes_links").is_none(), "{r}");
+    fault(
+        &api.get(&format!("/volumes?marker={NO_SUCH}")),
+        400,
+        "badRequest",
+    );
+    fault(&api.get("/volumes?sort=nope"), 400, "badRequest");
+    // Summary view, and filters.
+    let r = api.get("/volumes?name=b").json();
+    assert_eq!(r["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(r["volumes"][0]["id"], ids[0].as_str());
+    assert!(r["volumes"][0].get("status").is_none(), "summary view: {r}");
+    let r = api
+        .get("/volumes/detail?metadata=%7B%22n%22%3A%22c%22%7D")
+        .json();
+    assert_eq!(r["volumes"][0]["name"], "c", "{r}");
+
+    // Metadata, item by item.
+    let m = format!("/volumes/{}/metadata", ids[0]);
+    let r = api.call("POST", &m, Some(&json!({"metadata": {"x": "1"}})));
+    assert_eq!(r.json()["metadata"], json!({"n": "b", "x": "1"}));
+    let r = api.call("PUT", &m, Some(&json!({"metadata": {"y": "2"}})));
+    assert_eq!(r.json()["metadata"], json!({"y": "2"}));
+    assert_eq!(api.get(&format!("{m}/y")).json()["meta"], json!({"y": "2"}));
+    fault(&api.get(&format!("{m}/x")), 404, "itemNotFound");
+    let r = api.call("PUT", &format!("{m}/z"), Some(&json!({"meta": {"w": "3"}})));
+    assert_eq!(
+        fault(&r, 400, "badRequest"),
+        "Request body and URI mismatch"
+    );
+    let r = api.call(
+        "PUT",
+        &format!("{m}/z"),
+        Some(&json!({"meta": {"z": "3", "w": "4"}})),
+    );
+    assert_eq!(
+        fault(&r, 400, "badRequest"),
+        "Request body contains too many items"
+    );
+    assert_eq!(
+        api.call("PUT", &format!("{m}/z"), Some(&json!({"meta": {"z": "3"}})))
+            .status,
+        200
+    );
+    assert_eq!(api.call("DELETE", &format!("{m}/y"), None).status, 200);
+    fault(
+        &api.call("DELETE", &format!("{m}/y"), None),
+        404,
+        "itemNotFound",
+    );
+    assert_eq!(api.get(&m).json()["metadata"], json!({"z": "3"}));
+
+    // Update and delete.
+    let r = api.call(
+        "PUT",
+        &format!("/volumes/{}", ids[0]),
+        Some(&json!({"volume": {"name": "renamed", "description": null}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["volume"]["name"], "renamed");
+    fault(
+        &api.call(
+            "PUT",
+            &format!("/volumes/{}", ids[0]),
+            Some(&json!({"volume": {"size": 9}})),
+        ),
+        400,
+        "badRequest",
+    );
+    for id in &ids {
+        assert_eq!(
+            api.call("DELETE", &format!("/volumes/{id}"), None).status,
+            202
+        );
+    }
+    fault(
+        &api.call("DELETE", &format!("/volumes/{}", ids[0]), None),
+        404,
+        "itemNotFound",
+    );
+    fault(&api.call("PATCH", "/volumes", None), 405, "badMethod");
+}
