@@ -283,6 +283,33 @@ impl AdminService for DaemonService {
         self.volumes.update_volume(caller, id, update).await
     }
 
+    async fn extend_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        new_size_gib: u64,
+    ) -> ServiceResult<()> {
+        self.volumes.extend_volume(caller, id, new_size_gib).await
+    }
+
+    async fn set_volume_flags(
+        &self,
+        caller: &Caller,
+        id: &str,
+        flags: VolumeFlags,
+    ) -> ServiceResult<()> {
+        self.volumes.set_volume_flags(caller, id, flags).await
+    }
+
+    async fn reset_volume_status(
+        &self,
+        caller: &Caller,
+        id: &str,
+        status: VolumeStatus,
+    ) -> ServiceResult<()> {
+        self.volumes.reset_volume_status(caller, id, status).await
+    }
+
     async fn delete_volume(
         &self,
         caller: &Caller,

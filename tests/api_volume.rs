@@ -478,3 +478,162 @@ fn discovery_paging_metadata_and_cinder_faults() {
     );
     fault(&api.call("PATCH", "/volumes", None), 405, "badMethod");
 }
+
+#[test]
+fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "grow"],
+    )
+    .json();
+    let id = v["id"].as_str().unwrap().to_owned();
+
+    // Grown while available, with the CLI.
+    let set = osc(&c, &["volume", "set", "--size", "2", "grow"]);
+    assert!(set.ok, "{}", set.stderr);
+    assert_eq!(
+        osc(&c, &["volume", "show", "-f", "json", "grow"]).json()["size"],
+        2
+    );
+    let action = |body: Value| api.call("POST", &format!("/volumes/{id}/action"), Some(&body));
+    let m = fault(
+        &action(json!({"os-extend": {"new_size": 2}})),
+        400,
+        "badRequest",
+    );
+    assert!(m.contains("must be greater than current size"), "{m}");
+    fault(&action(json!({"os-extend": {}})), 400, "badRequest");
+    assert_eq!(
+        fault(&action(json!({"os-frobnicate": {}})), 400, "badRequest"),
+        "There is no such action: os-frobnicate"
+    );
+
+    // Attached through Compute, it grows online: a new NBD connection sees the new size, and
+    // the data written before is still there.
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"server": {"name": "vm"}}).to_string(),
+        )),
+    );
+    let sid = r.json()["server"]["id"].as_str().unwrap().to_owned();
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"volumeAttachment": {"volumeId": id}}).to_string(),
+        )),
+    );
+    let uri = r.json()["volumeAttachment"]["nbdUri"]
+        .as_str()
+        .expect("nbd uri")
+        .to_owned();
+    let io = |cmd: &str| {
+        run(std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(&uri))
+    };
+    let w = io("write -P 0x6b 0 1M");
+    assert!(
+        w.ok && !w.stdout.contains("error"),
+        "{}{}",
+        w.stdout,
+        w.stderr
+    );
+    assert_eq!(action(json!({"os-extend": {"new_size": "3"}})).status, 202);
+    let size = run(std::process::Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(
+        size.stdout.trim(),
+        (3u64 << 30).to_string(),
+        "{}",
+        size.stderr
+    );
+    let r = io("read -P 0x6b 0 1M");
+    assert!(
+        r.ok && !r.stdout.contains("error") && !r.stdout.contains("fail"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        osc(&c, &["volume", "show", "-f", "json", "grow"]).json()["size"],
+        3
+    );
+
+    // Read-only: the next connection refuses writes; read-write again: it writes.
+    assert_eq!(
+        action(json!({"os-update_readonly_flag": {"readonly": true}})).status,
+        202
+    );
+    let w = io("write -P 0x11 0 4k");
+    assert!(
+        !w.ok
+            || w.stdout.contains("ermission")
+            || w.stderr.contains("ermission")
+            || w.stderr.contains("read-only")
+            || w.stdout.contains("read-only"),
+        "a read-only volume took a write: {}{}",
+        w.stdout,
+        w.stderr
+    );
+    let r = run(std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read -P 0x6b 0 4k"])
+        .arg(&uri));
+    assert!(
+        r.ok && !r.stdout.contains("fail"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    let set = osc(&c, &["volume", "set", "--read-write", "grow"]);
+    assert!(set.ok, "{}", set.stderr);
+    let w = io("write -P 0x22 0 4k");
+    assert!(
+        w.ok && !w.stdout.contains("error"),
+        "{}{}",
+        w.stdout,
+        w.stderr
+    );
+
+    // Bootable, with the CLI; shown as cinder's string.
+    let set = osc(&c, &["volume", "set", "--bootable", "grow"]);
+    assert!(set.ok, "{}", set.stderr);
+    assert_eq!(
+        api.get(&format!("/volumes/{id}")).json()["volume"]["bootable"],
+        "true"
+    );
+
+    // Reset status: admins only, any status, with cinderclient.
+    let reset = cinder(&c, &["reset-state", "--state", "error", &id]);
+    assert!(reset.ok, "{}", reset.stderr);
+    assert_eq!(
+        api.get(&format!("/volumes/{id}")).json()["volume"]["status"],
+        "error"
+    );
+    assert_eq!(
+        action(json!({"os-reset_status": {"status": "in-use"}})).status,
+        202
+    );
+    fault(
+        &action(json!({"os-reset_status": {"status": "sideways"}})),
+        400,
+        "badRequest",
+    );
+    assert_eq!(
+        api.get(&format!("/volumes/{id}")).json()["volume"]["status"],
+        "in-use"
+    );
+}

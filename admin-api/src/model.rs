@@ -307,6 +307,8 @@ pub struct Volume {
     pub attachments: Vec<Attachment>,
     /// How many attachments the volume may have at once (pdisk `X-DiskUser-Limit`).
     pub user_limit: u32,
+    /// Block Storage's read-only flag: exported read-only whatever the attachments ask.
+    pub readonly: bool,
 }
 
 impl Volume {
@@ -344,6 +346,13 @@ pub struct VolumeUpdate {
     pub merge_metadata: BTreeMap<String, String>,
     /// A metadata key to remove; NotFound if it is not there.
     pub delete_metadata_key: Option<String>,
+}
+
+/// Flags of a volume (Block Storage actions); each changes when given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VolumeFlags {
+    pub bootable: Option<bool>,
+    pub readonly: Option<bool>,
 }
 
 /// Which volumes a listing shows.

@@ -132,6 +132,7 @@ impl AdminService for Fake {
             updated_at: datetime!(2011-07-28 15:01:40.5 UTC),
             attachments: vec![],
             user_limit: if new.multiattach { 2 } else { 1 },
+            readonly: false,
         };
         self.volumes.lock().expect("lock").push(v.clone());
         Ok(v)

@@ -163,6 +163,36 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, update);
         Err(unimplemented())
     }
+    /// Block Storage `os-extend`: grow to `new_size_gib` (available or in-use).
+    async fn extend_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        new_size_gib: u64,
+    ) -> ServiceResult<()> {
+        let _ = (caller, id, new_size_gib);
+        Err(unimplemented())
+    }
+    /// Block Storage `os-set_bootable` / `os-update_readonly_flag`.
+    async fn set_volume_flags(
+        &self,
+        caller: &Caller,
+        id: &str,
+        flags: VolumeFlags,
+    ) -> ServiceResult<()> {
+        let _ = (caller, id, flags);
+        Err(unimplemented())
+    }
+    /// Block Storage `os-reset_status` (admins).
+    async fn reset_volume_status(
+        &self,
+        caller: &Caller,
+        id: &str,
+        status: VolumeStatus,
+    ) -> ServiceResult<()> {
+        let _ = (caller, id, status);
+        Err(unimplemented())
+    }
     /// Refused (Conflict) while attached; needs member on the volume's project (pdisk: the
     /// owner or an admin).
     async fn delete_volume(

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "images",
         sql: include_str!("migrations/0003_images.sql"),
     },
+    Migration {
+        version: 4,
+        name: "volume_readonly",
+        sql: include_str!("migrations/0004_volume_readonly.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

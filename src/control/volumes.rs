@@ -33,6 +33,8 @@ pub struct Volumes {
     /// Where the exports of volumes that lost their last attachment are ended: a detach
     /// answers only once the volume's NBD connections no longer reach the store.
     fence: Arc<Fence>,
+    /// One `os-extend` at a time (see `extend_volume`).
+    extending: tokio::sync::Mutex<()>,
 }
 
 type Tx<T> = Result<T, TxError>;
@@ -60,7 +62,7 @@ fn canonical(id: &str) -> Option<String> {
 const VOLUME_COLUMNS: &str = "v.id, v.project_id, v.user_id, u.name, v.name, v.description, \
      v.size_bytes, v.status, v.volume_type, v.availability_zone, v.source_image_id, \
      v.source_volume_id, v.bootable, v.multiattach, v.visibility, v.tag, v.metadata, \
-     v.created_at, v.updated_at";
+     v.created_at, v.updated_at, v.readonly";
 
 fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume> {
     let status: String = row.get(7)?;
@@ -95,6 +97,7 @@ fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume>
         updated_at: parse_ts(&row.get::<_, String>(18)?)?,
         attachments: Vec::new(),
         user_limit: if multiattach { multiattach_limit } else { 1 },
+        readonly: row.get(19)?,
     })
 }
 
@@ -324,6 +327,7 @@ impl Volumes {
             store,
             settings,
             fence: Fence::new(),
+            extending: Default::default(),
         }
     }
 
@@ -704,6 +708,144 @@ impl Volumes {
                 params![key, name, description, metadata, ts(now())],
             )?;
             load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown).into())
+        })
+        .await
+    }
+
+    /// Grows a volume (Block Storage `os-extend`), attached or not: the store object grows
+    /// first (metadata only), then the record; NBD clients see the new size when they
+    /// reconnect. Extends of one daemon run one at a time, so the object and the record
+    /// always end at the same size.
+    pub async fn extend_volume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        new_size_gib: u64,
+    ) -> ServiceResult<()> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let _one = self.extending.lock().await;
+        let v = self.changeable(caller, &key, id, "volume:extend").await?;
+        if !matches!(v.status, VolumeStatus::Available | VolumeStatus::InUse) {
+            return Err(ServiceError::BadRequest(format!(
+                "Invalid volume: Volume {id} status must be available or in-use to extend, but current status is: {}.",
+                v.status.as_str()
+            )));
+        }
+        if new_size_gib <= v.size_gib {
+            return Err(ServiceError::BadRequest(format!(
+                "Invalid input received: New size for extend must be greater than current size. (current: {}, extended: {}).",
+                v.size_gib, new_size_gib
+            )));
+        }
+        let bytes = new_size_gib
+            .checked_mul(GIB)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .ok_or_else(|| {
+                ServiceError::BadRequest(format!("Volume size {new_size_gib} GiB is too large."))
+            })?;
+        let object = Uuid::parse_str(&key).map_err(|_| not_found("Volume", id))?;
+        match self.store.resize(object, bytes).await {
+            Ok(()) => {}
+            Err(StoreError::NoSpace) => {
+                return Err(ServiceError::OverLimit(
+                    "Requested volume size exceeds the store's free space.".into(),
+                ));
+            }
+            Err(StoreError::Invalid(m)) => return Err(ServiceError::BadRequest(m)),
+            Err(StoreError::NotFound(_)) => return Err(not_found("Volume", id)),
+            Err(e) => return Err(ServiceError::Internal(format!("growing the volume: {e}"))),
+        }
+        self.tx(move |conn, _| {
+            conn.execute(
+                "UPDATE volumes SET size_bytes = ?2, updated_at = ?3 WHERE id = ?1",
+                params![key, bytes as i64, ts(now())],
+            )?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(volume = %id, size_gib = new_size_gib, "volume extended");
+        Ok(())
+    }
+
+    /// Sets Block Storage's `bootable` and `readonly` flags.
+    pub async fn set_volume_flags(
+        &self,
+        caller: &Caller,
+        id: &str,
+        flags: VolumeFlags,
+    ) -> ServiceResult<()> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let v = self
+            .changeable(caller, &key, id, "volume:update_readonly_flag")
+            .await?;
+        let bootable = flags.bootable.unwrap_or(v.bootable);
+        let readonly = flags.readonly.unwrap_or(v.readonly);
+        self.tx(move |conn, _| {
+            conn.execute(
+                "UPDATE volumes SET bootable = ?2, readonly = ?3, updated_at = ?4 WHERE id = ?1",
+                params![key, bootable, readonly, ts(now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets a volume's status whatever it was (Block Storage `os-reset_status`, admins only):
+    /// the operator's way out of a status nothing else leaves.
+    pub async fn reset_volume_status(
+        &self,
+        caller: &Caller,
+        id: &str,
+        status: VolumeStatus,
+    ) -> ServiceResult<()> {
+        need(
+            caller,
+            Role::Admin,
+            "volume_extension:volume_admin_actions:reset_status",
+        )?;
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let shown = id.to_owned();
+        self.tx(move |conn, s| {
+            load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+            conn.execute(
+                "UPDATE volumes SET status = ?2, updated_at = ?3 WHERE id = ?1",
+                params![key, status.as_str(), ts(now())],
+            )?;
+            Ok(())
+        })
+        .await?;
+        tracing::warn!(volume = %id, status = status.as_str(), "volume status reset by an admin");
+        Ok(())
+    }
+
+    /// The volume, if the caller may see it and change it (member of its project, or admin).
+    async fn changeable(
+        &self,
+        caller: &Caller,
+        key: &str,
+        shown: &str,
+        action: &str,
+    ) -> ServiceResult<Volume> {
+        let caller = caller.clone();
+        let (key, shown, action) = (key.to_owned(), shown.to_owned(), action.to_owned());
+        self.tx(move |conn, s| {
+            let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
+            if !may_see(&caller, &v, false) {
+                return Err(not_found("Volume", &shown).into());
+            }
+            if !may_change(&caller, &v, false) {
+                return Err(ServiceError::Forbidden(format!(
+                    "Policy doesn't allow {action} to be performed."
+                ))
+                .into());
+            }
+            Ok(v)
         })
         .await
     }

@@ -117,9 +117,11 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Export>> {
     }))
 }
 
-/// Attached volumes with their store object: (id, object_id, name, rw attachments).
+/// Attached volumes with their store object: (id, object_id, name, rw attachments; none for
+/// a volume flagged read-only).
 const ATTACHED: &str = "SELECT v.id, v.object_id, v.name, \
-     (SELECT count(*) FROM attachments a WHERE a.volume_id = v.id AND a.mode = 'rw') \
+     CASE WHEN v.readonly THEN 0 ELSE \
+       (SELECT count(*) FROM attachments a WHERE a.volume_id = v.id AND a.mode = 'rw') END \
      FROM volumes v \
      WHERE v.object_id IS NOT NULL \
        AND EXISTS (SELECT 1 FROM attachments a WHERE a.volume_id = v.id)";

@@ -61,6 +61,7 @@ fn volume(id: &str, project: &str) -> Volume {
         updated_at: datetime!(2026-11-23 18:00:01.250000 UTC),
         attachments: vec![],
         user_limit: 1,
+        readonly: false,
     }
 }
 

@@ -6,6 +6,7 @@
 //! views. Errors are cinder faults (the same shape as nova's), and every response carries
 //! `x-openstack-request-id`. Under `/v3` requests are microversioned: cairn speaks 3.0.
 
+mod actions;
 mod volumes;
 
 use std::collections::HashMap;
@@ -68,6 +69,7 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
             volumes::set_meta,
             volumes::delete_meta
         )))
+        .routes(with_bad_method(routes!(actions::volume_action)))
         .route(
             "/{tenant_id}/volumes/{volume_id}/{*rest}",
             any(unknown_path),

@@ -1,0 +1,257 @@
+//! `POST /volumes/{id}/action`: cinder's volume actions that fit cairn's one volume model.
+
+use axum::{
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::Ctx;
+use crate::compute::volumes::parse_size;
+use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body};
+use crate::{
+    AppState,
+    model::{VolumeFlags, VolumeStatus},
+    schema::{BadRequest, Forbidden, ItemNotFound, OverLimit},
+};
+
+/// One action per request, named by its key. The actions cairn takes:
+///
+/// - `os-extend` `{"new_size": N}` (GiB, larger than now): 202. Available or in-use (cinder
+///   needs 3.42 for in-use; cairn grows online at any version); NBD clients see the new size
+///   when they reconnect.
+/// - `os-set_bootable` `{"bootable": true}`: 200.
+/// - `os-update_readonly_flag` `{"readonly": true}`: 202; the NBD export is then read-only
+///   from the next connection on.
+/// - `os-reset_status` `{"status": "available"}` (admins): 202, any status.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the bodies `parse` checks
+pub(crate) struct VolumeActionRequest {
+    #[serde(rename = "os-extend")]
+    extend: Option<ExtendAction>,
+    #[serde(rename = "os-set_bootable")]
+    set_bootable: Option<BootableAction>,
+    #[serde(rename = "os-update_readonly_flag")]
+    update_readonly_flag: Option<ReadonlyAction>,
+    #[serde(rename = "os-reset_status")]
+    reset_status: Option<ResetStatusAction>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ExtendAction {
+    /// GiB, more than the volume's size now.
+    #[schema(minimum = 1)]
+    new_size: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct BootableAction {
+    /// A boolean, or "true"/"false" (cinder's `strutils.bool_from_string`, strict).
+    bootable: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ReadonlyAction {
+    readonly: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ResetStatusAction {
+    /// creating, available, attaching, in-use, detaching, deleting, error, uploading or
+    /// downloading.
+    status: String,
+    /// Taken and ignored (cairn derives it from the attachments).
+    attach_status: Option<String>,
+    migration_status: Option<String>,
+}
+
+enum Action {
+    Extend(u64),
+    Flags(VolumeFlags),
+    Reset(VolumeStatus),
+}
+
+/// A strict boolean: JSON true/false, or the strings cinder's strict parser takes.
+fn boolean(v: Option<&Value>, what: &str) -> FaultResult<bool> {
+    match v {
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "y" | "on" | "t" => Ok(true),
+            "false" | "0" | "no" | "n" | "off" | "f" => Ok(false),
+            _ => Err(Fault::bad_request(format!(
+                "Invalid value '{s}' for {what}: must be a boolean."
+            ))),
+        },
+        Some(other) => Err(Fault::bad_request(format!(
+            "Invalid value '{other}' for {what}: must be a boolean."
+        ))),
+        None => Err(Fault::bad_request(format!(
+            "Invalid input for field/attribute {what}. Value: '{what}' is a required property"
+        ))),
+    }
+}
+
+fn parse(body: Map<String, Value>) -> FaultResult<Action> {
+    let mut keys = body.keys();
+    let (Some(name), None) = (keys.next(), keys.next()) else {
+        return Err(Fault::bad_request(
+            "Malformed request body: exactly one action is expected.",
+        ));
+    };
+    let args = match &body[name] {
+        Value::Object(m) => m.clone(),
+        Value::Null => Map::new(),
+        _ => {
+            return Err(Fault::bad_request(format!(
+                "Malformed request body: {name} must be an object."
+            )));
+        }
+    };
+    match name.as_str() {
+        "os-extend" => {
+            let size = parse_size(args.get("new_size")).map_err(|f| {
+                Fault::bad_request(
+                    f.message
+                        .replace("'size'", "'new_size'")
+                        .replace("attribute size", "attribute new_size"),
+                )
+            })?;
+            Ok(Action::Extend(size))
+        }
+        "os-set_bootable" => Ok(Action::Flags(VolumeFlags {
+            bootable: Some(boolean(args.get("bootable"), "bootable")?),
+            readonly: None,
+        })),
+        "os-update_readonly_flag" => Ok(Action::Flags(VolumeFlags {
+            bootable: None,
+            readonly: Some(boolean(args.get("readonly"), "readonly")?),
+        })),
+        "os-reset_status" => {
+            let status = match args.get("status") {
+                Some(Value::String(s)) => VolumeStatus::parse(s).ok_or_else(|| {
+                    Fault::bad_request(format!("Invalid input received: Invalid status: {s}"))
+                })?,
+                Some(_) => {
+                    return Err(Fault::bad_request(
+                        "Invalid input for field/attribute status. Value: not a string",
+                    ));
+                }
+                None => {
+                    return Err(Fault::bad_request(
+                        "Must specify 'status', 'attach_status' or 'migration_status' for update.",
+                    ));
+                }
+            };
+            Ok(Action::Reset(status))
+        }
+        other => Err(Fault::bad_request(format!(
+            "There is no such action: {other}"
+        ))),
+    }
+}
+
+#[utoipa::path(post, path = "/{tenant_id}/volumes/{volume_id}/action", tag = "volume",
+    params(("tenant_id" = String, Path, description = "project id (must be the token's)"),
+           ("volume_id" = String, Path, description = "volume id")),
+    request_body(content = VolumeActionRequest, content_type = "application/json",
+        description = "exactly one of the actions"),
+    responses((status = 200, description = "os-set_bootable: done (empty body)"),
+              (status = 202, description = "os-extend, os-update_readonly_flag, os-reset_status: done (empty body)"),
+              (status = 400, description = "badRequest: no such action, bad arguments, a size not larger, a status that does not allow it", body = BadRequest),
+              (status = 403, description = "forbidden: reader role, or os-reset_status by a non-admin", body = Forbidden),
+              (status = 404, description = "itemNotFound", body = ItemNotFound),
+              (status = 413, description = "overLimit: no room in the store to grow", body = OverLimit)))]
+pub(super) async fn volume_action(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> FaultResult<Response> {
+    let body = json_body(&headers, &body_or_fault(body)?)?;
+    let action = parse(body)?;
+    let id = ctx.param("volume_id");
+    let svc = &state.service;
+    match action {
+        Action::Extend(size) => {
+            ctx.require_writer("volume:extend")?;
+            svc.extend_volume(&ctx.caller, id, size).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        Action::Flags(flags) => {
+            ctx.require_writer("volume:update")?;
+            svc.set_volume_flags(&ctx.caller, id, flags).await?;
+            Ok(if flags.bootable.is_some() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            }
+            .into_response())
+        }
+        Action::Reset(status) => {
+            if !ctx.caller.is_admin() {
+                return Err(Fault::forbidden(
+                    "Policy doesn't allow volume_extension:volume_admin_actions:reset_status to be performed.",
+                ));
+            }
+            svc.reset_volume_status(&ctx.caller, id, status).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn actions_and_their_argument_errors() {
+        use serde_json::json;
+        assert!(matches!(
+            parse(body(json!({"os-extend": {"new_size": 3}}))),
+            Ok(Action::Extend(3))
+        ));
+        assert!(matches!(
+            parse(body(json!({"os-extend": {"new_size": "4"}}))),
+            Ok(Action::Extend(4))
+        ));
+        assert!(parse(body(json!({"os-extend": {}}))).is_err());
+        assert!(parse(body(json!({"os-extend": {"new_size": 0}}))).is_err());
+        assert!(matches!(
+            parse(body(json!({"os-set_bootable": {"bootable": "True"}}))),
+            Ok(Action::Flags(VolumeFlags {
+                bootable: Some(true),
+                readonly: None
+            }))
+        ));
+        assert!(parse(body(json!({"os-set_bootable": {"bootable": "maybe"}}))).is_err());
+        assert!(parse(body(json!({"os-update_readonly_flag": {"readonly": 1}}))).is_err());
+        assert!(matches!(
+            parse(body(json!({"os-reset_status": {"status": "error"}}))),
+            Ok(Action::Reset(VolumeStatus::Error))
+        ));
+        assert!(parse(body(json!({"os-reset_status": {"status": "bogus"}}))).is_err());
+        let e = parse(body(json!({"os-frobnicate": {}}))).err().unwrap();
+        assert_eq!(e.message, "There is no such action: os-frobnicate");
+        assert!(parse(body(json!({}))).is_err());
+        assert!(
+            parse(body(
+                json!({"os-extend": {"new_size": 2}, "os-set_bootable": {}})
+            ))
+            .is_err()
+        );
+    }
+}
