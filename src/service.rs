@@ -283,6 +283,34 @@ impl AdminService for DaemonService {
         self.volumes.update_volume(caller, id, update).await
     }
 
+    async fn create_snapshot(&self, caller: &Caller, new: NewSnapshot) -> ServiceResult<Snapshot> {
+        self.volumes.create_snapshot(caller, new).await
+    }
+
+    async fn list_snapshots(&self, caller: &Caller, all: bool) -> ServiceResult<Vec<Snapshot>> {
+        self.volumes.list_snapshots(caller, all).await
+    }
+
+    async fn get_snapshot(&self, caller: &Caller, id: &str) -> ServiceResult<Snapshot> {
+        self.volumes.get_snapshot(caller, id).await
+    }
+
+    async fn update_snapshot(
+        &self,
+        caller: &Caller,
+        id: &str,
+        name: Option<Option<String>>,
+        description: Option<Option<String>>,
+    ) -> ServiceResult<Snapshot> {
+        self.volumes
+            .update_snapshot(caller, id, name, description)
+            .await
+    }
+
+    async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.volumes.delete_snapshot(caller, id).await
+    }
+
     async fn extend_volume(
         &self,
         caller: &Caller,

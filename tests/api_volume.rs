@@ -277,7 +277,6 @@ fn discovery_paging_metadata_and_cinder_faults() {
         json!({"volume": {"size": "x"}}),
         json!({"volume": {"size": 1, "bogus": true}}),
         json!({"volume": {"size": 1, "multiattach": "yes"}}),
-        json!({"volume": {"size": 1, "snapshot_id": NO_SUCH}}),
         json!({"volume": {"size": 1, "metadata": {"k": 1}}}),
     ] {
         fault(
@@ -304,6 +303,18 @@ fn discovery_paging_metadata_and_cinder_faults() {
             "itemNotFound"
         ),
         format!("Image {NO_SUCH} could not be found.")
+    );
+    assert_eq!(
+        fault(
+            &api.call(
+                "POST",
+                "/volumes",
+                Some(&json!({"volume": {"size": 1, "snapshot_id": NO_SUCH}}))
+            ),
+            404,
+            "itemNotFound"
+        ),
+        format!("Snapshot {NO_SUCH} could not be found.")
     );
     // Refused requests made nothing.
     assert_eq!(
@@ -635,5 +646,205 @@ fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
     assert_eq!(
         api.get(&format!("/volumes/{id}")).json()["volume"]["status"],
         "in-use"
+    );
+}
+
+#[test]
+fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "orig"],
+    )
+    .json();
+    let vid = v["id"].as_str().unwrap().to_owned();
+    // Attached, so that the data is written through its export, then snapshotted in use.
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"server": {"name": "vm"}}).to_string(),
+        )),
+    );
+    let sid = r.json()["server"]["id"].as_str().unwrap().to_owned();
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"volumeAttachment": {"volumeId": vid}}).to_string(),
+        )),
+    );
+    let uri = r.json()["volumeAttachment"]["nbdUri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let io = |uri: &str, cmd: &str| {
+        let o = run(std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(uri));
+        assert!(
+            o.ok && !o.stdout.contains("fail") && !o.stdout.contains("error"),
+            "{cmd} on {uri}: {}{}",
+            o.stdout,
+            o.stderr
+        );
+    };
+    io(&uri, "write -P 0x41 0 1M");
+
+    // In use: refused without --force, taken with it.
+    let refused = osc(
+        &c,
+        &["volume", "snapshot", "create", "--volume", "orig", "s0"],
+    );
+    assert!(
+        !refused.ok && refused.stderr.contains("in-use"),
+        "{}",
+        refused.stderr
+    );
+    let s = osc(
+        &c,
+        &[
+            "volume", "snapshot", "create", "--volume", "orig", "--force", "-f", "json", "s1",
+        ],
+    )
+    .json();
+    assert_eq!(s["status"], "available", "{s}");
+    assert_eq!(s["size"], 1);
+    let snap = s["id"].as_str().unwrap().to_owned();
+    // Written after the instant: in the volume, not in the snapshot.
+    io(&uri, "write -P 0x42 0 1M");
+
+    let list = osc(&c, &["volume", "snapshot", "list", "-f", "json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let shown = osc(&c, &["volume", "snapshot", "show", "-f", "json", "s1"]).json();
+    assert_eq!(shown["volume_id"], vid.as_str());
+    let set = osc(&c, &["volume", "snapshot", "set", "--name", "s1b", "s1"]);
+    assert!(set.ok, "{}", set.stderr);
+
+    // A volume from the snapshot (larger), and one cloned from the volume: instant, and each
+    // reads what its source held at its instant.
+    let from_snap = osc(
+        &c,
+        &[
+            "volume",
+            "create",
+            "--snapshot",
+            "s1b",
+            "--size",
+            "2",
+            "-f",
+            "json",
+            "fromsnap",
+        ],
+    )
+    .json();
+    assert_eq!(from_snap["status"], "available", "{from_snap}");
+    assert_eq!(from_snap["snapshot_id"], snap.as_str());
+    let from_vol = osc(
+        &c,
+        &[
+            "volume", "create", "--source", "orig", "-f", "json", "fromvol",
+        ],
+    )
+    .json();
+    assert_eq!(
+        (from_vol["status"].as_str(), from_vol["size"].as_u64()),
+        (Some("available"), Some(1))
+    );
+    assert_eq!(from_vol["source_volid"], vid.as_str());
+    let small = api.call(
+        "POST",
+        "/volumes",
+        Some(&json!({"volume": {"size": 1, "snapshot_id": snap, "name": "x"}})),
+    );
+    assert_eq!(small.status, 202, "{}", small.body); // equal size is fine
+    let small_id = small.json()["volume"]["id"].as_str().unwrap().to_owned();
+    for (name, pattern) in [("fromsnap", "0x41"), ("fromvol", "0x42")] {
+        let id = osc(&c, &["volume", "show", "-f", "value", "-c", "id", name]);
+        let id = id.stdout.trim().to_owned();
+        let r = c.request(
+            "POST",
+            &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
+            &[("X-Auth-Token", &token)],
+            Some((
+                "application/json",
+                &json!({"volumeAttachment": {"volumeId": id}}).to_string(),
+            )),
+        );
+        let u = r.json()["volumeAttachment"]["nbdUri"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        io(&u, &format!("read -P {pattern} 0 1M"));
+        io(&u, "read -P 0 1M 1M");
+        // Its writes are its own.
+        io(&u, "write -P 0x55 0 4k");
+    }
+    io(&uri, "read -P 0x42 0 1M");
+
+    // A volume with snapshots is not deleted; without them it is.
+    let r = c.request(
+        "DELETE",
+        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments/{vid}"),
+        &[("X-Auth-Token", &token)],
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let m = fault(
+        &api.call("DELETE", &format!("/volumes/{vid}"), None),
+        400,
+        "badRequest",
+    );
+    assert!(m.starts_with("Invalid volume"), "{m}");
+    let del = osc(&c, &["volume", "snapshot", "delete", "s1b"]);
+    assert!(del.ok, "{}", del.stderr);
+    fault(&api.get(&format!("/snapshots/{snap}")), 404, "itemNotFound");
+    // The volume made from it lives on.
+    assert_eq!(
+        api.get(&format!("/volumes/{small_id}")).json()["volume"]["status"],
+        "available"
+    );
+    assert_eq!(
+        api.call("DELETE", &format!("/volumes/{vid}"), None).status,
+        202
+    );
+
+    // Snapshot errors, in cinder's format.
+    for body in [
+        json!({}),
+        json!({"snapshot": {}}),
+        json!({"snapshot": {"volume_id": small_id, "force": "maybe"}}),
+        json!({"snapshot": {"volume_id": small_id, "bogus": 1}}),
+    ] {
+        fault(
+            &api.call("POST", "/snapshots", Some(&body)),
+            400,
+            "badRequest",
+        );
+    }
+    fault(
+        &api.call(
+            "POST",
+            "/snapshots",
+            Some(&json!({"snapshot": {"volume_id": NO_SUCH}})),
+        ),
+        404,
+        "itemNotFound",
+    );
+    fault(
+        &api.get(&format!("/snapshots/{NO_SUCH}")),
+        404,
+        "itemNotFound",
     );
 }

@@ -332,6 +332,36 @@ pub struct NewVolume {
     pub tag: Option<String>,
     /// Made from this image (Compute `imageRef`, pdisk/client `--image`).
     pub source_image_id: Option<String>,
+    /// A copy-on-write clone of this volume (Block Storage `source_volid`).
+    pub source_volume_id: Option<String>,
+}
+
+/// A Block Storage snapshot: a copy-on-write clone of a volume, taken at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub project_id: String,
+    pub user_id: Option<String>,
+    pub volume_id: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The volume's size when the snapshot was taken.
+    pub size_gib: u64,
+    /// creating, available, deleting or error.
+    pub status: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewSnapshot {
+    pub volume_id: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Snapshot an in-use volume (cinder's `force`).
+    pub force: bool,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// What `PUT .../volumes/{id}` changes (Block Storage): each field when given; `Some(None)`

@@ -74,7 +74,7 @@ pub const VOLUME: ServiceMount = ServiceMount {
     prefix: "/volume",
     paths: &["/v3", "/v2"],
     own_roots: true,
-    resources: &["volumes"],
+    resources: &["volumes", "snapshots"],
     exact: &[],
 };
 

@@ -163,6 +163,39 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, update);
         Err(unimplemented())
     }
+    /// Block Storage snapshots: a point-in-time copy-on-write clone of a volume.
+    async fn create_snapshot(&self, caller: &Caller, new: NewSnapshot) -> ServiceResult<Snapshot> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    /// The caller's project's snapshots (every project's with `all_projects`, admins).
+    async fn list_snapshots(
+        &self,
+        caller: &Caller,
+        all_projects: bool,
+    ) -> ServiceResult<Vec<Snapshot>> {
+        let _ = (caller, all_projects);
+        Err(unimplemented())
+    }
+    async fn get_snapshot(&self, caller: &Caller, id: &str) -> ServiceResult<Snapshot> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    /// Name and description (`Some(None)` clears).
+    async fn update_snapshot(
+        &self,
+        caller: &Caller,
+        id: &str,
+        name: Option<Option<String>>,
+        description: Option<Option<String>>,
+    ) -> ServiceResult<Snapshot> {
+        let _ = (caller, id, name, description);
+        Err(unimplemented())
+    }
+    async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
     /// Block Storage `os-extend`: grow to `new_size_gib` (available or in-use).
     async fn extend_volume(
         &self,

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "volume_readonly",
         sql: include_str!("migrations/0004_volume_readonly.sql"),
     },
+    Migration {
+        version: 5,
+        name: "snapshots",
+        sql: include_str!("migrations/0005_snapshots.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

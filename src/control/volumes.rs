@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use admin_api::model::*;
+
+mod snapshots;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
@@ -62,7 +64,7 @@ fn canonical(id: &str) -> Option<String> {
 const VOLUME_COLUMNS: &str = "v.id, v.project_id, v.user_id, u.name, v.name, v.description, \
      v.size_bytes, v.status, v.volume_type, v.availability_zone, v.source_image_id, \
      v.source_volume_id, v.bootable, v.multiattach, v.visibility, v.tag, v.metadata, \
-     v.created_at, v.updated_at, v.readonly";
+     v.created_at, v.updated_at, v.readonly, v.snapshot_id";
 
 fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume> {
     let status: String = row.get(7)?;
@@ -81,7 +83,7 @@ fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume>
         status: VolumeStatus::parse(&status).unwrap_or(VolumeStatus::Error),
         volume_type: row.get(8)?,
         availability_zone: row.get(9)?,
-        snapshot_id: None,
+        snapshot_id: row.get(20)?,
         source_image_id: row.get(10)?,
         source_volume_id: row.get(11)?,
         bootable: row.get(12)?,
@@ -397,6 +399,34 @@ impl Volumes {
         images: Option<&Arc<Images>>,
     ) -> ServiceResult<Volume> {
         need(caller, Role::Member, "volume:create")?;
+        let mut new = new;
+        // A snapshot or a volume to clone: its size is the least (and the default).
+        let clone = match (&new.snapshot_id, &new.source_volume_id) {
+            (Some(s), _) => Some(("Snapshot", self.clone_source(caller, "Snapshot", s).await?)),
+            (None, Some(v)) => Some(("Volume", self.clone_source(caller, "Volume", v).await?)),
+            (None, None) => None,
+        };
+        if let Some((kind, (_, bytes))) = clone {
+            let least = bytes.div_ceil(GIB);
+            if new.size_gib == 0 {
+                new.size_gib = least;
+            } else if new.size_gib < least {
+                let what = if kind == "Snapshot" {
+                    "snapshot"
+                } else {
+                    "original volume"
+                };
+                return Err(ServiceError::BadRequest(format!(
+                    "Invalid input received: Volume size '{}'GB cannot be smaller than the {what} size {least}GB. They must be >= original {} size.",
+                    new.size_gib,
+                    if kind == "Snapshot" {
+                        "snapshot"
+                    } else {
+                        "volume"
+                    }
+                )));
+            }
+        }
         if new.size_gib == 0 {
             return Err(ServiceError::BadRequest(
                 "Volume size must be a positive number of GiB.".into(),
@@ -418,7 +448,10 @@ impl Volumes {
                     "Image {image} could not be found."
                 )));
             }
-            (None, _) => None,
+            (None, _) => clone.map(|(_, (object, bytes))| VolumeSource::Clone {
+                object,
+                virtual_size: bytes,
+            }),
         };
         let id = Uuid::new_v4();
         let id_s = id.to_string();
@@ -427,14 +460,16 @@ impl Volumes {
             let caller = caller.clone();
             let id_s = id_s.clone();
             let image = new.source_image_id.clone();
+            let (snapshot, source_volume) = (new.snapshot_id.clone(), new.source_volume_id.clone());
             self.tx(move |conn, _| {
                 let t = ts(now());
                 conn.execute(
                     "INSERT INTO volumes (id, project_id, user_id, name, description, size_bytes, \
                      status, object_id, volume_type, availability_zone, multiattach, visibility, \
-                     tag, metadata, created_at, updated_at, source_image_id, bootable) \
+                     tag, metadata, created_at, updated_at, source_image_id, bootable, \
+                     snapshot_id, source_volume_id) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'creating', ?1, ?7, ?8, ?9, ?10, ?11, ?12, \
-                     ?13, ?13, ?14, ?15)",
+                     ?13, ?13, ?14, ?15, ?16, ?17)",
                     params![
                         id_s,
                         caller.project_id,
@@ -452,6 +487,8 @@ impl Volumes {
                         image,
                         // Cinder marks volumes made from images bootable.
                         image.is_some(),
+                        snapshot.map(|s| canonical(&s).unwrap_or(s)),
+                        source_volume.map(|v| canonical(&v).unwrap_or(v)),
                     ],
                 )?;
                 Ok(())
@@ -471,10 +508,16 @@ impl Volumes {
         // deleted meanwhile): the record goes too, so that a refused call changes nothing.
         let refused = match &created {
             Err(StoreError::Invalid(msg)) => Some(ServiceError::BadRequest(msg.clone())),
-            Err(StoreError::NotFound(_)) => Some(ServiceError::NotFound(format!(
-                "Image {} could not be found.",
-                new.source_image_id.as_deref().unwrap_or_default()
-            ))),
+            Err(StoreError::NotFound(_)) => Some(ServiceError::NotFound(
+                match (&new.snapshot_id, &new.source_volume_id) {
+                    (Some(s), _) => format!("Snapshot {s} could not be found."),
+                    (None, Some(v)) => format!("Volume {v} could not be found."),
+                    (None, None) => format!(
+                        "Image {} could not be found.",
+                        new.source_image_id.as_deref().unwrap_or_default()
+                    ),
+                },
+            )),
             _ => None,
         };
         if let Some(err) = refused {
@@ -882,6 +925,17 @@ impl Volumes {
                 return Err(ServiceError::Conflict(format!(
                     "Volume {shown} is in use ({} attachment(s)); detach it first.",
                     v.attachments.len()
+                ))
+                .into());
+            }
+            let snapshots: i64 = conn.query_row(
+                "SELECT count(*) FROM snapshots WHERE volume_id = ?1",
+                [&key2],
+                |r| r.get(0),
+            )?;
+            if snapshots > 0 {
+                return Err(ServiceError::Conflict(format!(
+                    "Volume {shown} has {snapshots} snapshot(s); delete them first."
                 ))
                 .into());
             }

@@ -104,6 +104,12 @@ impl AdminService for Fake {
         })
     }
     async fn create_volume(&self, caller: &Caller, new: NewVolume) -> ServiceResult<Volume> {
+        if let Some(s) = &new.snapshot_id {
+            // The fake keeps no snapshots.
+            return Err(ServiceError::NotFound(format!(
+                "Snapshot {s} could not be found."
+            )));
+        }
         let mut v = volume(VOL_ID, &caller.project_id);
         v.size_gib = new.size_gib;
         v.name = new.name.clone();

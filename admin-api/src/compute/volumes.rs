@@ -193,7 +193,7 @@ pub(crate) struct VolumeCreate {
     availability_zone: Option<String>,
     /// Keys 1 to 255 characters, values at most 255.
     metadata: Option<BTreeMap<String, String>>,
-    /// cairn keeps no snapshots: any value is a 404.
+    /// A copy-on-write clone of this Block Storage snapshot (404 if there is none).
     #[schema(max_length = 255)]
     snapshot_id: Option<String>,
     /// A cairn extension (Cinder's key): the volume is made from this image, a copy-on-write
@@ -352,12 +352,6 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
     let size_gib = parse_size(v.get("size"))?;
     let metadata = parse_metadata(v.get("metadata"))?;
     let snapshot_id = opt_string(v, "snapshot_id")?;
-    if let Some(s) = snapshot_id {
-        // cairn keeps no snapshots; an unknown snapshot is a 404, as upstream.
-        return Err(Fault::not_found(format!(
-            "Snapshot {s} could not be found."
-        )));
-    }
     let volume_type = opt_string(v, "volume_type")?;
     Ok(NewVolume {
         size_gib,
@@ -368,7 +362,7 @@ fn parse_new_volume(body: Map<String, Value>) -> FaultResult<NewVolume> {
         multiattach: volume_type.as_deref() == Some(MULTIATTACH_TYPE),
         volume_type,
         availability_zone: opt_string(v, "availability_zone")?,
-        snapshot_id: None,
+        snapshot_id,
         metadata,
         source_image_id: opt_string(v, "imageRef")?,
         ..NewVolume::default()

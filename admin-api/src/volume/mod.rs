@@ -7,6 +7,7 @@
 //! `x-openstack-request-id`. Under `/v3` requests are microversioned: cairn speaks 3.0.
 
 mod actions;
+mod snapshots;
 mod volumes;
 
 use std::collections::HashMap;
@@ -70,6 +71,16 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
             volumes::delete_meta
         )))
         .routes(with_bad_method(routes!(actions::volume_action)))
+        .routes(with_bad_method(routes!(
+            snapshots::list_snapshots,
+            snapshots::create_snapshot
+        )))
+        .routes(with_bad_method(routes!(snapshots::list_snapshots_detail)))
+        .routes(with_bad_method(routes!(
+            snapshots::show_snapshot,
+            snapshots::update_snapshot,
+            snapshots::delete_snapshot
+        )))
         .route(
             "/{tenant_id}/volumes/{volume_id}/{*rest}",
             any(unknown_path),

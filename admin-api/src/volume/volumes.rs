@@ -440,9 +440,10 @@ pub(crate) struct CinderVolumeCreateRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub(crate) struct CinderVolumeCreate {
-    /// GiB, at least 1 (an integer, or a string of digits).
+    /// GiB, at least 1 (an integer, or a string of digits); required unless `snapshot_id` or
+    /// `source_volid` is given.
     #[schema(minimum = 1, maximum = 8589934591_u64)]
-    size: u64,
+    size: Option<u64>,
     #[schema(max_length = 255)]
     name: Option<String>,
     #[schema(max_length = 255)]
@@ -468,8 +469,11 @@ pub(crate) struct CinderVolumeCreate {
     /// Same as `imageRef`.
     #[schema(format = "uuid")]
     image_id: Option<String>,
-    /// Snapshots and volume clones arrive with the snapshots API; for now a 400.
+    /// A copy-on-write clone of this snapshot (`size` may then be left out: the snapshot's).
+    #[schema(format = "uuid")]
     snapshot_id: Option<String>,
+    /// A copy-on-write clone of this volume (`size` may then be left out: the volume's).
+    #[schema(format = "uuid")]
     source_volid: Option<String>,
     consistencygroup_id: Option<String>,
     backup_id: Option<String>,
@@ -508,14 +512,20 @@ fn parse_create(body: Map<String, Value>) -> FaultResult<NewVolume> {
             "Invalid input for field/attribute volume. Value: Additional properties are not allowed ('{k}' was unexpected)"
         )));
     }
-    for key in ["snapshot_id", "source_volid", "backup_id", "source_replica"] {
+    for key in ["backup_id", "source_replica"] {
         if opt_string(v, key)?.is_some() {
             return Err(Fault::bad_request(format!(
-                "Invalid input received: creating a volume from {key} is not supported yet."
+                "Invalid input received: creating a volume from {key} is not supported."
             )));
         }
     }
-    let size_gib = parse_size(v.get("size"))?;
+    let snapshot_id = opt_string(v, "snapshot_id")?;
+    let source_volid = opt_string(v, "source_volid")?;
+    // With a snapshot or a volume to clone, the size may be left out: the source's.
+    let size_gib = match v.get("size") {
+        None | Some(Value::Null) if snapshot_id.is_some() || source_volid.is_some() => 0,
+        size => parse_size(size)?,
+    };
     let name = match opt_string(v, "name")? {
         Some(n) => Some(n),
         None => opt_string(v, "display_name")?,
@@ -543,6 +553,8 @@ fn parse_create(body: Map<String, Value>) -> FaultResult<NewVolume> {
         metadata: parse_metadata(v.get("metadata"))?,
         multiattach,
         source_image_id: image,
+        snapshot_id,
+        source_volume_id: source_volid,
         ..NewVolume::default()
     })
 }
@@ -935,6 +947,9 @@ mod tests {
         assert_eq!(n.source_image_id.as_deref(), Some("i"));
         assert!(n.multiattach);
         assert!(parse_create(body(serde_json::json!({"size": 0}))).is_err());
+        assert!(parse_create(body(serde_json::json!({}))).is_err());
+        let n = parse_create(body(serde_json::json!({"snapshot_id": "s"}))).unwrap();
+        assert_eq!((n.size_gib, n.snapshot_id.as_deref()), (0, Some("s")));
         assert!(parse_create(body(serde_json::json!({"size": 1, "bogus": 1}))).is_err());
         assert!(parse_create(body(serde_json::json!({"size": 1, "multiattach": "x"}))).is_err());
         assert!(parse_create(Map::new()).is_err());
