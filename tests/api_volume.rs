@@ -44,6 +44,42 @@ impl Api<'_> {
     }
 }
 
+/// A Compute server of the token's project, for volumes to attach to.
+fn server(c: &Cairn, token: &str, project: &str) -> String {
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers"),
+        &[("X-Auth-Token", token)],
+        Some((
+            "application/json",
+            &json!({"server": {"name": "vm"}}).to_string(),
+        )),
+    );
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    r.json()["server"]["id"]
+        .as_str()
+        .expect("server id")
+        .to_owned()
+}
+
+/// Attaches `volume` to `server` through Compute; returns the attachment's NBD URI.
+fn attach(c: &Cairn, token: &str, project: &str, server: &str, volume: &str) -> String {
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers/{server}/os-volume_attachments"),
+        &[("X-Auth-Token", token)],
+        Some((
+            "application/json",
+            &json!({"volumeAttachment": {"volumeId": volume}}).to_string(),
+        )),
+    );
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    r.json()["volumeAttachment"]["nbdUri"]
+        .as_str()
+        .expect("nbd uri")
+        .to_owned()
+}
+
 /// A cinder fault: the status, `{"<name>": {"message", "code"}}`, and the message.
 fn fault(r: &Reply, status: u16, name: &str) -> String {
     assert_eq!(r.status, status, "{}", r.body);
@@ -529,29 +565,8 @@ fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
 
     // Attached through Compute, it grows online: a new NBD connection sees the new size, and
     // the data written before is still there.
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers"),
-        &[("X-Auth-Token", &token)],
-        Some((
-            "application/json",
-            &json!({"server": {"name": "vm"}}).to_string(),
-        )),
-    );
-    let sid = r.json()["server"]["id"].as_str().unwrap().to_owned();
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
-        &[("X-Auth-Token", &token)],
-        Some((
-            "application/json",
-            &json!({"volumeAttachment": {"volumeId": id}}).to_string(),
-        )),
-    );
-    let uri = r.json()["volumeAttachment"]["nbdUri"]
-        .as_str()
-        .expect("nbd uri")
-        .to_owned();
+    let sid = server(&c, &token, &project);
+    let uri = attach(&c, &token, &project, &sid, &id);
     let io = |cmd: &str| {
         run(std::process::Command::new("qemu-io")
             .args(["-f", "raw", "-c", cmd])
@@ -666,29 +681,8 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
     .json();
     let vid = v["id"].as_str().unwrap().to_owned();
     // Attached, so that the data is written through its export, then snapshotted in use.
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers"),
-        &[("X-Auth-Token", &token)],
-        Some((
-            "application/json",
-            &json!({"server": {"name": "vm"}}).to_string(),
-        )),
-    );
-    let sid = r.json()["server"]["id"].as_str().unwrap().to_owned();
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
-        &[("X-Auth-Token", &token)],
-        Some((
-            "application/json",
-            &json!({"volumeAttachment": {"volumeId": vid}}).to_string(),
-        )),
-    );
-    let uri = r.json()["volumeAttachment"]["nbdUri"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let sid = server(&c, &token, &project);
+    let uri = attach(&c, &token, &project, &sid, &vid);
     let io = |uri: &str, cmd: &str| {
         let o = run(std::process::Command::new("qemu-io")
             .args(["-f", "raw", "-c", cmd])
@@ -773,19 +767,7 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
     for (name, pattern) in [("fromsnap", "0x41"), ("fromvol", "0x42")] {
         let id = osc(&c, &["volume", "show", "-f", "value", "-c", "id", name]);
         let id = id.stdout.trim().to_owned();
-        let r = c.request(
-            "POST",
-            &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments"),
-            &[("X-Auth-Token", &token)],
-            Some((
-                "application/json",
-                &json!({"volumeAttachment": {"volumeId": id}}).to_string(),
-            )),
-        );
-        let u = r.json()["volumeAttachment"]["nbdUri"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let u = attach(&c, &token, &project, &sid, &id);
         io(&u, &format!("read -P {pattern} 0 1M"));
         io(&u, "read -P 0 1M 1M");
         // Its writes are its own.

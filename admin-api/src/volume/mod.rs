@@ -172,6 +172,48 @@ impl FromRequestParts<AppState> for Ctx {
     }
 }
 
+// ---- request bodies ----------------------------------------------------------------------
+
+/// The object under `key` (`volume`, `snapshot`) with no keys but `allowed`, or cinder's 400.
+pub(crate) fn resource<'a>(
+    body: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    allowed: &[&str],
+) -> FaultResult<&'a serde_json::Map<String, serde_json::Value>> {
+    let Some(v) = body.get(key) else {
+        return Err(Fault::bad_request(format!(
+            "Missing required element '{key}' in request body."
+        )));
+    };
+    let serde_json::Value::Object(m) = v else {
+        return Err(crate::compute::volumes::invalid(
+            key,
+            "is not of type 'object'",
+        ));
+    };
+    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(Fault::bad_request(format!(
+            "Invalid input for field/attribute {key}. Value: Additional properties are not allowed ('{k}' was unexpected)"
+        )));
+    }
+    Ok(m)
+}
+
+/// A text field under its name or its v1 name (`name`/`display_name`): absent, or given
+/// (`None` when null).
+pub(crate) fn text_field(
+    m: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    v1: &str,
+) -> FaultResult<Option<Option<String>>> {
+    for key in [name, v1] {
+        if m.contains_key(key) {
+            return Ok(Some(crate::compute::volumes::opt_string(m, key)?));
+        }
+    }
+    Ok(None)
+}
+
 // ---- version discovery -------------------------------------------------------------------
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::Ctx;
+use super::{Ctx, resource, text_field};
 use crate::compute::volumes::{invalid, opt_string, parse_metadata};
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body, query};
 use crate::{
@@ -173,11 +173,6 @@ pub(crate) struct CinderSnapshotCreate {
 }
 
 fn parse_create(body: Map<String, Value>) -> FaultResult<NewSnapshot> {
-    let Some(Value::Object(s)) = body.get("snapshot") else {
-        return Err(Fault::bad_request(
-            "Missing required element 'snapshot' in request body.",
-        ));
-    };
     const KEYS: [&str; 7] = [
         "volume_id",
         "force",
@@ -187,11 +182,7 @@ fn parse_create(body: Map<String, Value>) -> FaultResult<NewSnapshot> {
         "display_description",
         "metadata",
     ];
-    if let Some(k) = s.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(Fault::bad_request(format!(
-            "Invalid input for field/attribute snapshot. Value: Additional properties are not allowed ('{k}' was unexpected)"
-        )));
-    }
+    let s = resource(&body, "snapshot", &KEYS)?;
     let Some(volume_id) = opt_string(s, "volume_id")? else {
         return Err(invalid("volume_id", "'volume_id' is a required property"));
     };
@@ -215,14 +206,8 @@ fn parse_create(body: Map<String, Value>) -> FaultResult<NewSnapshot> {
     };
     Ok(NewSnapshot {
         volume_id,
-        name: match opt_string(s, "name")? {
-            Some(n) => Some(n),
-            None => opt_string(s, "display_name")?,
-        },
-        description: match opt_string(s, "description")? {
-            Some(d) => Some(d),
-            None => opt_string(s, "display_description")?,
-        },
+        name: text_field(s, "name", "display_name")?.flatten(),
+        description: text_field(s, "description", "display_description")?.flatten(),
         force,
         metadata: parse_metadata(s.get("metadata"))?,
     })
@@ -311,28 +296,11 @@ pub(super) async fn update_snapshot(
 ) -> FaultResult<Response> {
     ctx.require_writer("volume:update_snapshot")?;
     let body = json_body(&headers, &body_or_fault(body)?)?;
-    let Some(Value::Object(s)) = body.get("snapshot") else {
-        return Err(Fault::bad_request(
-            "Missing required element 'snapshot' in request body.",
-        ));
-    };
     const KEYS: [&str; 4] = ["name", "description", "display_name", "display_description"];
-    if let Some(k) = s.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(Fault::bad_request(format!(
-            "Invalid input for field/attribute snapshot. Value: Additional properties are not allowed ('{k}' was unexpected)"
-        )));
-    }
-    let text = |new: &str, old: &str| -> FaultResult<Option<Option<String>>> {
-        for key in [new, old] {
-            if s.contains_key(key) {
-                return Ok(Some(opt_string(s, key)?));
-            }
-        }
-        Ok(None)
-    };
+    let s = resource(&body, "snapshot", &KEYS)?;
     let (name, description) = (
-        text("name", "display_name")?,
-        text("description", "display_description")?,
+        text_field(s, "name", "display_name")?,
+        text_field(s, "description", "display_description")?,
     );
     let snap = state
         .service

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::Ctx;
+use super::{Ctx, resource, text_field};
 use crate::compute::volumes::{MULTIATTACH_TYPE, invalid, opt_string, parse_metadata, parse_size};
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body, query};
 use crate::{
@@ -499,19 +499,7 @@ const CREATE_KEYS: [&str; 16] = [
 ];
 
 fn parse_create(body: Map<String, Value>) -> FaultResult<NewVolume> {
-    let Some(v) = body.get("volume") else {
-        return Err(Fault::bad_request(
-            "Missing required element 'volume' in request body.",
-        ));
-    };
-    let Value::Object(v) = v else {
-        return Err(invalid("volume", "is not of type 'object'"));
-    };
-    if let Some(k) = v.keys().find(|k| !CREATE_KEYS.contains(&k.as_str())) {
-        return Err(Fault::bad_request(format!(
-            "Invalid input for field/attribute volume. Value: Additional properties are not allowed ('{k}' was unexpected)"
-        )));
-    }
+    let v = resource(&body, "volume", &CREATE_KEYS)?;
     for key in ["backup_id", "source_replica"] {
         if opt_string(v, key)?.is_some() {
             return Err(Fault::bad_request(format!(
@@ -526,14 +514,8 @@ fn parse_create(body: Map<String, Value>) -> FaultResult<NewVolume> {
         None | Some(Value::Null) if snapshot_id.is_some() || source_volid.is_some() => 0,
         size => parse_size(size)?,
     };
-    let name = match opt_string(v, "name")? {
-        Some(n) => Some(n),
-        None => opt_string(v, "display_name")?,
-    };
-    let description = match opt_string(v, "description")? {
-        Some(d) => Some(d),
-        None => opt_string(v, "display_description")?,
-    };
+    let name = text_field(v, "name", "display_name")?.flatten();
+    let description = text_field(v, "description", "display_description")?.flatten();
     let volume_type = opt_string(v, "volume_type")?;
     let multiattach = match v.get("multiattach") {
         None | Some(Value::Null) => false,
@@ -628,14 +610,6 @@ pub(crate) struct CinderVolumeUpdate {
 }
 
 fn parse_update(body: Map<String, Value>) -> FaultResult<VolumeUpdate> {
-    let Some(v) = body.get("volume") else {
-        return Err(Fault::bad_request(
-            "Missing required element 'volume' in request body.",
-        ));
-    };
-    let Value::Object(v) = v else {
-        return Err(invalid("volume", "is not of type 'object'"));
-    };
     const KEYS: [&str; 5] = [
         "name",
         "description",
@@ -643,22 +617,10 @@ fn parse_update(body: Map<String, Value>) -> FaultResult<VolumeUpdate> {
         "display_description",
         "metadata",
     ];
-    if let Some(k) = v.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(Fault::bad_request(format!(
-            "Invalid input for field/attribute volume. Value: Additional properties are not allowed ('{k}' was unexpected)"
-        )));
-    }
-    let text = |new: &str, old: &str| -> FaultResult<Option<Option<String>>> {
-        for key in [new, old] {
-            if v.contains_key(key) {
-                return Ok(Some(opt_string(v, key)?));
-            }
-        }
-        Ok(None)
-    };
+    let v = resource(&body, "volume", &KEYS)?;
     Ok(VolumeUpdate {
-        name: text("name", "display_name")?,
-        description: text("description", "display_description")?,
+        name: text_field(v, "name", "display_name")?,
+        description: text_field(v, "description", "display_description")?,
         metadata: match v.get("metadata") {
             None => None,
             m => Some(parse_metadata(m)?),
