@@ -283,6 +283,39 @@ impl AdminService for DaemonService {
         self.volumes.update_volume(caller, id, update).await
     }
 
+    async fn list_volume_types(&self, caller: &Caller) -> ServiceResult<Vec<VolumeType>> {
+        self.volumes.list_volume_types(caller).await
+    }
+
+    async fn get_volume_type(&self, caller: &Caller, id: &str) -> ServiceResult<VolumeType> {
+        self.volumes.get_volume_type(caller, id).await
+    }
+
+    async fn create_volume_type(
+        &self,
+        caller: &Caller,
+        new: VolumeTypeChange,
+    ) -> ServiceResult<VolumeType> {
+        self.volumes.create_volume_type(caller, new).await
+    }
+
+    async fn update_volume_type(
+        &self,
+        caller: &Caller,
+        id: &str,
+        change: VolumeTypeChange,
+    ) -> ServiceResult<VolumeType> {
+        self.volumes.update_volume_type(caller, id, change).await
+    }
+
+    async fn delete_volume_type(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.volumes.delete_volume_type(caller, id).await
+    }
+
+    async fn volume_usage(&self, caller: &Caller) -> ServiceResult<VolumeUsage> {
+        self.volumes.volume_usage(caller).await
+    }
+
     async fn create_snapshot(&self, caller: &Caller, new: NewSnapshot) -> ServiceResult<Snapshot> {
         self.volumes.create_snapshot(caller, new).await
     }

@@ -830,3 +830,119 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
         "itemNotFound",
     );
 }
+
+#[test]
+fn volume_types_limits_and_zones() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+    let types = osc(&c, &["volume", "type", "list", "-f", "json"]).json();
+    let names: Vec<&str> = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["Name"].as_str())
+        .collect();
+    assert_eq!(names, ["__DEFAULT__"]);
+    assert_eq!(
+        api.get("/types/default").json()["volume_type"]["name"],
+        "__DEFAULT__"
+    );
+
+    let made = osc(
+        &c,
+        &[
+            "volume",
+            "type",
+            "create",
+            "--description",
+            "ssd",
+            "--property",
+            "tier=1",
+            "-f",
+            "json",
+            "fast",
+        ],
+    )
+    .json();
+    assert_eq!(made["name"], "fast", "{made}");
+    let dup = osc(&c, &["volume", "type", "create", "fast"]);
+    assert!(!dup.ok, "a second type of the same name");
+    let set = osc(&c, &["volume", "type", "set", "--name", "faster", "fast"]);
+    assert!(set.ok, "{}", set.stderr);
+    let shown = osc(&c, &["volume", "type", "show", "-f", "json", "faster"]).json();
+    assert_eq!(shown["description"], "ssd", "{shown}");
+    assert_eq!(shown["properties"], json!({"tier": "1"}), "{shown}");
+
+    // A type in use is kept; the default type always.
+    let v = osc(
+        &c,
+        &[
+            "volume", "create", "--size", "1", "--type", "faster", "-f", "json", "t1",
+        ],
+    )
+    .json();
+    assert_eq!(v["type"], "faster", "{v}");
+    let del = osc(&c, &["volume", "type", "delete", "faster"]);
+    assert!(
+        !del.ok && del.stderr.contains("still in use"),
+        "{}",
+        del.stderr
+    );
+    let m = fault(
+        &api.call("DELETE", "/types/default", None),
+        400,
+        "badRequest",
+    );
+    assert!(m.contains("Default volume type can not be deleted"), "{m}");
+    assert!(osc(&c, &["volume", "delete", "t1"]).ok);
+    assert!(osc(&c, &["volume", "type", "delete", "faster"]).ok);
+    fault(&api.get("/types/faster"), 404, "itemNotFound");
+    fault(
+        &api.call(
+            "POST",
+            "/types",
+            Some(&json!({"volume_type": {"name": " "}})),
+        ),
+        400,
+        "badRequest",
+    );
+
+    // Limits: no quotas, and what the project holds.
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "3", "-f", "json", "held"],
+    )
+    .json();
+    assert_eq!(v["status"], "available");
+    let lim = api.get("/limits").json();
+    let abs = &lim["limits"]["absolute"];
+    assert_eq!(
+        (
+            abs["totalVolumesUsed"].as_u64(),
+            abs["totalGigabytesUsed"].as_u64()
+        ),
+        (Some(1), Some(3)),
+        "{lim}"
+    );
+    assert_eq!(abs["maxTotalVolumes"], -1);
+    let shown = cinder(&c, &["absolute-limits"]);
+    assert!(
+        shown.ok && shown.stdout.contains("totalGigabytesUsed"),
+        "{}{}",
+        shown.stdout,
+        shown.stderr
+    );
+
+    let zones = osc(
+        &c,
+        &["availability", "zone", "list", "--volume", "-f", "json"],
+    )
+    .json();
+    assert_eq!(zones[0]["Zone Name"], "nova", "{zones}");
+}

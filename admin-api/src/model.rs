@@ -336,6 +336,33 @@ pub struct NewVolume {
     pub source_volume_id: Option<String>,
 }
 
+/// A Block Storage volume type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeType {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub is_public: bool,
+    pub extra_specs: BTreeMap<String, String>,
+}
+
+/// A new volume type, or the changes to one (`None`: unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct VolumeTypeChange {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub is_public: Option<bool>,
+    pub extra_specs: Option<BTreeMap<String, String>>,
+}
+
+/// What a project holds (Block Storage `/limits`; cairn sets no quotas).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeUsage {
+    pub volumes: u64,
+    pub gigabytes: u64,
+    pub snapshots: u64,
+}
+
 /// A Block Storage snapshot: a copy-on-write clone of a volume, taken at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {

@@ -74,7 +74,13 @@ pub const VOLUME: ServiceMount = ServiceMount {
     prefix: "/volume",
     paths: &["/v3", "/v2"],
     own_roots: true,
-    resources: &["volumes", "snapshots"],
+    resources: &[
+        "volumes",
+        "snapshots",
+        "types",
+        "limits",
+        "os-availability-zone",
+    ],
     exact: &[],
 };
 

@@ -163,6 +163,43 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, update);
         Err(unimplemented())
     }
+    /// Block Storage volume types: everyone lists and shows them, admins change them.
+    async fn list_volume_types(&self, caller: &Caller) -> ServiceResult<Vec<VolumeType>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    /// By id or name; `default` is the default type.
+    async fn get_volume_type(&self, caller: &Caller, id: &str) -> ServiceResult<VolumeType> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    async fn create_volume_type(
+        &self,
+        caller: &Caller,
+        new: VolumeTypeChange,
+    ) -> ServiceResult<VolumeType> {
+        let _ = (caller, new);
+        Err(unimplemented())
+    }
+    async fn update_volume_type(
+        &self,
+        caller: &Caller,
+        id: &str,
+        change: VolumeTypeChange,
+    ) -> ServiceResult<VolumeType> {
+        let _ = (caller, id, change);
+        Err(unimplemented())
+    }
+    /// Refused while volumes use it, and for the default type.
+    async fn delete_volume_type(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    /// What the caller's project holds (Block Storage `/limits`).
+    async fn volume_usage(&self, caller: &Caller) -> ServiceResult<VolumeUsage> {
+        let _ = caller;
+        Err(unimplemented())
+    }
     /// Block Storage snapshots: a point-in-time copy-on-write clone of a volume.
     async fn create_snapshot(&self, caller: &Caller, new: NewSnapshot) -> ServiceResult<Snapshot> {
         let _ = (caller, new);

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "snapshots",
         sql: include_str!("migrations/0005_snapshots.sql"),
     },
+    Migration {
+        version: 6,
+        name: "volume_types",
+        sql: include_str!("migrations/0006_volume_types.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

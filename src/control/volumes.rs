@@ -12,6 +12,7 @@ use std::sync::Arc;
 use admin_api::model::*;
 
 mod snapshots;
+mod types;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 

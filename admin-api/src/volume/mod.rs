@@ -8,6 +8,7 @@
 
 mod actions;
 mod snapshots;
+mod types;
 mod volumes;
 
 use std::collections::HashMap;
@@ -71,6 +72,34 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
             volumes::delete_meta
         )))
         .routes(with_bad_method(routes!(actions::volume_action)))
+        .routes(with_bad_method(routes!(
+            types::list_types,
+            types::create_type
+        )))
+        .routes(with_bad_method(routes!(
+            types::show_type,
+            types::update_type,
+            types::delete_type
+        )))
+        .routes(with_bad_method(routes!(
+            types::show_specs,
+            types::add_specs
+        )))
+        .routes(with_bad_method(routes!(
+            types::show_spec,
+            types::set_spec,
+            types::delete_spec
+        )))
+        .route(
+            "/{tenant_id}/types/{type_id}/extra_specs/{key}/{*rest}",
+            any(unknown_path),
+        )
+        .route(
+            "/{tenant_id}/snapshots/{snapshot_id}/{*rest}",
+            any(unknown_path),
+        )
+        .routes(with_bad_method(routes!(types::limits)))
+        .routes(with_bad_method(routes!(types::zones)))
         .routes(with_bad_method(routes!(
             snapshots::list_snapshots,
             snapshots::create_snapshot
