@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use uuid::Uuid;
+
 use admin_api::{
     AdminService, ComponentHealth, ConversionMetrics, Health, StoreMetrics, VersionInfo, model::*,
 };
@@ -42,7 +44,7 @@ pub struct DaemonService {
     store: Store,
     catalog: Catalog,
     identity: Identity,
-    volumes: Volumes,
+    volumes: Arc<Volumes>,
     images: Arc<Images>,
     shutting_down: AtomicBool,
 }
@@ -64,7 +66,7 @@ impl DaemonService {
         Arc::new(Self {
             identity: Identity::new(catalog.clone(), settings.clone()),
             images: Images::new(catalog.clone(), store.clone(), settings.clone(), converter),
-            volumes: Volumes::new(catalog.clone(), store.clone(), settings),
+            volumes: Arc::new(Volumes::new(catalog.clone(), store.clone(), settings)),
             store,
             catalog,
             shutting_down: AtomicBool::new(false),
@@ -79,10 +81,81 @@ impl DaemonService {
         self.images.clone()
     }
 
-    /// Puts volumes and images a restart interrupted back in motion (see their `recover`).
+    /// Puts volumes and images a restart interrupted back in motion (see their `recover`);
+    /// uploads of volumes to images start again from their copy (the image went back to
+    /// `queued` with the images' recovery).
     pub async fn recover(&self) -> ServiceResult<()> {
         self.images.recover().await?;
-        self.volumes.recover(&self.images).await
+        self.volumes.recover(&self.images).await?;
+        for (volume, copy, image) in self.volumes.cut_uploads().await? {
+            let Some(image) = image else {
+                self.volumes.end_upload(&volume, copy).await;
+                continue;
+            };
+            let Ok(v) = self.store.object_info(copy) else {
+                self.volumes.end_upload(&volume, copy).await;
+                continue;
+            };
+            let project = self.volumes.project_of(&volume).await.unwrap_or_default();
+            tracing::info!(volume = %volume, image = %image, "resuming an upload to an image");
+            self.spawn_upload(system_caller(project), volume, copy, image, v.size);
+        }
+        Ok(())
+    }
+
+    /// The job of an upload to an image: streams the copy into the image, then ends the
+    /// upload (the copy goes, the volume's status comes back). A failed upload deletes its
+    /// image; an image found already active (a restart after the end) is left alone.
+    fn spawn_upload(
+        &self,
+        caller: Caller,
+        volume_id: String,
+        copy: Uuid,
+        image_id: String,
+        size: u64,
+    ) {
+        use admin_api::image::{ImageService, UploadKind};
+        let (images, volumes, store) = (
+            self.images.clone(),
+            self.volumes.clone(),
+            self.store.clone(),
+        );
+        tokio::spawn(async move {
+            // Fault injection (tests): the upload waits here until the named file exists,
+            // having made `<file>.waiting`, so that a test can cut it.
+            if let Some(gate) = std::env::var_os("CAIRN_UPLOAD_GATE").map(std::path::PathBuf::from)
+            {
+                let _ = std::fs::write(gate.with_extension("waiting"), b"");
+                while !gate.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let started = std::time::Instant::now();
+            let status = images.get_image(&caller, &image_id).await.map(|i| i.status);
+            let r = match status {
+                Ok(s) if s == "active" => Ok(()),
+                Ok(s) if s == "queued" => {
+                    let body = crate::image::object_stream(store, copy, size);
+                    images
+                        .upload(&caller, &image_id, UploadKind::Direct, body, Some(size))
+                        .await
+                }
+                Ok(other) => Err(ServiceError::Conflict(format!("the image is {other}"))),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => tracing::info!(volume = %volume_id, image = %image_id,
+                    ms = started.elapsed().as_millis() as u64, "volume uploaded to an image"),
+                Err(e) => {
+                    tracing::error!(volume = %volume_id, image = %image_id, error = %e,
+                        "uploading a volume to an image failed; the image is deleted");
+                    if let Err(e) = images.delete_image(&caller, &image_id).await {
+                        tracing::warn!(image = %image_id, error = %e, "deleting a failed upload's image");
+                    }
+                }
+            }
+            volumes.end_upload(&volume_id, copy).await;
+        });
     }
 
     /// Where detaching a volume ends its NBD export (see [`crate::nbd::Fence`]).
@@ -94,6 +167,17 @@ impl DaemonService {
     /// in-flight requests drain.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The daemon acting on its own (resuming work a restart cut), with admin rights in `project`.
+fn system_caller(project: String) -> Caller {
+    Caller {
+        user_id: "cairn".into(),
+        user_name: "cairn".into(),
+        project_id: project,
+        project_name: String::new(),
+        roles: vec![Role::Admin],
     }
 }
 
@@ -342,6 +426,62 @@ impl AdminService for DaemonService {
 
     async fn delete_snapshot(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
         self.volumes.delete_snapshot(caller, id).await
+    }
+
+    async fn upload_volume_to_image(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: VolumeUpload,
+    ) -> ServiceResult<VolumeUploaded> {
+        // cinder's order: the volume (404), the policy (403), then its status (400).
+        let v = self.volumes.get_volume(caller, id, false).await?;
+        if !caller.has(Role::Member) {
+            return Err(ServiceError::Forbidden(
+                "Policy doesn't allow volume_extension:volume_actions:upload_image to be performed."
+                    .into(),
+            ));
+        }
+        if req.disk_format == "iso" {
+            // Accepted, and no image is made (seed 003's footnote).
+            crate::control::volumes::check_upload(&v, req.force)?;
+            return Ok(VolumeUploaded {
+                volume: v,
+                image_id: None,
+            });
+        }
+        let (before, copy) = self.volumes.begin_upload(caller, id, req.force).await?;
+        let new = admin_api::image::NewImage {
+            name: Some(req.image_name.clone()),
+            disk_format: Some(req.disk_format.clone()),
+            container_format: Some(req.container_format.clone()),
+            min_disk: before.size_gib,
+            ..Default::default()
+        };
+        let image =
+            match admin_api::image::ImageService::create_image(&*self.images, caller, new).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.volumes.end_upload(&before.id, copy).await;
+                    return Err(e);
+                }
+            };
+        if let Err(e) = self.volumes.set_upload_image(&before.id, &image.id).await {
+            self.volumes.end_upload(&before.id, copy).await;
+            return Err(e);
+        }
+        self.spawn_upload(
+            caller.clone(),
+            before.id.clone(),
+            copy,
+            image.id.clone(),
+            before.size_gib << 30,
+        );
+        let volume = self.volumes.get_volume(caller, id, false).await;
+        Ok(VolumeUploaded {
+            volume: volume.unwrap_or(before),
+            image_id: Some(image.id),
+        })
     }
 
     async fn extend_volume(

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Cairn, Out, Serve, admin_token, clean, os_client, osc, run, venv_bin};
+use common::{Cairn, Out, Serve, admin_token, clean, metric, os_client, osc, run, venv_bin};
 use serde_json::{Value, json};
 
 const PW: &str = "image-test-admin-pw";
@@ -195,16 +195,6 @@ fn unix_uri(c: &Cairn, export: &str) -> String {
         "nbd+unix:///{export}?socket={}",
         c.data_dir().join("nbd.sock").display()
     )
-}
-
-fn metric(c: &Cairn, name: &str) -> f64 {
-    let text = c.get("/metrics").body;
-    let samples = common::parse_metrics(&text).expect("metrics parse");
-    samples
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-        .value
 }
 
 /// `POST /v2/images` of a queued image; its id.

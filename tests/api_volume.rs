@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Cairn, Out, Reply, Serve, admin_token, os_client, osc, run};
+use common::{Cairn, Out, Reply, Serve, admin_token, metric, os_client, osc, run};
 use serde_json::{Value, json};
 
 const PW: &str = "volume-test-admin-pw";
@@ -945,4 +945,351 @@ fn volume_types_limits_and_zones() {
     )
     .json();
     assert_eq!(zones[0]["Zone Name"], "nova", "{zones}");
+}
+
+#[test]
+fn upload_to_image_streams_a_point_in_time_copy_and_checks_every_seed_row() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/v2",
+    };
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "src"],
+    )
+    .json();
+    let vid = v["id"].as_str().unwrap().to_owned();
+    let sid = server(&c, &token, &project);
+    let uri = attach(&c, &token, &project, &sid, &vid);
+    let io = |cmd: &str| {
+        let o = run(std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(&uri));
+        assert!(
+            o.ok && !o.stdout.contains("fail"),
+            "{cmd}: {}{}",
+            o.stdout,
+            o.stderr
+        );
+    };
+    io("write -P 0x31 0 1M");
+    io("write -P 0x32 512M 1M");
+    let images_before = api
+        .c
+        .request("GET", "/v2/images", &[("X-Auth-Token", &token)], None)
+        .json()["images"]
+        .as_array()
+        .unwrap()
+        .len();
+    let action = |body: Value| api.call("POST", &format!("/volumes/{vid}/action"), Some(&body));
+
+    // Every 400 row of seed 003's table, and nothing changes.
+    let r = api.c.request(
+        "POST",
+        &api.path(&format!("/volumes/{vid}/action")),
+        &[("X-Auth-Token", &token)],
+        None,
+    );
+    fault(&r, 400, "badRequest");
+    fault(&action(json!({"os-other": {}})), 400, "badRequest");
+    for name in [json!(null), json!(0), json!(""), json!(false)] {
+        let m = fault(
+            &action(json!({"os-volume_upload_image": {"image_name": name}})),
+            400,
+            "badRequest",
+        );
+        assert_eq!(m, "No image_name was specified in request.");
+    }
+    fault(
+        &action(json!({"os-volume_upload_image": {}})),
+        400,
+        "badRequest",
+    );
+    fault(
+        &action(json!({"os-volume_upload_image": {"image_name": "x".repeat(256)}})),
+        400,
+        "badRequest",
+    );
+    assert_eq!(
+        fault(
+            &action(json!({"os-volume_upload_image": {"image_name": "i", "force": 5}})),
+            400,
+            "badRequest"
+        ),
+        "'force' is not string or bool."
+    );
+    fault(
+        &action(json!({"os-volume_upload_image": {"image_name": "i", "container_format": "box"}})),
+        400,
+        "badRequest",
+    );
+    fault(
+        &action(json!({"os-volume_upload_image": {"image_name": "i", "disk_format": "floppy"}})),
+        400,
+        "badRequest",
+    );
+    assert_eq!(
+        fault(
+            &action(json!({"os-volume_upload_image": {"image_name": "i"}})),
+            400,
+            "badRequest"
+        ),
+        "Invalid volume: Volume status is in-use."
+    );
+    let other = Api {
+        project: NO_SUCH.into(),
+        ..Api {
+            c: &c,
+            token: token.clone(),
+            project: String::new(),
+            prefix: "/v2",
+        }
+    };
+    assert_eq!(
+        fault(
+            &other.call(
+                "POST",
+                &format!("/volumes/{vid}/action"),
+                Some(&json!({"os-volume_upload_image": {"image_name": "i"}}))
+            ),
+            400,
+            "badRequest"
+        ),
+        "Malformed request url"
+    );
+    fault(
+        &api.call(
+            "POST",
+            &format!("/volumes/{NO_SUCH}/action"),
+            Some(&json!({"os-volume_upload_image": {"image_name": "i", "force": true}})),
+        ),
+        404,
+        "itemNotFound",
+    );
+    let r = c.request(
+        "POST",
+        &format!("/v2//volumes/{vid}/action"),
+        &[("X-Auth-Token", &token)],
+        Some(("application/json", "{}")),
+    );
+    assert!(
+        r.status == 404 || r.status == 400,
+        "empty tenant: {}",
+        r.status
+    );
+    // iso: accepted, and no image is made.
+    let r = action(
+        json!({"os-volume_upload_image": {"image_name": "i", "disk_format": "iso", "force": true}}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["os-volume_upload_image"]["image_id"].is_null());
+    let now = api
+        .c
+        .request("GET", "/v2/images", &[("X-Auth-Token", &token)], None)
+        .json();
+    assert_eq!(now["images"].as_array().unwrap().len(), images_before);
+    assert_eq!(
+        api.get(&format!("/volumes/{vid}")).json()["volume"]["status"],
+        "in-use"
+    );
+
+    // Forced: 202 with the seed's body; the image holds the volume as it was at the 202.
+    let r = action(json!({"os-volume_upload_image": {"image_name": "snapimg", "force": "True"}}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let up = r.json()["os-volume_upload_image"].clone();
+    assert_eq!(up["status"], "uploading", "{up}");
+    assert_eq!(
+        (up["disk_format"].as_str(), up["container_format"].as_str()),
+        (Some("raw"), Some("bare"))
+    );
+    assert_eq!(
+        (up["size"].as_u64(), up["image_name"].as_str()),
+        (Some(1), Some("snapimg"))
+    );
+    let image = up["image_id"].as_str().expect("image id").to_owned();
+    io("write -P 0x33 0 1M"); // after the instant: not in the image
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let i = c
+            .request(
+                "GET",
+                &format!("/v2/images/{image}"),
+                &[("X-Auth-Token", &token)],
+                None,
+            )
+            .json();
+        if i["status"] == "active" {
+            assert_eq!(i["size"], 1u64 << 30, "{i}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload not done: {i}\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        api.get(&format!("/volumes/{vid}")).json()["volume"]["status"],
+        "in-use"
+    );
+    let dir = common::temp_dir();
+    let file = dir.path().join("img.raw");
+    let saved = osc(
+        &c,
+        &["image", "save", "--file", file.to_str().unwrap(), &image],
+    );
+    assert!(saved.ok, "{}", saved.stderr);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30);
+    let check = |off: u64, want: u8| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 1 << 20];
+        std::fs::File::open(&file)
+            .unwrap()
+            .read_exact_at(&mut buf, off)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == want), "at {off}: want {want:#x}");
+    };
+    check(0, 0x31);
+    check(512 << 20, 0x32);
+    check(100 << 20, 0);
+
+    // The CLI way, detached: `openstack image create --volume`.
+    let r = c.request(
+        "DELETE",
+        &format!("/compute/v2.1/{project}/servers/{sid}/os-volume_attachments/{vid}"),
+        &[("X-Auth-Token", &token)],
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let made = osc(
+        &c,
+        &["image", "create", "--volume", "src", "-f", "json", "cliimg"],
+    );
+    assert!(made.ok, "{}{}", made.stdout, made.stderr);
+    // A volume that is not available or in-use is refused.
+    let reset = cinder(&c, &["reset-state", "--state", "error", &vid]);
+    assert!(reset.ok, "{}", reset.stderr);
+    assert_eq!(
+        fault(
+            &action(json!({"os-volume_upload_image": {"image_name": "i", "force": true}})),
+            400,
+            "badRequest"
+        ),
+        "Invalid volume: Volume status must be available/in-use."
+    );
+}
+
+#[test]
+fn an_upload_cut_by_a_crash_resumes_after_the_restart() {
+    let gate_dir = common::temp_dir();
+    let gate = gate_dir.path().join("go");
+    let data = common::temp_dir();
+    let mut c = Serve::new()
+        .data_dir(data.path())
+        .arg("--admin-password")
+        .arg(PW)
+        .env("CAIRN_UPLOAD_GATE", &gate)
+        .start();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+    let r = api.call(
+        "POST",
+        "/volumes",
+        Some(&json!({"volume": {"size": 1, "name": "u"}})),
+    );
+    let vid = r.json()["volume"]["id"].as_str().unwrap().to_owned();
+    let sid = server(&c, &token, &project);
+    let uri = attach(&c, &token, &project, &sid, &vid);
+    let w = run(std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 4M 1M"])
+        .arg(&uri));
+    assert!(w.ok, "{}", w.stderr);
+    let r = api.call(
+        "POST",
+        &format!("/volumes/{vid}/action"),
+        Some(&json!({"os-volume_upload_image": {"image_name": "cut", "force": true}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let image = r.json()["os-volume_upload_image"]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate.with_extension("waiting").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        api.get(&format!("/volumes/{vid}")).json()["volume"]["status"],
+        "uploading"
+    );
+    // The volume, its point-in-time copy; the image has no data yet.
+    assert_eq!(metric(&c, "cairn_store_objects"), 2.0);
+    c.stop_with(libc::SIGKILL);
+
+    let c = Serve::new()
+        .data_dir(data.path())
+        .arg("--admin-password")
+        .arg(PW)
+        .start();
+    let (token, _) = admin_token(&c, PW);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let i = c
+            .request(
+                "GET",
+                &format!("/v2/images/{image}"),
+                &[("X-Auth-Token", &token)],
+                None,
+            )
+            .json();
+        if i["status"] == "active" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not resumed: {i}\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let v = c
+        .request(
+            "GET",
+            &format!("/volume/v3/{project}/volumes/{vid}"),
+            &[("X-Auth-Token", &token)],
+            None,
+        )
+        .json();
+    assert_eq!(v["volume"]["status"], "in-use", "{v}");
+    let dir = common::temp_dir();
+    let file = dir.path().join("cut.raw");
+    let saved = osc(
+        &c,
+        &["image", "save", "--file", file.to_str().unwrap(), &image],
+    );
+    assert!(saved.ok, "{}", saved.stderr);
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    std::fs::File::open(&file)
+        .unwrap()
+        .read_exact_at(&mut buf, 4 << 20)
+        .unwrap();
+    assert!(buf.iter().all(|&b| b == 0x77));
+    // The copy went: the volume and the image's data remain.
+    assert_eq!(metric(&c, "cairn_store_objects"), 2.0);
 }

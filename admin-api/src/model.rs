@@ -336,6 +336,23 @@ pub struct NewVolume {
     pub source_volume_id: Option<String>,
 }
 
+/// `os-volume_upload_image`: the image to make of a volume.
+#[derive(Debug, Clone)]
+pub struct VolumeUpload {
+    pub image_name: String,
+    pub force: bool,
+    pub disk_format: String,
+    pub container_format: String,
+}
+
+/// What `os-volume_upload_image` answers: the volume (now `uploading`) and the new image
+/// (`None` for `iso`, which is accepted and makes no image, as seed 003 says).
+#[derive(Debug, Clone)]
+pub struct VolumeUploaded {
+    pub volume: Volume,
+    pub image_id: Option<String>,
+}
+
 /// A Block Storage volume type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeType {

@@ -233,6 +233,17 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id);
         Err(unimplemented())
     }
+    /// Block Storage `os-volume_upload_image`: a queued image is made, the volume goes
+    /// `uploading`, and a job streams a point-in-time copy of its data into the image.
+    async fn upload_volume_to_image(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: VolumeUpload,
+    ) -> ServiceResult<VolumeUploaded> {
+        let _ = (caller, id, req);
+        Err(unimplemented())
+    }
     /// Block Storage `os-extend`: grow to `new_size_gib` (available or in-use).
     async fn extend_volume(
         &self,

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "volume_types",
         sql: include_str!("migrations/0006_volume_types.sql"),
     },
+    Migration {
+        version: 7,
+        name: "volume_uploads",
+        sql: include_str!("migrations/0007_volume_uploads.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -198,6 +198,20 @@ fn set_status(conn: &Connection, id: &str, from: VolumeStatus, to: VolumeStatus)
 }
 
 /// Whether `caller` may see volume `v` under the family's rules.
+/// cinder's `_check_volume_availability` for an upload to an image.
+pub(crate) fn check_upload(v: &Volume, force: bool) -> ServiceResult<()> {
+    match v.status {
+        VolumeStatus::Available => Ok(()),
+        VolumeStatus::InUse if force => Ok(()),
+        VolumeStatus::InUse => Err(ServiceError::BadRequest(
+            "Invalid volume: Volume status is in-use.".into(),
+        )),
+        _ => Err(ServiceError::BadRequest(
+            "Invalid volume: Volume status must be available/in-use.".into(),
+        )),
+    }
+}
+
 fn may_see(caller: &Caller, v: &Volume, pdisk_rules: bool) -> bool {
     if caller.is_admin() {
         return true;
@@ -811,6 +825,146 @@ impl Volumes {
         .await?;
         tracing::info!(volume = %id, size_gib = new_size_gib, "volume extended");
         Ok(())
+    }
+
+    /// Starts an upload to an image: checks the volume's status (in-use needs `force`), takes
+    /// a point-in-time copy-on-write clone of its data (returned: stream that, not the live
+    /// volume) and makes the volume `uploading`. Returns the volume as it was and the clone.
+    pub async fn begin_upload(
+        &self,
+        caller: &Caller,
+        id: &str,
+        force: bool,
+    ) -> ServiceResult<(Volume, Uuid)> {
+        let Some(key) = canonical(id) else {
+            return Err(not_found("Volume", id));
+        };
+        let v = self
+            .changeable(
+                caller,
+                &key,
+                id,
+                "volume_extension:volume_actions:upload_image",
+            )
+            .await?;
+        check_upload(&v, force)?;
+        let object = Uuid::parse_str(&key).map_err(|_| not_found("Volume", id))?;
+        let copy = Uuid::new_v4();
+        match self.store.clone_object(object, copy).await {
+            Ok(()) => {}
+            Err(StoreError::NoSpace) => {
+                return Err(ServiceError::OverLimit(
+                    "No space left in the store for the upload's copy.".into(),
+                ));
+            }
+            Err(e) => return Err(ServiceError::Internal(format!("copying the volume: {e}"))),
+        }
+        let k = key.clone();
+        let set = self
+            .tx(move |conn, s| {
+                let now_v = load_volume(conn, &k, s)?.ok_or_else(|| not_found("Volume", &k))?;
+                check_upload(&now_v, force)?;
+                set_status(conn, &k, now_v.status, VolumeStatus::Uploading)?;
+                conn.execute(
+                    "UPDATE volumes SET upload_copy = ?2, upload_image = NULL WHERE id = ?1",
+                    params![k, copy.to_string()],
+                )?;
+                Ok(now_v)
+            })
+            .await;
+        match set {
+            Ok(v) => Ok((v, copy)),
+            Err(e) => {
+                let _ = self.store.delete_object(copy).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The project a volume belongs to.
+    pub async fn project_of(&self, id: &str) -> Option<String> {
+        let key = id.to_owned();
+        self.tx(move |conn, _| {
+            Ok(conn
+                .query_row(
+                    "SELECT project_id FROM volumes WHERE id = ?1",
+                    [&key],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Records the image an upload fills (so that a restart resumes it).
+    pub async fn set_upload_image(&self, id: &str, image: &str) -> ServiceResult<()> {
+        let (key, image) = (id.to_owned(), image.to_owned());
+        self.tx(move |conn, _| {
+            conn.execute(
+                "UPDATE volumes SET upload_image = ?2 WHERE id = ?1",
+                params![key, image],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Uploads a restart cut: (volume id, copy object, image id or None).
+    pub async fn cut_uploads(&self) -> ServiceResult<Vec<(String, Uuid, Option<String>)>> {
+        let rows: Vec<(String, Option<String>, Option<String>)> = self
+            .tx(|conn, _| {
+                Ok(conn
+                    .prepare(
+                        "SELECT id, upload_copy, upload_image FROM volumes \
+                         WHERE status = 'uploading'",
+                    )?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (id, copy, image) in rows {
+            match copy.as_deref().and_then(|c| Uuid::parse_str(c).ok()) {
+                Some(copy) => out.push((id, copy, image)),
+                // Nothing to resume from: the volume just goes back.
+                None => self.end_upload(&id, Uuid::nil()).await,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends an upload: the copy goes, and the volume is `in-use` again if it is attached,
+    /// `available` otherwise.
+    pub async fn end_upload(&self, id: &str, copy: Uuid) {
+        if let Err(e) = self.store.delete_object(copy).await
+            && !copy.is_nil()
+        {
+            tracing::warn!(volume = %id, error = %e, "deleting an upload's copy");
+        }
+        let key = id.to_owned();
+        let r = self
+            .tx(move |conn, s| {
+                let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &key))?;
+                let to = if v.attachments.is_empty() {
+                    VolumeStatus::Available
+                } else {
+                    VolumeStatus::InUse
+                };
+                if v.status == VolumeStatus::Uploading {
+                    set_status(conn, &key, VolumeStatus::Uploading, to)?;
+                }
+                conn.execute(
+                    "UPDATE volumes SET upload_copy = NULL, upload_image = NULL WHERE id = ?1",
+                    [&key],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(volume = %id, error = %e, "ending an upload");
+        }
     }
 
     /// Sets Block Storage's `bootable` and `readonly` flags.

@@ -10,6 +10,26 @@ use uuid::Uuid;
 
 use crate::store::Store;
 
+/// The first `len` bytes of `object`, as a stream of pieces of at most 4 MiB read from the
+/// store one after another (memory: one piece in flight).
+pub fn object_stream(store: Store, object: Uuid, len: u64) -> admin_api::image::ByteStream {
+    const PIECE: u64 = 4 << 20;
+    Box::pin(futures_util::stream::unfold(0u64, move |at| {
+        let store = store.clone();
+        async move {
+            if at >= len {
+                return None;
+            }
+            let n = (len - at).min(PIECE);
+            let piece = store
+                .read(object, at, n as usize)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()));
+            Some((piece, at + n))
+        }
+    }))
+}
+
 /// An object's bytes as the inspector reads them.
 pub struct ObjectReader<'a> {
     store: &'a Store,

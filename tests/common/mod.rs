@@ -757,3 +757,14 @@ pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
         .to_owned();
     (t, p)
 }
+
+/// The value of the first sample named `name` on `/metrics`.
+pub fn metric(c: &Cairn, name: &str) -> f64 {
+    let text = c.get("/metrics").body;
+    let samples = parse_metrics(&text).expect("metrics parse");
+    samples
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .value
+}

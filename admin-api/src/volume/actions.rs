@@ -5,7 +5,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
@@ -14,7 +14,7 @@ use crate::compute::volumes::parse_size;
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body};
 use crate::{
     AppState,
-    model::{VolumeFlags, VolumeStatus},
+    model::{VolumeFlags, VolumeStatus, VolumeUpload},
     schema::{BadRequest, Forbidden, ItemNotFound, OverLimit},
 };
 
@@ -30,6 +30,8 @@ use crate::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documents the bodies `parse` checks
 pub(crate) struct VolumeActionRequest {
+    #[serde(rename = "os-volume_upload_image")]
+    upload_image: Option<UploadImageAction>,
     #[serde(rename = "os-extend")]
     extend: Option<ExtendAction>,
     #[serde(rename = "os-set_bootable")]
@@ -72,7 +74,50 @@ pub(crate) struct ResetStatusAction {
     migration_status: Option<String>,
 }
 
+/// `os-volume_upload_image` (seed 003).
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct UploadImageAction {
+    /// 1 to 255 characters.
+    #[schema(min_length = 1, max_length = 255)]
+    image_name: String,
+    /// Upload an in-use volume (a point-in-time copy): a boolean, or a string ("true", ...).
+    force: Option<bool>,
+    /// `raw` (default); `iso` is accepted and makes no image (seed 003); vmdk, vdi and qcow2
+    /// are refused until their streaming writers land.
+    disk_format: Option<String>,
+    /// bare (default), ovf, ami, aki or ari.
+    container_format: Option<String>,
+}
+
+/// The answer to `os-volume_upload_image`, as seed 003 shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UploadImageResult {
+    id: String,
+    /// `YYYY-MM-DDTHH:MM:SS.ffffff`
+    updated_at: String,
+    /// `uploading` (or the volume's status for `iso`).
+    status: String,
+    display_description: Option<String>,
+    /// GiB.
+    size: u64,
+    volume_type: Option<String>,
+    /// The new image (null for `iso`: no image is made).
+    image_id: Option<String>,
+    container_format: String,
+    disk_format: String,
+    image_name: String,
+}
+
+/// `{"os-volume_upload_image": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UploadImageResponse {
+    #[serde(rename = "os-volume_upload_image")]
+    upload: UploadImageResult,
+}
+
 enum Action {
+    Upload(VolumeUpload),
     Extend(u64),
     Flags(VolumeFlags),
     Reset(VolumeStatus),
@@ -98,6 +143,79 @@ fn boolean(v: Option<&Value>, what: &str) -> FaultResult<bool> {
     }
 }
 
+/// seed 003's request table, in cinder's order: image name, then force, then the formats.
+fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
+    let image_name = match args.get("image_name") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_) | Value::Null | Value::Bool(false)) | None => {
+            return Err(Fault::bad_request(
+                "No image_name was specified in request.",
+            ));
+        }
+        Some(Value::Number(n)) if n.as_f64() == Some(0.0) => {
+            return Err(Fault::bad_request(
+                "No image_name was specified in request.",
+            ));
+        }
+        Some(_) => {
+            return Err(Fault::bad_request(
+                "Invalid input for field/attribute image_name. Value: not a string",
+            ));
+        }
+    };
+    if image_name.chars().count() > 255 {
+        return Err(Fault::bad_request(
+            "Invalid input for field/attribute image_name. Value: is longer than 255 characters",
+        ));
+    }
+    let force = match args.get("force") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        // cinder's non-strict `bool_from_string`: anything but a true word is false.
+        Some(Value::String(s)) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "y" | "on" | "t"
+        ),
+        Some(_) => return Err(Fault::bad_request("'force' is not string or bool.")),
+    };
+    let text = |key: &str, default: &str| match args.get(key) {
+        None | Some(Value::Null) => Ok(default.to_owned()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(Fault::bad_request(format!(
+            "Invalid input for field/attribute {key}. Value: not a string"
+        ))),
+    };
+    let container_format = text("container_format", "bare")?;
+    if !matches!(
+        container_format.as_str(),
+        "bare" | "ovf" | "ami" | "aki" | "ari"
+    ) {
+        return Err(Fault::bad_request(format!(
+            "Invalid input received: container_format {container_format} is not one of bare, ovf, ami, aki, ari."
+        )));
+    }
+    let disk_format = text("disk_format", "raw")?;
+    match disk_format.as_str() {
+        "raw" | "iso" => {}
+        "qcow2" | "vmdk" | "vdi" => {
+            return Err(Fault::bad_request(format!(
+                "Invalid input received: uploading as {disk_format} is not supported yet; raw is."
+            )));
+        }
+        _ => {
+            return Err(Fault::bad_request(format!(
+                "Invalid input received: disk_format {disk_format} is not one of raw, vmdk, vdi, qcow2."
+            )));
+        }
+    }
+    Ok(VolumeUpload {
+        image_name,
+        force,
+        disk_format,
+        container_format,
+    })
+}
+
 fn parse(body: Map<String, Value>) -> FaultResult<Action> {
     let mut keys = body.keys();
     let (Some(name), None) = (keys.next(), keys.next()) else {
@@ -115,6 +233,7 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
         }
     };
     match name.as_str() {
+        "os-volume_upload_image" => Ok(Action::Upload(parse_upload(&args)?)),
         "os-extend" => {
             let size = parse_size(args.get("new_size")).map_err(|f| {
                 Fault::bad_request(
@@ -163,7 +282,7 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
     request_body(content = VolumeActionRequest, content_type = "application/json",
         description = "exactly one of the actions"),
     responses((status = 200, description = "os-set_bootable: done (empty body)"),
-              (status = 202, description = "os-extend, os-update_readonly_flag, os-reset_status: done (empty body)"),
+              (status = 202, description = "os-volume_upload_image: the volume, now uploading, and the new image; os-extend, os-update_readonly_flag, os-reset_status: done (empty body)", body = UploadImageResponse),
               (status = 400, description = "badRequest: no such action, bad arguments, a size not larger, a status that does not allow it", body = BadRequest),
               (status = 403, description = "forbidden: reader role, or os-reset_status by a non-admin", body = Forbidden),
               (status = 404, description = "itemNotFound", body = ItemNotFound),
@@ -179,6 +298,33 @@ pub(super) async fn volume_action(
     let id = ctx.param("volume_id");
     let svc = &state.service;
     match action {
+        Action::Upload(req) => {
+            let (image_name, disk_format, container_format) = (
+                req.image_name.clone(),
+                req.disk_format.clone(),
+                req.container_format.clone(),
+            );
+            let done = svc.upload_volume_to_image(&ctx.caller, id, req).await?;
+            let v = done.volume;
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(UploadImageResponse {
+                    upload: UploadImageResult {
+                        id: v.id,
+                        updated_at: crate::time_fmt::compute(v.updated_at),
+                        status: v.status.as_str().to_owned(),
+                        display_description: v.description,
+                        size: v.size_gib,
+                        volume_type: v.volume_type,
+                        image_id: done.image_id,
+                        container_format,
+                        disk_format,
+                        image_name,
+                    },
+                }),
+            )
+                .into_response())
+        }
         Action::Extend(size) => {
             ctx.require_writer("volume:extend")?;
             svc.extend_volume(&ctx.caller, id, size).await?;
