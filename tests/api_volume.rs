@@ -80,6 +80,28 @@ fn attach(c: &Cairn, token: &str, project: &str, server: &str, volume: &str) -> 
         .to_owned()
 }
 
+/// `qemu-io -c <cmd>` on an NBD URI; the command must succeed (a pattern read included).
+fn qemu_io(uri: &str, cmd: &str) {
+    let o = run(std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd])
+        .arg(uri));
+    assert!(
+        o.ok && !o.stdout.contains("fail") && !o.stdout.contains("error"),
+        "{cmd} on {uri}: {}{}",
+        o.stdout,
+        o.stderr
+    );
+}
+
+/// A 1 GiB volume made with the CLI and attached to a new server: (volume, server, NBD URI).
+fn attached_volume(c: &Cairn, token: &str, project: &str, name: &str) -> (String, String, String) {
+    let v = osc(c, &["volume", "create", "--size", "1", "-f", "json", name]).json();
+    let vid = v["id"].as_str().expect("volume id").to_owned();
+    let sid = server(c, token, project);
+    let uri = attach(c, token, project, &sid, &vid);
+    (vid, sid, uri)
+}
+
 /// A cinder fault: the status, `{"<name>": {"message", "code"}}`, and the message.
 fn fault(r: &Reply, status: u16, name: &str) -> String {
     assert_eq!(r.status, status, "{}", r.body);
@@ -674,27 +696,9 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
         project: project.clone(),
         prefix: "/volume/v3",
     };
-    let v = osc(
-        &c,
-        &["volume", "create", "--size", "1", "-f", "json", "orig"],
-    )
-    .json();
-    let vid = v["id"].as_str().unwrap().to_owned();
     // Attached, so that the data is written through its export, then snapshotted in use.
-    let sid = server(&c, &token, &project);
-    let uri = attach(&c, &token, &project, &sid, &vid);
-    let io = |uri: &str, cmd: &str| {
-        let o = run(std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd])
-            .arg(uri));
-        assert!(
-            o.ok && !o.stdout.contains("fail") && !o.stdout.contains("error"),
-            "{cmd} on {uri}: {}{}",
-            o.stdout,
-            o.stderr
-        );
-    };
-    io(&uri, "write -P 0x41 0 1M");
+    let (vid, sid, uri) = attached_volume(&c, &token, &project, "orig");
+    qemu_io(&uri, "write -P 0x41 0 1M");
 
     // In use: refused without --force, taken with it.
     let refused = osc(
@@ -717,7 +721,7 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
     assert_eq!(s["size"], 1);
     let snap = s["id"].as_str().unwrap().to_owned();
     // Written after the instant: in the volume, not in the snapshot.
-    io(&uri, "write -P 0x42 0 1M");
+    qemu_io(&uri, "write -P 0x42 0 1M");
 
     let list = osc(&c, &["volume", "snapshot", "list", "-f", "json"]).json();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -768,12 +772,12 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
         let id = osc(&c, &["volume", "show", "-f", "value", "-c", "id", name]);
         let id = id.stdout.trim().to_owned();
         let u = attach(&c, &token, &project, &sid, &id);
-        io(&u, &format!("read -P {pattern} 0 1M"));
-        io(&u, "read -P 0 1M 1M");
+        qemu_io(&u, &format!("read -P {pattern} 0 1M"));
+        qemu_io(&u, "read -P 0 1M 1M");
         // Its writes are its own.
-        io(&u, "write -P 0x55 0 4k");
+        qemu_io(&u, "write -P 0x55 0 4k");
     }
-    io(&uri, "read -P 0x42 0 1M");
+    qemu_io(&uri, "read -P 0x42 0 1M");
 
     // A volume with snapshots is not deleted; without them it is.
     let r = c.request(
@@ -957,25 +961,8 @@ fn upload_to_image_streams_a_point_in_time_copy_and_checks_every_seed_row() {
         project: project.clone(),
         prefix: "/v2",
     };
-    let v = osc(
-        &c,
-        &["volume", "create", "--size", "1", "-f", "json", "src"],
-    )
-    .json();
-    let vid = v["id"].as_str().unwrap().to_owned();
-    let sid = server(&c, &token, &project);
-    let uri = attach(&c, &token, &project, &sid, &vid);
-    let io = |cmd: &str| {
-        let o = run(std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd])
-            .arg(&uri));
-        assert!(
-            o.ok && !o.stdout.contains("fail"),
-            "{cmd}: {}{}",
-            o.stdout,
-            o.stderr
-        );
-    };
+    let (vid, sid, uri) = attached_volume(&c, &token, &project, "src");
+    let io = |cmd: &str| qemu_io(&uri, cmd);
     io("write -P 0x31 0 1M");
     io("write -P 0x32 512M 1M");
     let images_before = api
