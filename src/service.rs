@@ -131,16 +131,26 @@ impl DaemonService {
                 }
             }
             let started = std::time::Instant::now();
-            let status = images.get_image(&caller, &image_id).await.map(|i| i.status);
-            let r = match status {
-                Ok(s) if s == "active" => Ok(()),
-                Ok(s) if s == "queued" => {
-                    let body = crate::image::object_stream(store, copy, size);
-                    images
-                        .upload(&caller, &image_id, UploadKind::Direct, body, Some(size))
-                        .await
+            let image = images.get_image(&caller, &image_id).await;
+            let r = match image.map(|i| (i.status, i.disk_format)) {
+                Ok((s, _)) if s == "active" => Ok(()),
+                Ok((s, format)) if s == "queued" => {
+                    let body = if format.as_deref() == Some("qcow2") {
+                        crate::image::qcow2_out::stream(store, copy, size)
+                            .map_err(|e| ServiceError::Internal(format!("qcow2 layout: {e}")))
+                    } else {
+                        Ok((crate::image::object_stream(store, copy, size), size))
+                    };
+                    match body {
+                        Ok((body, len)) => {
+                            images
+                                .upload(&caller, &image_id, UploadKind::Direct, body, Some(len))
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
-                Ok(other) => Err(ServiceError::Conflict(format!("the image is {other}"))),
+                Ok((other, _)) => Err(ServiceError::Conflict(format!("the image is {other}"))),
                 Err(e) => Err(e),
             };
             match r {

@@ -1280,3 +1280,79 @@ fn an_upload_cut_by_a_crash_resumes_after_the_restart() {
     // The copy went: the volume and the image's data remain.
     assert_eq!(metric(&c, "cairn_store_objects"), 2.0);
 }
+
+#[test]
+fn qcow2_uploads_are_valid_images_holding_only_the_data() {
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let (vid, _sid, uri) = attached_volume(&c, &token, &project, "q");
+    qemu_io(&uri, "write -P 0x51 0 1M");
+    qemu_io(&uri, "write -P 0x52 700M 4k"); // a lone block in a cluster of its own
+    qemu_io(&uri, "write -P 0x53 1023M 1M"); // the last region
+    let up = cinder(
+        &c,
+        &[
+            "upload-to-image",
+            "--force",
+            "True",
+            "--disk-format",
+            "qcow2",
+            &vid,
+            "qimg",
+        ],
+    );
+    assert!(up.ok, "{}{}", up.stdout, up.stderr);
+    let image = up
+        .stdout
+        .lines()
+        .find(|l| l.contains("image_id"))
+        .and_then(|l| l.split('|').nth(2))
+        .map(|s| s.trim().to_owned())
+        .expect("image_id in cinder's table");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let i = c
+            .request(
+                "GET",
+                &format!("/v2/images/{image}"),
+                &[("X-Auth-Token", &token)],
+                None,
+            )
+            .json();
+        if i["status"] == "active" {
+            assert_eq!(i["disk_format"], "qcow2", "{i}");
+            assert_eq!(i["virtual_size"], 1u64 << 30, "{i}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload not done: {i}\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let dir = common::temp_dir();
+    let file = dir.path().join("img.qcow2");
+    let saved = osc(
+        &c,
+        &["image", "save", "--file", file.to_str().unwrap(), &image],
+    );
+    assert!(saved.ok, "{}", saved.stderr);
+    // Holes cost nothing: 2 MiB and a block of data, a few clusters of metadata.
+    let len = std::fs::metadata(&file).unwrap().len();
+    assert!(len < 4 << 20, "{len} bytes");
+    let check = run(std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&file));
+    assert!(
+        check.ok && check.stdout.contains("No errors"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+    let cmp = run(std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&file)
+        .arg(&uri));
+    assert!(cmp.ok, "{}{}", cmp.stdout, cmp.stderr);
+}

@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod inspect;
 pub mod qcow2;
+pub mod qcow2_out;
 
 use uuid::Uuid;
 

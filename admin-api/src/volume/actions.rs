@@ -83,8 +83,9 @@ pub(crate) struct UploadImageAction {
     image_name: String,
     /// Upload an in-use volume (a point-in-time copy): a boolean, or a string ("true", ...).
     force: Option<bool>,
-    /// `raw` (default); `iso` is accepted and makes no image (seed 003); vmdk, vdi and qcow2
-    /// are refused until their streaming writers land.
+    /// `raw` (default) or `qcow2` (written in stream order: holes cost nothing); `iso` is
+    /// accepted and makes no image (seed 003); vmdk and vdi are refused until their writers
+    /// land.
     disk_format: Option<String>,
     /// bare (default), ovf, ami, aki or ari.
     container_format: Option<String>,
@@ -196,10 +197,10 @@ fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
     }
     let disk_format = text("disk_format", "raw")?;
     match disk_format.as_str() {
-        "raw" | "iso" => {}
-        "qcow2" | "vmdk" | "vdi" => {
+        "raw" | "qcow2" | "iso" => {}
+        "vmdk" | "vdi" => {
             return Err(Fault::bad_request(format!(
-                "Invalid input received: uploading as {disk_format} is not supported yet; raw is."
+                "Invalid input received: uploading as {disk_format} is not supported yet; raw and qcow2 are."
             )));
         }
         _ => {
