@@ -102,6 +102,29 @@ fn attached_volume(c: &Cairn, token: &str, project: &str, name: &str) -> (String
     (vid, sid, uri)
 }
 
+/// Waits until an upload has ended: its image `active` and the volume no longer `uploading`
+/// (the job restores the volume's status after the image is done). Returns the image.
+fn wait_upload(c: &Cairn, token: &str, project: &str, volume: &str, image: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let get = |path: String| {
+            c.request("GET", &path, &[("X-Auth-Token", token)], None)
+                .json()
+        };
+        let i = get(format!("/v2/images/{image}"));
+        let v = get(format!("/volume/v3/{project}/volumes/{volume}"));
+        if i["status"] == "active" && v["volume"]["status"] != "uploading" {
+            return i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload not done: {i}\n{v}\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A cinder fault: the status, `{"<name>": {"message", "code"}}`, and the message.
 fn fault(r: &Reply, status: u16, name: &str) -> String {
     assert_eq!(r.status, status, "{}", r.body);
@@ -1099,27 +1122,8 @@ fn upload_to_image_streams_a_point_in_time_copy_and_checks_every_seed_row() {
     );
     let image = up["image_id"].as_str().expect("image id").to_owned();
     io("write -P 0x33 0 1M"); // after the instant: not in the image
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let i = c
-            .request(
-                "GET",
-                &format!("/v2/images/{image}"),
-                &[("X-Auth-Token", &token)],
-                None,
-            )
-            .json();
-        if i["status"] == "active" {
-            assert_eq!(i["size"], 1u64 << 30, "{i}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload not done: {i}\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let i = wait_upload(&c, &token, &project, &vid, &image);
+    assert_eq!(i["size"], 1u64 << 30, "{i}");
     assert_eq!(
         api.get(&format!("/volumes/{vid}")).json()["volume"]["status"],
         "in-use"
@@ -1234,26 +1238,7 @@ fn an_upload_cut_by_a_crash_resumes_after_the_restart() {
         .arg(PW)
         .start();
     let (token, _) = admin_token(&c, PW);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let i = c
-            .request(
-                "GET",
-                &format!("/v2/images/{image}"),
-                &[("X-Auth-Token", &token)],
-                None,
-            )
-            .json();
-        if i["status"] == "active" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not resumed: {i}\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_upload(&c, &token, &project, &vid, &image);
     let v = c
         .request(
             "GET",
@@ -1309,28 +1294,9 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
         .and_then(|l| l.split('|').nth(2))
         .map(|s| s.trim().to_owned())
         .expect("image_id in cinder's table");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let i = c
-            .request(
-                "GET",
-                &format!("/v2/images/{image}"),
-                &[("X-Auth-Token", &token)],
-                None,
-            )
-            .json();
-        if i["status"] == "active" {
-            assert_eq!(i["disk_format"], "qcow2", "{i}");
-            assert_eq!(i["virtual_size"], 1u64 << 30, "{i}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload not done: {i}\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let i = wait_upload(&c, &token, &project, &vid, &image);
+    assert_eq!(i["disk_format"], "qcow2", "{i}");
+    assert_eq!(i["virtual_size"], 1u64 << 30, "{i}");
     let dir = common::temp_dir();
     let file = dir.path().join("img.qcow2");
     let saved = osc(

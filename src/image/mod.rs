@@ -11,23 +11,36 @@ use uuid::Uuid;
 
 use crate::store::Store;
 
-/// The first `len` bytes of `object`, as a stream of pieces of at most 4 MiB read from the
-/// store one after another (memory: one piece in flight).
+/// The first `len` bytes of `object`, as a stream of pieces of at most 4 MiB. A task reads
+/// ahead (two pieces), so the store's reads overlap whatever the consumer does with the
+/// pieces (hashing, writing); memory stays at a few pieces.
 pub fn object_stream(store: Store, object: Uuid, len: u64) -> admin_api::image::ByteStream {
     const PIECE: u64 = 4 << 20;
-    Box::pin(futures_util::stream::unfold(0u64, move |at| {
-        let store = store.clone();
-        async move {
-            if at >= len {
-                return None;
-            }
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
+    tokio::spawn(async move {
+        let mut at = 0;
+        while at < len {
             let n = (len - at).min(PIECE);
             let piece = store
                 .read(object, at, n as usize)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()));
-            Some((piece, at + n))
+            let failed = piece.is_err();
+            if tx.send(piece).await.is_err() || failed {
+                return;
+            }
+            at += n;
         }
+    });
+    receiver_stream(rx)
+}
+
+/// The pieces a producer task sends, as a stream.
+pub(crate) fn receiver_stream(
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+) -> admin_api::image::ByteStream {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|piece| (piece, rx))
     }))
 }
 

@@ -162,10 +162,7 @@ pub fn stream(
             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
     });
-    let s = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|piece| (piece, rx))
-    });
-    Ok((Box::pin(s), len))
+    Ok((super::receiver_stream(rx), len))
 }
 
 async fn produce(
