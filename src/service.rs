@@ -137,6 +137,7 @@ impl DaemonService {
                 Ok((s, format)) if s == "queued" => {
                     let body = if format.as_deref() == Some("qcow2") {
                         crate::image::qcow2_out::stream(store, copy, size)
+                            .await
                             .map_err(|e| ServiceError::Internal(format!("qcow2 layout: {e}")))
                     } else {
                         Ok((crate::image::object_stream(store, copy, size), size))

@@ -632,29 +632,10 @@ fn create_volume(c: &Cairn, tok: &str, tenant: &str, body: Value) -> (u16, Value
     (r.status, r.json())
 }
 
+/// A new server with `volume` attached; the attachment's NBD URI.
 fn attach(c: &Cairn, tok: &str, tenant: &str, volume: &str) -> String {
-    let s = c.request(
-        "POST",
-        &format!("/v1.1/{tenant}/servers"),
-        &[("x-auth-token", tok)],
-        Some(("application/json", r#"{"server": {"name": "vm"}}"#)),
-    );
-    assert_eq!(s.status, 202, "{}", s.body);
-    let sid = s.json()["server"]["id"].as_str().unwrap().to_owned();
-    let a = c.request(
-        "POST",
-        &format!("/v1.1/{tenant}/servers/{sid}/os-volume_attachments"),
-        &[("x-auth-token", tok)],
-        Some((
-            "application/json",
-            &json!({"volumeAttachment": {"volumeId": volume}}).to_string(),
-        )),
-    );
-    assert!(matches!(a.status, 200 | 202), "{}", a.body);
-    a.json()["volumeAttachment"]["nbdUri"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    let sid = common::server(c, tok, tenant);
+    common::attach(c, tok, tenant, &sid, volume)
 }
 
 #[test]

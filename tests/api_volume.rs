@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Cairn, Out, Reply, Serve, admin_token, metric, os_client, osc, run};
+use common::{Cairn, Out, Reply, Serve, admin_token, attach, metric, os_client, osc, run, server};
 use serde_json::{Value, json};
 
 const PW: &str = "volume-test-admin-pw";
@@ -42,42 +42,6 @@ impl Api<'_> {
     fn get(&self, rest: &str) -> Reply {
         self.call("GET", rest, None)
     }
-}
-
-/// A Compute server of the token's project, for volumes to attach to.
-fn server(c: &Cairn, token: &str, project: &str) -> String {
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers"),
-        &[("X-Auth-Token", token)],
-        Some((
-            "application/json",
-            &json!({"server": {"name": "vm"}}).to_string(),
-        )),
-    );
-    assert!(matches!(r.status, 200 | 202), "{}", r.body);
-    r.json()["server"]["id"]
-        .as_str()
-        .expect("server id")
-        .to_owned()
-}
-
-/// Attaches `volume` to `server` through Compute; returns the attachment's NBD URI.
-fn attach(c: &Cairn, token: &str, project: &str, server: &str, volume: &str) -> String {
-    let r = c.request(
-        "POST",
-        &format!("/compute/v2.1/{project}/servers/{server}/os-volume_attachments"),
-        &[("X-Auth-Token", token)],
-        Some((
-            "application/json",
-            &json!({"volumeAttachment": {"volumeId": volume}}).to_string(),
-        )),
-    );
-    assert!(matches!(r.status, 200 | 202), "{}", r.body);
-    r.json()["volumeAttachment"]["nbdUri"]
-        .as_str()
-        .expect("nbd uri")
-        .to_owned()
 }
 
 /// `qemu-io -c <cmd>` on an NBD URI; the command must succeed (a pattern read included).

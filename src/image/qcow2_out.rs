@@ -149,12 +149,20 @@ fn layout(store: &Store, object: Uuid, size: u64) -> Result<Layout, StoreError> 
 }
 
 /// `object` (`size` bytes, unchanging while it streams) as a qcow2 stream, and its length.
-pub fn stream(
+/// The layout walks the whole allocation map (under the store's metadata lock, one 512 MiB
+/// region at a time): a blocking thread does it, not an async worker.
+pub async fn stream(
     store: Store,
     object: Uuid,
     size: u64,
-) -> Result<(admin_api::image::ByteStream, u64), StoreError> {
-    let lay = layout(&store, object, size)?;
+) -> std::io::Result<(admin_api::image::ByteStream, u64)> {
+    let lay = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || layout(&store, object, size))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    };
     let len = lay.bytes();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {

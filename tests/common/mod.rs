@@ -768,3 +768,39 @@ pub fn metric(c: &Cairn, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
         .value
 }
+
+/// A Compute server of the token's project, for volumes to attach to.
+pub fn server(c: &Cairn, token: &str, project: &str) -> String {
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers"),
+        &[("X-Auth-Token", token)],
+        Some((
+            "application/json",
+            &serde_json::json!({"server": {"name": "vm"}}).to_string(),
+        )),
+    );
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    r.json()["server"]["id"]
+        .as_str()
+        .expect("server id")
+        .to_owned()
+}
+
+/// Attaches `volume` to `server` through Compute; returns the attachment's NBD URI.
+pub fn attach(c: &Cairn, token: &str, project: &str, server: &str, volume: &str) -> String {
+    let r = c.request(
+        "POST",
+        &format!("/compute/v2.1/{project}/servers/{server}/os-volume_attachments"),
+        &[("X-Auth-Token", token)],
+        Some((
+            "application/json",
+            &serde_json::json!({"volumeAttachment": {"volumeId": volume}}).to_string(),
+        )),
+    );
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    r.json()["volumeAttachment"]["nbdUri"]
+        .as_str()
+        .expect("nbd uri")
+        .to_owned()
+}
