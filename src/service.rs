@@ -135,20 +135,36 @@ impl DaemonService {
             let r = match image.map(|i| (i.status, i.disk_format)) {
                 Ok((s, _)) if s == "active" => Ok(()),
                 Ok((s, format)) if s == "queued" => {
-                    let body = if format.as_deref() == Some("qcow2") {
-                        crate::image::qcow2_out::stream(store, copy, size)
-                            .await
-                            .map_err(|e| ServiceError::Internal(format!("qcow2 layout: {e}")))
+                    // Into this daemon's own images, the image's data is the copy's chunks,
+                    // shared: raw is a clone of the copy, qcow2 writes only its metadata.
+                    let qcow2 = format.as_deref() == Some("qcow2");
+                    if !qcow2 || crate::image::qcow2_out::can_build(&store, size) {
+                        let build: crate::control::images::BuildData = Box::new(move |object| {
+                            Box::pin(async move {
+                                let made = if qcow2 {
+                                    crate::image::qcow2_out::build(store, copy, size, object).await
+                                } else {
+                                    store
+                                        .clone_object(copy, object)
+                                        .await
+                                        .map(|()| size)
+                                        .map_err(|e| std::io::Error::other(e.to_string()))
+                                };
+                                made.map_err(|e| {
+                                    ServiceError::Internal(format!("the image's data: {e}"))
+                                })
+                            })
+                        });
+                        images.upload_built(&caller, &image_id, build).await
                     } else {
-                        Ok((crate::image::object_stream(store, copy, size), size))
-                    };
-                    match body {
-                        Ok((body, len)) => {
-                            images
-                                .upload(&caller, &image_id, UploadKind::Direct, body, Some(len))
-                                .await
+                        match crate::image::qcow2_out::stream(store, copy, size).await {
+                            Ok((body, len)) => {
+                                images
+                                    .upload(&caller, &image_id, UploadKind::Direct, body, Some(len))
+                                    .await
+                            }
+                            Err(e) => Err(ServiceError::Internal(format!("qcow2 layout: {e}"))),
                         }
-                        Err(e) => Err(e),
                     }
                 }
                 Ok((other, _)) => Err(ServiceError::Conflict(format!("the image is {other}"))),

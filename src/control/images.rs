@@ -678,6 +678,19 @@ impl Images {
         Ok(wanted)
     }
 
+    /// [`Images::receive`] into a new object, cut to the size received and flushed.
+    async fn receive_all(&self, object: Uuid, body: ByteStream) -> ServiceResult<(u64, Hashes)> {
+        let cap = self.settings.image_size_cap;
+        self.store
+            .create_object(object, cap)
+            .await
+            .map_err(store_error)?;
+        let (size, hashes) = self.receive(object, body).await?;
+        self.store.resize(object, size).await.map_err(store_error)?;
+        self.store.flush().await.map_err(store_error)?;
+        Ok((size, hashes))
+    }
+
     /// Streams `body` into a new object, hashing it. Returns the size and the hashes.
     async fn receive(&self, object: Uuid, mut body: ByteStream) -> ServiceResult<(u64, Hashes)> {
         let cap = self.settings.image_size_cap;
@@ -1192,14 +1205,17 @@ impl ImageService for Images {
             .ok_or_else(|| ServiceError::Internal("shutting down".into()))?;
         let caller = caller.clone();
         let id = id.to_owned();
-        tokio::spawn(async move { me.upload_now(&caller, &id, kind, body, size_hint).await })
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "an upload task failed");
-                Err(ServiceError::Internal(
-                    "the upload failed; see the daemon log".into(),
-                ))
-            })
+        tokio::spawn(async move {
+            me.upload_now(&caller, &id, kind, Fill::Body(body), size_hint)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "an upload task failed");
+            Err(ServiceError::Internal(
+                "the upload failed; see the daemon log".into(),
+            ))
+        })
     }
 
     async fn import(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
@@ -1454,14 +1470,71 @@ impl ImageService for Images {
     }
 }
 
+/// Makes an image's data object in the store (given its id) and returns its size.
+pub type BuildData =
+    Box<dyn FnOnce(Uuid) -> futures_util::future::BoxFuture<'static, ServiceResult<u64>> + Send>;
+
+/// Where an upload's data comes from.
+enum Fill {
+    /// A client's stream, written to a new object as it comes.
+    Body(ByteStream),
+    /// Made in the store by the daemon itself (a volume's chunks, shared), then read back
+    /// for the hashes.
+    Built(BuildData),
+}
+
 impl Images {
+    /// An upload whose data the daemon makes in the store itself (see [`BuildData`]): the
+    /// image goes through the states of a direct upload, is hashed and inspected the same
+    /// way, but its data costs no copy. A volume uploaded to this daemon's own images.
+    pub async fn upload_built(
+        &self,
+        caller: &Caller,
+        id: &str,
+        build: BuildData,
+    ) -> ServiceResult<()> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ServiceError::Internal("shutting down".into()))?;
+        let caller = caller.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            me.upload_now(&caller, &id, UploadKind::Direct, Fill::Built(build), None)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "an upload task failed");
+            Err(ServiceError::Internal(
+                "the upload failed; see the daemon log".into(),
+            ))
+        })
+    }
+
+    /// Hashes `size` bytes of `object`, reading ahead while the hashes run.
+    async fn hash_object(&self, object: Uuid, size: u64) -> ServiceResult<Hashes> {
+        let mut hashes = Hashes::new();
+        let mut pieces = crate::image::object_stream(self.store.clone(), object, size);
+        while let Some(piece) = pieces.next().await {
+            let piece = piece.map_err(|e| {
+                tracing::error!(object = %object, error = %e, "reading image data to hash it");
+                ServiceError::Internal(
+                    "the image data could not be read; see the daemon log".into(),
+                )
+            })?;
+            hashes = hash(hashes, piece).await?;
+        }
+        Ok(hashes)
+    }
+
     /// [`ImageService::upload`], run as a task of its own.
     async fn upload_now(
         &self,
         caller: &Caller,
         id: &str,
         kind: UploadKind,
-        body: ByteStream,
+        fill: Fill,
         size_hint: Option<u64>,
     ) -> ServiceResult<()> {
         let cap = self.settings.image_size_cap;
@@ -1529,19 +1602,15 @@ impl Images {
             .await?
         };
         let id = s.image.id.clone();
-        let received = match self.store.create_object(object, cap).await {
-            Ok(()) => self.receive(object, body).await,
-            Err(e) => Err(store_error(e)),
-        };
-        let received = match received {
-            Ok((size, hashes)) => match self.store.resize(object, size).await {
-                Ok(()) => match self.store.flush().await {
-                    Ok(()) => Ok((size, hashes)),
-                    Err(e) => Err(store_error(e)),
-                },
-                Err(e) => Err(store_error(e)),
+        let received = match fill {
+            Fill::Body(body) => self.receive_all(object, body).await,
+            Fill::Built(build) => match build(object).await {
+                Ok(size) if size > cap => Err(ServiceError::OverLimit(
+                    "The incoming image is too large: The provided image is too large.".into(),
+                )),
+                Ok(size) => self.hash_object(object, size).await.map(|h| (size, h)),
+                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
         };
         let checked = match (received, kind) {
             (Ok((size, hashes)), UploadKind::Direct) => self

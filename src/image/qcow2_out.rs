@@ -173,15 +173,93 @@ pub async fn stream(
     Ok((super::receiver_stream(rx), len))
 }
 
+/// Whether [`build`] can lay `size` bytes out in `store`: its chunks are the image's
+/// clusters, and the object ends on one.
+pub fn can_build(store: &Store, size: u64) -> bool {
+    u64::from(store.chunk_size()) == CS && size.is_multiple_of(CS)
+}
+
+/// `src` (`size` bytes, unchanging meanwhile; see [`can_build`]) laid out as a qcow2 image in
+/// the new object `dst`, whose length it returns. Only the metadata is written (from
+/// [`stream`]'s producer); the data clusters are `src`'s chunks, shared copy-on-write in
+/// one commit per 512 MiB region.
+pub async fn build(store: Store, src: Uuid, size: u64, dst: Uuid) -> std::io::Result<u64> {
+    let io = |e: StoreError| std::io::Error::other(e.to_string());
+    if !can_build(&store, size) {
+        return Err(std::io::Error::other(
+            "the store's chunks are not the image's clusters",
+        ));
+    }
+    let lay = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || layout(&store, src, size))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(io)?
+    };
+    let len = lay.bytes();
+    store.create_object(dst, len).await.map_err(io)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let producer = {
+        let (store, lay) = (store.clone(), lay.clone());
+        tokio::spawn(async move { produce_meta(&store, src, &lay, &tx).await })
+    };
+    let mut at = 0u64;
+    while let Some(piece) = rx.recv().await {
+        let piece = piece?;
+        let n = piece.len() as u64;
+        // The object is new: zeros need no write.
+        if piece.iter().any(|&b| b != 0) {
+            store.write(dst, at, piece, false).await.map_err(io)?;
+        }
+        at += n;
+    }
+    producer.await.map_err(std::io::Error::other)?.map_err(io)?;
+    if at != lay.data_at() * CS {
+        return Err(std::io::Error::other("the qcow2 metadata came out short"));
+    }
+    let mut next_data = lay.data_at();
+    for (r, &c) in lay.counts.iter().enumerate() {
+        if c == 0 {
+            continue;
+        }
+        let start = r as u64 * REGION;
+        let clusters = data_clusters(&store, src, start, (start + REGION).min(size)).map_err(io)?;
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for g in clusters {
+            match runs.last_mut() {
+                Some((s, _, n)) if *s + *n == g => *n += 1,
+                _ => runs.push((g, next_data, 1)),
+            }
+            next_data += 1;
+        }
+        store.share_chunks(src, dst, &runs).await.map_err(io)?;
+    }
+    Ok(len)
+}
+
 async fn produce(
     store: &Store,
     object: Uuid,
     lay: &Layout,
     tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), StoreError> {
+    if produce_meta(store, object, lay, tx).await? {
+        produce_data(store, object, lay, tx).await?;
+    }
+    Ok(())
+}
+
+/// Sends everything before the data clusters. False: the receiver went away.
+async fn produce_meta(
+    store: &Store,
+    object: Uuid,
+    lay: &Layout,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Result<bool, StoreError> {
     let send = |b: Bytes| async move { tx.send(Ok(b)).await.is_ok() };
     if !send(lay.header()).await {
-        return Ok(());
+        return Ok(false);
     }
     // Refcount table: the blocks' offsets.
     let mut t = BytesMut::with_capacity((lay.refcount_table * CS) as usize);
@@ -190,7 +268,7 @@ async fn produce(
     }
     t.resize((lay.refcount_table * CS) as usize, 0);
     if !send(t.freeze()).await {
-        return Ok(());
+        return Ok(false);
     }
     // Refcount blocks: 1 for every cluster of the image.
     let total = lay.total_clusters();
@@ -200,7 +278,7 @@ async fn produce(
             r.put_u16(u16::from(i < total));
         }
         if !send(r.freeze()).await {
-            return Ok(());
+            return Ok(false);
         }
     }
     // L1: each region with data points at its L2 table.
@@ -216,7 +294,7 @@ async fn produce(
     }
     l1.resize((lay.l1_clusters * CS) as usize, 0);
     if !send(l1.freeze()).await {
-        return Ok(());
+        return Ok(false);
     }
     // L2 tables, region by region; data clusters follow in the same order.
     let mut next_data = lay.data_at();
@@ -236,9 +314,20 @@ async fn produce(
             b.put_u64(e);
         }
         if !send(b.freeze()).await {
-            return Ok(());
+            return Ok(false);
         }
     }
+    Ok(true)
+}
+
+/// Sends the data clusters, in guest order.
+async fn produce_data(
+    store: &Store,
+    object: Uuid,
+    lay: &Layout,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Result<(), StoreError> {
+    let send = |b: Bytes| async move { tx.send(Ok(b)).await.is_ok() };
     for (r, &c) in lay.counts.iter().enumerate() {
         if c == 0 {
             continue;
