@@ -222,6 +222,18 @@ pub struct Config {
     #[arg(long, env = "CAIRN_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
 
+    /// A Glance-compatible image service (its endpoint, e.g. `http://glance:9292`) that
+    /// `os-volume_upload_image` sends volumes to, with the caller's token. Its tokens must be
+    /// this daemon's too: see `--identity-url`. [default: this daemon's own image service]
+    #[arg(long, env = "CAIRN_IMAGE_SERVICE_URL", value_name = "URL")]
+    pub image_service_url: Option<String>,
+
+    /// A Keystone-compatible identity service (its endpoint, e.g. `http://keystone:5000`)
+    /// that checks tokens this daemon did not issue, as keystonemiddleware does for an
+    /// OpenStack service. [default: only this daemon's own tokens]
+    #[arg(long, env = "CAIRN_IDENTITY_URL", value_name = "URL")]
+    pub identity_url: Option<String>,
+
     /// Threads running the daemon's async work (NBD requests, the HTTP API, the store's
     /// callers). Fewer than the CPUs can pay when clients share the machine: see the README.
     /// [default: the number of CPUs]

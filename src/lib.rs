@@ -7,5 +7,6 @@ pub mod config;
 pub mod control;
 pub mod image;
 pub mod nbd;
+pub mod remote;
 pub mod service;
 pub mod store;

@@ -345,6 +345,9 @@ async fn run(
         nbd_socket: layout.nbd_socket.clone(),
         convert_jobs: cfg.image_convert_jobs as usize,
         show_image_direct_url: cfg.show_image_direct_url,
+        image_service_url: cfg.image_service_url.clone(),
+        identity_url: cfg.identity_url.clone(),
+        tmp_dir: scratch_dir(&layout.data_dir)?,
     };
     let internal = std::sync::Arc::new(InternalExports::default());
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());
@@ -418,4 +421,16 @@ fn prepare_nbd_and_fuse(layout: &Layout) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `<data-dir>/tmp`, emptied: what is there was left by a run that stopped mid-upload.
+fn scratch_dir(data_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = data_dir.join("tmp");
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("emptying {}", dir.display())),
+    }
+    create_private_dir(&dir)?;
+    Ok(dir)
 }

@@ -11,6 +11,7 @@ use std::{
 
 use uuid::Uuid;
 
+use admin_api::image::ImageService;
 use admin_api::{
     AdminService, ComponentHealth, ConversionMetrics, Health, StoreMetrics, VersionInfo, model::*,
 };
@@ -20,6 +21,7 @@ use crate::{
     control::{Settings, identity::Identity, images::Images, volumes::Volumes},
     image::convert::Converter,
     nbd::InternalExports,
+    remote::{RemoteIdentity, RemoteImages},
     store::{self, Store},
 };
 
@@ -46,7 +48,21 @@ pub struct DaemonService {
     identity: Identity,
     volumes: Arc<Volumes>,
     images: Arc<Images>,
+    /// Where volumes are uploaded to, when not to `images`.
+    remote_images: Option<RemoteImages>,
+    /// Checks the tokens `identity` did not issue.
+    remote_identity: Option<RemoteIdentity>,
+    /// Scratch space for uploads as vmdk and vdi.
+    tmp_dir: std::path::PathBuf,
     shutting_down: AtomicBool,
+}
+
+/// Where an upload to an image sends the volume.
+enum UploadTarget {
+    /// This daemon's own image service: the image's data is the copy's chunks, shared.
+    Own,
+    /// An external image service, called with the caller's token.
+    Remote(RemoteImages, String),
 }
 
 impl DaemonService {
@@ -64,6 +80,9 @@ impl DaemonService {
             settings.convert_jobs,
         );
         Arc::new(Self {
+            remote_images: settings.image_service_url.as_deref().map(RemoteImages::new),
+            remote_identity: settings.identity_url.as_deref().map(RemoteIdentity::new),
+            tmp_dir: settings.tmp_dir.clone(),
             identity: Identity::new(catalog.clone(), settings.clone()),
             images: Images::new(catalog.clone(), store.clone(), settings.clone(), converter),
             volumes: Arc::new(Volumes::new(catalog.clone(), store.clone(), settings)),
@@ -97,8 +116,18 @@ impl DaemonService {
                 continue;
             };
             let project = self.volumes.project_of(&volume).await.unwrap_or_default();
+            let caller = system_caller(project);
+            if let Err(ServiceError::NotFound(_)) = self.images.get_image(&caller, &image).await {
+                // Not one of ours: an external image service's, which only the caller's
+                // token (gone with the restart) may fill or delete there.
+                tracing::error!(volume = %volume, image = %image,
+                    "an upload to the external image service was cut by a restart; the volume \
+                     is restored, the image there stays queued");
+                self.volumes.end_upload(&volume, copy).await;
+                continue;
+            }
             tracing::info!(volume = %volume, image = %image, "resuming an upload to an image");
-            self.spawn_upload(system_caller(project), volume, copy, image, v.size);
+            self.spawn_upload(caller, UploadTarget::Own, volume, copy, image, v.size);
         }
         Ok(())
     }
@@ -109,17 +138,18 @@ impl DaemonService {
     fn spawn_upload(
         &self,
         caller: Caller,
+        target: UploadTarget,
         volume_id: String,
         copy: Uuid,
         image_id: String,
         size: u64,
     ) {
-        use admin_api::image::{ImageService, UploadKind};
         let (images, volumes, store) = (
             self.images.clone(),
             self.volumes.clone(),
             self.store.clone(),
         );
+        let tmp_dir = self.tmp_dir.clone();
         tokio::spawn(async move {
             // Fault injection (tests): the upload waits here until the named file exists,
             // having made `<file>.waiting`, so that a test can cut it.
@@ -131,44 +161,17 @@ impl DaemonService {
                 }
             }
             let started = std::time::Instant::now();
-            let image = images.get_image(&caller, &image_id).await;
-            let r = match image.map(|i| (i.status, i.disk_format)) {
-                Ok((s, _)) if s == "active" => Ok(()),
-                Ok((s, format)) if s == "queued" => {
-                    // Into this daemon's own images, the image's data is the copy's chunks,
-                    // shared: raw is a clone of the copy, qcow2 writes only its metadata.
-                    let qcow2 = format.as_deref() == Some("qcow2");
-                    if !qcow2 || crate::image::qcow2_out::can_build(&store, size) {
-                        let build: crate::control::images::BuildData = Box::new(move |object| {
-                            Box::pin(async move {
-                                let made = if qcow2 {
-                                    crate::image::qcow2_out::build(store, copy, size, object).await
-                                } else {
-                                    store
-                                        .clone_object(copy, object)
-                                        .await
-                                        .map(|()| size)
-                                        .map_err(|e| std::io::Error::other(e.to_string()))
-                                };
-                                made.map_err(|e| {
-                                    ServiceError::Internal(format!("the image's data: {e}"))
-                                })
-                            })
-                        });
-                        images.upload_built(&caller, &image_id, build).await
-                    } else {
-                        match crate::image::qcow2_out::stream(store, copy, size).await {
-                            Ok((body, len)) => {
-                                images
-                                    .upload(&caller, &image_id, UploadKind::Direct, body, Some(len))
-                                    .await
-                            }
-                            Err(e) => Err(ServiceError::Internal(format!("qcow2 layout: {e}"))),
-                        }
-                    }
-                }
-                Ok((other, _)) => Err(ServiceError::Conflict(format!("the image is {other}"))),
-                Err(e) => Err(e),
+            let job = UploadJob {
+                images: &images,
+                tmp_dir: &tmp_dir,
+                store: &store,
+                image_id: &image_id,
+                copy,
+                size,
+            };
+            let r = match &target {
+                UploadTarget::Own => upload_own(&job, &caller).await,
+                UploadTarget::Remote(remote, token) => upload_remote(&job, remote, token).await,
             };
             match r {
                 Ok(()) => tracing::info!(volume = %volume_id, image = %image_id,
@@ -176,7 +179,13 @@ impl DaemonService {
                 Err(e) => {
                     tracing::error!(volume = %volume_id, image = %image_id, error = %e,
                         "uploading a volume to an image failed; the image is deleted");
-                    if let Err(e) = images.delete_image(&caller, &image_id).await {
+                    let deleted = match &target {
+                        UploadTarget::Own => images.delete_image(&caller, &image_id).await,
+                        UploadTarget::Remote(remote, token) => {
+                            remote.delete(token, &image_id).await
+                        }
+                    };
+                    if let Err(e) = deleted {
                         tracing::warn!(image = %image_id, error = %e, "deleting a failed upload's image");
                     }
                 }
@@ -280,7 +289,15 @@ impl AdminService for DaemonService {
     }
 
     async fn validate_token(&self, token: &str) -> ServiceResult<TokenInfo> {
-        self.identity.validate_token(token).await
+        match (
+            self.identity.validate_token(token).await,
+            &self.remote_identity,
+        ) {
+            (Err(ServiceError::Unauthorized(_) | ServiceError::NotFound(_)), Some(remote)) => {
+                remote.validate(token).await
+            }
+            (local, _) => local,
+        }
     }
 
     async fn revoke_token(&self, caller: &Caller, token: &str) -> ServiceResult<()> {
@@ -485,29 +502,52 @@ impl AdminService for DaemonService {
             min_disk: before.size_gib,
             ..Default::default()
         };
-        let image =
-            match admin_api::image::ImageService::create_image(&*self.images, caller, new).await {
-                Ok(i) => i,
-                Err(e) => {
-                    self.volumes.end_upload(&before.id, copy).await;
-                    return Err(e);
-                }
-            };
-        if let Err(e) = self.volumes.set_upload_image(&before.id, &image.id).await {
+        let made = match &self.remote_images {
+            None => admin_api::image::ImageService::create_image(&*self.images, caller, new)
+                .await
+                .map(|i| (i.id, UploadTarget::Own)),
+            Some(remote) => match req.token.as_deref() {
+                // Cinder creates the image in Glance first, with the caller's token.
+                Some(token) => remote
+                    .create(
+                        token,
+                        crate::remote::new_image_fields(
+                            &req.image_name,
+                            &req.disk_format,
+                            &req.container_format,
+                            before.size_gib,
+                        ),
+                    )
+                    .await
+                    .map(|i| (i.id, UploadTarget::Remote(remote.clone(), token.to_owned()))),
+                None => Err(ServiceError::Unauthorized(
+                    "The request you have made requires authentication.".into(),
+                )),
+            },
+        };
+        let (image_id, target) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                self.volumes.end_upload(&before.id, copy).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.volumes.set_upload_image(&before.id, &image_id).await {
             self.volumes.end_upload(&before.id, copy).await;
             return Err(e);
         }
         self.spawn_upload(
             caller.clone(),
+            target,
             before.id.clone(),
             copy,
-            image.id.clone(),
+            image_id.clone(),
             before.size_gib << 30,
         );
         let volume = self.volumes.get_volume(caller, id, false).await;
         Ok(VolumeUploaded {
             volume: volume.unwrap_or(before),
-            image_id: Some(image.id),
+            image_id: Some(image_id),
         })
     }
 
@@ -594,4 +634,132 @@ impl AdminService for DaemonService {
     ) -> ServiceResult<Vec<Attachment>> {
         self.volumes.list_attachments(caller, target).await
     }
+}
+
+/// What an upload job works on.
+#[derive(Clone, Copy)]
+struct UploadJob<'a> {
+    images: &'a Arc<Images>,
+    /// Scratch space for formats `qemu-img` writes.
+    tmp_dir: &'a std::path::Path,
+    store: &'a Store,
+    image_id: &'a str,
+    /// The volume's point-in-time copy.
+    copy: Uuid,
+    size: u64,
+}
+
+/// An upload into this daemon's own image service. Where the store allows, the image's data
+/// is the copy's chunks, shared: raw is a clone of the copy, qcow2 writes only its metadata.
+async fn upload_own(job: &UploadJob<'_>, caller: &Caller) -> ServiceResult<()> {
+    use admin_api::image::UploadKind;
+    let UploadJob {
+        images,
+        store,
+        image_id,
+        copy,
+        size,
+        ..
+    } = *job;
+    let image = images.get_image(caller, image_id).await?;
+    match image.status.as_str() {
+        "active" => return Ok(()),
+        "queued" => {}
+        other => return Err(ServiceError::Conflict(format!("the image is {other}"))),
+    }
+    if let Some(format @ ("vmdk" | "vdi")) = image.disk_format.as_deref() {
+        let (body, len) = converted(job, format).await?;
+        return images
+            .upload(caller, image_id, UploadKind::Direct, body, Some(len))
+            .await;
+    }
+    let qcow2 = image.disk_format.as_deref() == Some("qcow2");
+    if qcow2 && !crate::image::qcow2_out::can_build(store, size) {
+        let (body, len) = crate::image::qcow2_out::stream(store.clone(), copy, size)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("qcow2 layout: {e}")))?;
+        return images
+            .upload(caller, image_id, UploadKind::Direct, body, Some(len))
+            .await;
+    }
+    let store = store.clone();
+    let build: crate::control::images::BuildData = Box::new(move |object| {
+        Box::pin(async move {
+            let made = if qcow2 {
+                crate::image::qcow2_out::build(store, copy, size, object).await
+            } else {
+                store
+                    .clone_object(copy, object)
+                    .await
+                    .map(|()| size)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            };
+            made.map_err(|e| ServiceError::Internal(format!("the image's data: {e}")))
+        })
+    });
+    images.upload_built(caller, image_id, build).await
+}
+
+/// An upload to an external image service: the copy streamed (raw as it is, qcow2 laid out
+/// in stream order) in one chunked `PUT`.
+async fn upload_remote(
+    job: &UploadJob<'_>,
+    remote: &RemoteImages,
+    token: &str,
+) -> ServiceResult<()> {
+    let UploadJob {
+        store,
+        image_id,
+        copy,
+        size,
+        ..
+    } = *job;
+    let image = remote.get(token, image_id).await?;
+    match image.status.as_str() {
+        "active" => return Ok(()),
+        "queued" => {}
+        other => return Err(ServiceError::Conflict(format!("the image is {other}"))),
+    }
+    let body = match image.disk_format.as_deref() {
+        Some("qcow2") => {
+            crate::image::qcow2_out::stream(store.clone(), copy, size)
+                .await
+                .map_err(|e| ServiceError::Internal(format!("qcow2 layout: {e}")))?
+                .0
+        }
+        Some(format @ ("vmdk" | "vdi")) => converted(job, format).await?.0,
+        _ => crate::image::object_stream(store.clone(), copy, size),
+    };
+    remote.upload(token, image_id, body).await
+}
+
+/// The copy as a `format` (vmdk, vdi) image: `qemu-img` writes it into the scratch space,
+/// and it is read back from there. The file is unlinked once open, so it goes when the
+/// stream ends (or with the next start's emptying of the scratch space, after a crash).
+async fn converted(
+    job: &UploadJob<'_>,
+    format: &str,
+) -> ServiceResult<(admin_api::image::ByteStream, u64)> {
+    let UploadJob {
+        images,
+        tmp_dir,
+        copy,
+        size,
+        ..
+    } = *job;
+    let path = tmp_dir.join(format!("upload-{}.{format}", Uuid::new_v4()));
+    let made = images
+        .converter()
+        .export_file(copy, size, format, &path)
+        .await;
+    let opened = made
+        .map_err(|e| ServiceError::Internal(format!("writing the volume as {format}: {e}")))
+        .and_then(|()| {
+            std::fs::File::open(&path)
+                .and_then(|f| Ok((f.metadata()?.len(), f)))
+                .map_err(|e| ServiceError::Internal(format!("reading {}: {e}", path.display())))
+        });
+    let _ = std::fs::remove_file(&path);
+    let (len, file) = opened?;
+    Ok((crate::image::file_stream(file), len))
 }

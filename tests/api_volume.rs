@@ -1290,4 +1290,192 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
         .arg(&file)
         .arg(&uri));
     assert!(cmp.ok, "{}{}", cmp.stdout, cmp.stderr);
+
+    // vdi: written by qemu-img from the volume's copy into the scratch space, then sent.
+    let up = cinder(
+        &c,
+        &[
+            "upload-to-image",
+            "--force",
+            "True",
+            "--disk-format",
+            "vdi",
+            &vid,
+            "vimg",
+        ],
+    );
+    assert!(up.ok, "{}{}", up.stdout, up.stderr);
+    let image = up
+        .stdout
+        .lines()
+        .find(|l| l.contains("image_id"))
+        .and_then(|l| l.split('|').nth(2))
+        .map(|s| s.trim().to_owned())
+        .expect("image_id in cinder's table");
+    let i = wait_upload(&c, &token, &project, &vid, &image);
+    assert_eq!(i["disk_format"], "vdi", "{i}");
+    let file = dir.path().join("img.vdi");
+    let saved = osc(
+        &c,
+        &["image", "save", "--file", file.to_str().unwrap(), &image],
+    );
+    assert!(saved.ok, "{}", saved.stderr);
+    let cmp = run(std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "vdi", "-F", "raw"])
+        .arg(&file)
+        .arg(&uri));
+    assert!(cmp.ok, "{}{}", cmp.stdout, cmp.stderr);
+    let scratch = std::fs::read_dir(c.data_dir().join("tmp")).unwrap().count();
+    assert_eq!(scratch, 0, "the scratch file is gone");
+}
+
+/// `--image-service-url`: uploads go to an external image service, here a second cairn
+/// daemon that checks this one's tokens (`--identity-url`), called with the caller's token.
+/// raw and qcow2 are streamed, vmdk goes through `qemu-img`; each image reads back equal to
+/// the volume, owned by the caller's project, with the hashes the service computed. A
+/// service that cannot be reached is seed 003's 500, and the refused upload changes nothing.
+#[test]
+fn uploads_reach_an_external_image_service_with_the_callers_token() {
+    let (pa, pb) = (common::free_port(), common::free_port());
+    let a_url = format!("http://127.0.0.1:{pa}");
+    let b = Serve::new()
+        .arg("--admin-password")
+        .arg("image-side-pw")
+        .http_port(pb)
+        .arg("--identity-url")
+        .arg(format!("{a_url}/identity"))
+        .start();
+    let a = Serve::new()
+        .arg("--admin-password")
+        .arg(PW)
+        .http_port(pa)
+        .arg("--image-service-url")
+        .arg(b.url("/image"))
+        .start();
+    let (token, project) = admin_token(&a, PW);
+    let (vid, _sid, uri) = attached_volume(&a, &token, &project, "ext");
+    qemu_io(&uri, "write -P 0x61 0 3M");
+    qemu_io(&uri, "write -P 0x62 900M 64k");
+    let dir = common::temp_dir();
+    let on_b = |image: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let i = b
+                .request(
+                    "GET",
+                    &format!("/v2/images/{image}"),
+                    &[("X-Auth-Token", &token)],
+                    None,
+                )
+                .json();
+            let v = a
+                .request(
+                    "GET",
+                    &format!("/volume/v3/{project}/volumes/{vid}"),
+                    &[("X-Auth-Token", &token)],
+                    None,
+                )
+                .json();
+            if i["status"] == "active" && v["volume"]["status"] == "in-use" {
+                return i;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "upload not done: {i}\n{v}\n{}",
+                a.logs.text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    for format in ["raw", "qcow2", "vmdk"] {
+        let up = cinder(
+            &a,
+            &[
+                "upload-to-image",
+                "--force",
+                "True",
+                "--disk-format",
+                format,
+                &vid,
+                &format!("ext-{format}"),
+            ],
+        );
+        assert!(up.ok, "{}{}", up.stdout, up.stderr);
+        let image = up
+            .stdout
+            .lines()
+            .find(|l| l.contains("image_id"))
+            .and_then(|l| l.split('|').nth(2))
+            .map(|s| s.trim().to_owned())
+            .expect("image_id in cinder's table");
+        let i = on_b(&image);
+        assert_eq!(
+            i["owner"],
+            project.as_str(),
+            "the caller's project owns it: {i}"
+        );
+        assert_eq!(i["disk_format"], format, "{i}");
+        // Not in this daemon's own images.
+        let own = a.request(
+            "GET",
+            &format!("/v2/images/{image}"),
+            &[("X-Auth-Token", &token)],
+            None,
+        );
+        assert_eq!(own.status, 404, "{}", own.body);
+        let file = dir.path().join(format!("img.{format}"));
+        let got = run(std::process::Command::new("curl")
+            .args(["-sSf", "-H", &format!("X-Auth-Token: {token}"), "-o"])
+            .arg(&file)
+            .arg(b.url(&format!("/v2/images/{image}/file"))));
+        assert!(got.ok, "{}", got.stderr);
+        let md5 = run(std::process::Command::new("md5sum").arg(&file));
+        assert_eq!(
+            md5.stdout.split_whitespace().next(),
+            i["checksum"].as_str(),
+            "the service's md5 is the data's"
+        );
+        let cmp = run(std::process::Command::new("qemu-img")
+            .args(["compare", "-f", format, "-F", "raw"])
+            .arg(&file)
+            .arg(&uri));
+        assert!(cmp.ok, "{format}: {}{}", cmp.stdout, cmp.stderr);
+    }
+
+    // An image service that is not there: 500, as seed 003 says, and nothing changed.
+    let c = Serve::new()
+        .arg("--admin-password")
+        .arg(PW)
+        .arg("--image-service-url")
+        .arg(format!("http://127.0.0.1:{}/image", common::free_port()))
+        .start();
+    let (token, project) = admin_token(&c, PW);
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "lonely"],
+    )
+    .json();
+    let vid = v["id"].as_str().expect("volume id");
+    let objects = metric(&c, "cairn_store_objects");
+    let r = c.request(
+        "POST",
+        &format!("/v3/{project}/volumes/{vid}/action"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"os-volume_upload_image": {"image_name": "nowhere"}}).to_string(),
+        )),
+    );
+    let m = fault(&r, 500, "computeFault");
+    assert!(
+        m.contains("Failed to communicate with the image service"),
+        "{m}"
+    );
+    let v = osc(&c, &["volume", "show", "-f", "json", vid]).json();
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(
+        metric(&c, "cairn_store_objects"),
+        objects,
+        "the copy is gone"
+    );
 }

@@ -79,6 +79,7 @@ fn error(e: ServiceError) -> Response {
         ServiceError::OverLimit(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
         ServiceError::Unsupported(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
         ServiceError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+        ServiceError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
     };
     let body = IdentityError {
         error: IdentityErrorBody {

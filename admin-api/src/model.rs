@@ -343,6 +343,8 @@ pub struct VolumeUpload {
     pub force: bool,
     pub disk_format: String,
     pub container_format: String,
+    /// The caller's token, for an external image service (which is called with it).
+    pub token: Option<String>,
 }
 
 /// What `os-volume_upload_image` answers: the volume (now `uploading`) and the new image
@@ -515,6 +517,10 @@ pub enum ServiceError {
     /// The daemon failed; details are logged, the client sees a generic message.
     #[error("{0}")]
     Internal(String),
+    /// A service this daemon calls for the request (an external image service) could not be
+    /// reached or failed. A 500, whose message says so (it is the operator's to fix).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -113,7 +113,7 @@ fn common_error(e: ServiceError) -> Response {
             }
             resp
         }
-        ServiceError::Internal(m) => {
+        ServiceError::Internal(m) | ServiceError::Unavailable(m) => {
             tracing::error!(error = %m, "pdisk: service call failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,

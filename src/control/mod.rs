@@ -30,6 +30,13 @@ pub struct Settings {
     pub convert_jobs: usize,
     /// Show images' `direct_url` (Glance's `show_image_direct_url`).
     pub show_image_direct_url: bool,
+    /// The external image service volumes are uploaded to (`None`: this daemon's own).
+    pub image_service_url: Option<String>,
+    /// The external identity service that checks tokens this daemon did not issue.
+    pub identity_url: Option<String>,
+    /// Scratch space (`<data-dir>/tmp`, emptied at start): volumes uploaded as vmdk or vdi
+    /// are written there by `qemu-img`, then sent.
+    pub tmp_dir: std::path::PathBuf,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).

@@ -27,6 +27,9 @@ fn settings() -> Settings {
         nbd_socket: "/nonexistent/nbd.sock".into(),
         convert_jobs: 1,
         show_image_direct_url: false,
+        image_service_url: None,
+        identity_url: None,
+        tmp_dir: std::env::temp_dir(),
     }
 }
 

@@ -237,6 +237,41 @@ impl Converter {
         c
     }
 
+    /// `size` bytes of `object` (raw) written as a `format` image file (`vmdk`, `vdi`) at
+    /// `dest` by `qemu-img`, which reads the object through a read-only internal export.
+    pub async fn export_file(
+        &self,
+        object: Uuid,
+        size: u64,
+        format: &str,
+        dest: &std::path::Path,
+    ) -> Result<(), ConvertError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| ConvertError::Refused("shutting down".into()))?;
+        let lease = self.exports.open(object, true, "volume upload");
+        let src = format!(
+            "json:{}",
+            json!({"driver": "raw", "file": nbd_file(&self.socket(), lease.name())})
+        );
+        let out = self
+            .command(CONVERT_CPU_BASE + size / CPU_BYTES_PER_SECOND)
+            .args(["convert", "-q", "-O", format])
+            .arg(&src)
+            .arg(dest)
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(ConvertError::Tool {
+                what: "convert",
+                message: tail(&out.stderr),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks `len` bytes of `object` claimed to be `disk_format`: the in-process inspector
     /// first (nothing else reads an image that fails it), then `qemu-img info` through a
     /// read-only export, which must agree. Returns the format and virtual size.

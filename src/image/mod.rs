@@ -35,6 +35,38 @@ pub fn object_stream(store: Store, object: Uuid, len: u64) -> admin_api::image::
     receiver_stream(rx)
 }
 
+/// `file`'s bytes from where it stands, as a stream of pieces of at most 4 MiB (a task
+/// reads ahead two pieces).
+pub fn file_stream(file: std::fs::File) -> admin_api::image::ByteStream {
+    use tokio::io::AsyncReadExt;
+    const PIECE: usize = 4 << 20;
+    let mut file = tokio::fs::File::from_std(file);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
+    tokio::spawn(async move {
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(PIECE);
+            let mut r = Ok(0);
+            while buf.len() < PIECE {
+                r = file.read_buf(&mut buf).await;
+                if !matches!(r, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let end = !matches!(r, Ok(n) if n > 0);
+            let piece = match r {
+                Err(e) => Err(e),
+                Ok(_) if buf.is_empty() => return,
+                Ok(_) => Ok(buf.freeze()),
+            };
+            let failed = piece.is_err();
+            if tx.send(piece).await.is_err() || failed || end {
+                return;
+            }
+        }
+    });
+    receiver_stream(rx)
+}
+
 /// The pieces a producer task sends, as a stream.
 pub(crate) fn receiver_stream(
     rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,

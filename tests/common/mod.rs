@@ -156,6 +156,7 @@ pub struct Serve {
     cwd: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     default_flags: bool,
+    http_port: u16,
     tmp: Option<tempfile::TempDir>,
 }
 
@@ -168,8 +169,16 @@ impl Serve {
             cwd: None,
             data_dir: None,
             default_flags: true,
+            http_port: 0,
             tmp: None,
         }
+    }
+
+    /// Listen on this port instead of one the daemon picks: for daemons that must know each
+    /// other's address before either starts (take it from [`free_port`]).
+    pub fn http_port(mut self, port: u16) -> Serve {
+        self.http_port = port;
+        self
     }
 
     /// Pass no flags of our own (only those given with [`Serve::arg`]).
@@ -220,7 +229,8 @@ impl Serve {
                 }
             };
             cmd.arg("--data-dir").arg(&dir);
-            cmd.args(["--http", "127.0.0.1:0"]);
+            cmd.arg("--http")
+                .arg(format!("127.0.0.1:{}", self.http_port));
             cmd.arg("--nbd").arg(format!("127.0.0.1:{}", free_port()));
             Some(dir)
         } else {

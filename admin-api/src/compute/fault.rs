@@ -64,6 +64,8 @@ impl From<ServiceError> for Fault {
             // devices" in modern nova, but the quota family of errors is 413).
             ServiceError::OverLimit(m) => Fault::new(StatusCode::PAYLOAD_TOO_LARGE, m),
             ServiceError::Unsupported(m) => Fault::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
+            // Seed 003's 500 row: "Failed to communicate with glance-api", said as such.
+            ServiceError::Unavailable(m) => Fault::new(StatusCode::INTERNAL_SERVER_ERROR, m),
             ServiceError::Internal(m) => {
                 // The daemon already logged the cause; the client learns only that it failed.
                 tracing::warn!(error = %m, "compute request failed inside the daemon");

@@ -219,6 +219,7 @@ impl From<ServiceError> for GlanceError {
             ServiceError::OverLimit(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
             ServiceError::Unsupported(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
             ServiceError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+            ServiceError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
         };
         GlanceError::new(status, m)
     }

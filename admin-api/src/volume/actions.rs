@@ -197,12 +197,7 @@ fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
     }
     let disk_format = text("disk_format", "raw")?;
     match disk_format.as_str() {
-        "raw" | "qcow2" | "iso" => {}
-        "vmdk" | "vdi" => {
-            return Err(Fault::bad_request(format!(
-                "Invalid input received: uploading as {disk_format} is not supported yet; raw and qcow2 are."
-            )));
-        }
+        "raw" | "qcow2" | "iso" | "vmdk" | "vdi" => {}
         _ => {
             return Err(Fault::bad_request(format!(
                 "Invalid input received: disk_format {disk_format} is not one of raw, vmdk, vdi, qcow2."
@@ -214,6 +209,7 @@ fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
         force,
         disk_format,
         container_format,
+        token: None,
     })
 }
 
@@ -299,7 +295,11 @@ pub(super) async fn volume_action(
     let id = ctx.param("volume_id");
     let svc = &state.service;
     match action {
-        Action::Upload(req) => {
+        Action::Upload(mut req) => {
+            req.token = headers
+                .get("x-auth-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let (image_name, disk_format, container_format) = (
                 req.image_name.clone(),
                 req.disk_format.clone(),
