@@ -223,9 +223,14 @@ impl Converter {
         self.socket.to_string_lossy().into_owned()
     }
 
+    /// `qemu-img` under a CPU limit, and the address-space limit for reading untrusted images.
     fn command(&self, cpu_seconds: u64) -> Command {
+        self.command_as(cpu_seconds, &QEMU_IMG_AS.to_string())
+    }
+
+    fn command_as(&self, cpu_seconds: u64, address_space: &str) -> Command {
         let mut c = Command::new("prlimit");
-        c.arg(format!("--as={QEMU_IMG_AS}"))
+        c.arg(format!("--as={address_space}"))
             .arg(format!("--cpu={cpu_seconds}"))
             .arg("--")
             .arg(&self.qemu_img)
@@ -256,8 +261,12 @@ impl Converter {
             "json:{}",
             json!({"driver": "raw", "file": nbd_file(&self.socket(), lease.name())})
         );
+        // No address-space limit: the source is raw (nothing in it is parsed), and writing
+        // a file takes qemu's I/O thread pool, whose stacks and malloc arenas alone can pass
+        // the limit kept for reading untrusted images ("qemu_thread_create: Resource
+        // temporarily unavailable").
         let out = self
-            .command(CONVERT_CPU_BASE + size / CPU_BYTES_PER_SECOND)
+            .command_as(CONVERT_CPU_BASE + size / CPU_BYTES_PER_SECOND, "unlimited")
             .args(["convert", "-q", "-O", format])
             .arg(&src)
             .arg(dest)
