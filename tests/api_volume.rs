@@ -1512,3 +1512,170 @@ fn uploads_reach_an_external_image_service_with_the_callers_token() {
         "the copy is gone"
     );
 }
+
+/// A real Glance (PyPI's, file store, no auth, under gunicorn) on loopback, stopped on drop.
+/// No auth means no roles: the policy's new defaults would refuse everything, so they are off.
+struct Glance {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Glance {
+    fn start() -> Glance {
+        let venv = std::env::var_os("CAIRN_GLANCE_VENV")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/cairn/glance-venv")
+            });
+        let bin = |n: &str| {
+            let b = venv.join("bin").join(n);
+            assert!(
+                b.is_file(),
+                "{} is missing: run scripts/setup-test-deps",
+                b.display()
+            );
+            b
+        };
+        let dir = common::temp_dir();
+        let d = dir.path().to_owned();
+        let d = d.as_path();
+        for sub in ["images", "staging", "tasks"] {
+            std::fs::create_dir(d.join(sub)).unwrap();
+        }
+        std::fs::copy(
+            venv.join("etc/glance/glance-api-paste.ini"),
+            d.join("glance-api-paste.ini"),
+        )
+        .unwrap();
+        let port = common::free_port();
+        let conf = format!(
+            "[DEFAULT]\nenabled_backends = fs:file\n\
+             [glance_store]\ndefault_backend = fs\n\
+             [fs]\nfilesystem_store_datadir = {d}/images\n\
+             [os_glance_staging_store]\nfilesystem_store_datadir = {d}/staging\n\
+             [os_glance_tasks_store]\nfilesystem_store_datadir = {d}/tasks\n\
+             [database]\nconnection = sqlite:///{d}/glance.sqlite\n\
+             [paste_deploy]\nflavor =\nconfig_file = {d}/glance-api-paste.ini\n\
+             [oslo_policy]\nenforce_new_defaults = false\nenforce_scope = false\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("glance-api.conf"), conf).unwrap();
+        let sync = run(std::process::Command::new(bin("glance-manage"))
+            .arg("--config-file")
+            .arg(d.join("glance-api.conf"))
+            .arg("db_sync"));
+        assert!(sync.ok, "glance-manage db_sync: {}", sync.stderr);
+        let child = std::process::Command::new(bin("gunicorn"))
+            .args(["-w", "1", "--graceful-timeout", "2", "--no-control-socket", "-b"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("glance.wsgi.api:application")
+            .env("OS_GLANCE_CONFIG_DIR", d)
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(d.join("api.log")).unwrap())
+            .spawn()
+            .expect("gunicorn");
+        let g = Glance {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        // Ready when it lists images (gunicorn binds before the app has loaded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !common::http_get(&format!("{}/v2/images", g.url)).is_ok_and(|r| r.status == 200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "glance did not start: {}",
+                std::fs::read_to_string(d.join("api.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        g
+    }
+
+    fn image(&self, id: &str) -> Value {
+        let r = common::http_get(&format!("{}/v2/images/{id}", self.url)).expect("glance");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+}
+
+impl Drop for Glance {
+    fn drop(&mut self) {
+        // SIGTERM: gunicorn's master stops its worker too (SIGKILL would orphan it).
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The same uploads against a real Glance (33.0.0 from PyPI, no auth): raw and qcow2
+/// streamed in one chunked PUT each, vmdk written by qemu-img first; Glance stores what
+/// the volume holds, with the md5 it computed itself.
+#[test]
+fn uploads_reach_a_real_glance() {
+    let glance = Glance::start();
+    let c = Serve::new()
+        .arg("--admin-password")
+        .arg(PW)
+        .arg("--image-service-url")
+        .arg(&glance.url)
+        .start();
+    let (token, project) = admin_token(&c, PW);
+    let (vid, _sid, uri) = attached_volume(&c, &token, &project, "g");
+    qemu_io(&uri, "write -P 0x71 0 2M");
+    qemu_io(&uri, "write -P 0x72 600M 192k");
+    let dir = common::temp_dir();
+    for format in ["raw", "qcow2", "vmdk"] {
+        let up = cinder(
+            &c,
+            &[
+                "upload-to-image",
+                "--force",
+                "True",
+                "--disk-format",
+                format,
+                &vid,
+                "g",
+            ],
+        );
+        assert!(up.ok, "{}{}", up.stdout, up.stderr);
+        let image = up
+            .stdout
+            .lines()
+            .find(|l| l.contains("image_id"))
+            .and_then(|l| l.split('|').nth(2))
+            .map(|s| s.trim().to_owned())
+            .expect("image_id in cinder's table");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let i = loop {
+            let i = glance.image(&image);
+            let v = osc(&c, &["volume", "show", "-f", "json", &vid]).json();
+            if i["status"] == "active" && v["status"] == "in-use" {
+                break i;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{i}\n{v}\n{}",
+                c.logs.text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(i["disk_format"], format, "{i}");
+        let file = dir.path().join(format!("g.{format}"));
+        let got = run(std::process::Command::new("curl")
+            .args(["-sSf", "-o"])
+            .arg(&file)
+            .arg(format!("{}/v2/images/{image}/file", glance.url)));
+        assert!(got.ok, "{}", got.stderr);
+        let md5 = run(std::process::Command::new("md5sum").arg(&file));
+        assert_eq!(md5.stdout.split_whitespace().next(), i["checksum"].as_str());
+        let cmp = run(std::process::Command::new("qemu-img")
+            .args(["compare", "-f", format, "-F", "raw"])
+            .arg(&file)
+            .arg(&uri));
+        assert!(cmp.ok, "{format}: {}{}", cmp.stdout, cmp.stderr);
+    }
+}
