@@ -1568,7 +1568,14 @@ impl Glance {
             .arg("db_sync"));
         assert!(sync.ok, "glance-manage db_sync: {}", sync.stderr);
         let child = std::process::Command::new(bin("gunicorn"))
-            .args(["-w", "1", "--graceful-timeout", "2", "--no-control-socket", "-b"])
+            .args([
+                "-w",
+                "1",
+                "--graceful-timeout",
+                "2",
+                "--no-control-socket",
+                "-b",
+            ])
             .arg(format!("127.0.0.1:{port}"))
             .arg("glance.wsgi.api:application")
             .env("OS_GLANCE_CONFIG_DIR", d)
@@ -1678,4 +1685,89 @@ fn uploads_reach_a_real_glance() {
             .arg(&uri));
         assert!(cmp.ok, "{format}: {}{}", cmp.stdout, cmp.stderr);
     }
+}
+
+/// An upload to an external image service cut by a crash cannot resume (the caller's token
+/// went with the process): the restart restores the volume, drops the copy and says so;
+/// the image there stays queued.
+#[test]
+fn an_external_upload_cut_by_a_crash_ends_cleanly() {
+    let gate_dir = common::temp_dir();
+    let gate = gate_dir.path().join("go");
+    let (pa, pb) = (common::free_port(), common::free_port());
+    let b = Serve::new()
+        .arg("--admin-password")
+        .arg("image-side-pw")
+        .http_port(pb)
+        .arg("--identity-url")
+        .arg(format!("http://127.0.0.1:{pa}/identity"))
+        .start();
+    let data = common::temp_dir();
+    let a = |gated: bool| {
+        let s = Serve::new()
+            .data_dir(data.path())
+            .http_port(pa)
+            .arg("--admin-password")
+            .arg(PW)
+            .arg("--image-service-url")
+            .arg(b.url("/image"));
+        if gated {
+            s.env("CAIRN_UPLOAD_GATE", &gate).start()
+        } else {
+            s.start()
+        }
+    };
+    let mut c = a(true);
+    let (token, project) = admin_token(&c, PW);
+    let v = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "cut"],
+    )
+    .json();
+    let vid = v["id"].as_str().expect("volume id").to_owned();
+    let r = c.request(
+        "POST",
+        &format!("/v3/{project}/volumes/{vid}/action"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            &json!({"os-volume_upload_image": {"image_name": "cut"}}).to_string(),
+        )),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let image = r.json()["os-volume_upload_image"]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate.with_extension("waiting").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        metric(&c, "cairn_store_objects"),
+        2.0,
+        "the volume and its copy"
+    );
+    c.stop_with(libc::SIGKILL);
+
+    let c = a(false);
+    let v = osc(&c, &["volume", "show", "-f", "json", &vid]).json();
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(metric(&c, "cairn_store_objects"), 1.0, "the copy went");
+    assert!(c.logs.contains("cut by a restart"), "{}", c.logs.text());
+    let (token, _) = admin_token(&c, PW);
+    let i = b
+        .request(
+            "GET",
+            &format!("/v2/images/{image}"),
+            &[("X-Auth-Token", &token)],
+            None,
+        )
+        .json();
+    assert_eq!(i["status"], "queued", "{i}");
 }
