@@ -587,6 +587,41 @@ impl AdminService for DaemonService {
         self.volumes.delete_volume(caller, id, pdisk_rules).await
     }
 
+    async fn volume_attach_step(
+        &self,
+        caller: &Caller,
+        id: &str,
+        step: AttachStep,
+    ) -> ServiceResult<()> {
+        self.volumes.attach_step(caller, id, step).await
+    }
+
+    async fn volume_attach(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: VolumeAttach,
+    ) -> ServiceResult<Attachment> {
+        self.volumes.cinder_attach(caller, id, req).await
+    }
+
+    async fn volume_detach(
+        &self,
+        caller: &Caller,
+        id: &str,
+        attachment_id: Option<String>,
+    ) -> ServiceResult<Option<Attachment>> {
+        self.volumes.cinder_detach(caller, id, attachment_id).await
+    }
+
+    async fn volume_connection(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> ServiceResult<VolumeConnection> {
+        self.volumes.connection(caller, id).await
+    }
+
     async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {
         self.volumes.create_server(caller, new).await
     }

@@ -1771,3 +1771,339 @@ fn an_external_upload_cut_by_a_crash_ends_cleanly() {
         .json();
     assert_eq!(i["status"], "queued", "{i}");
 }
+
+/// python-cinderclient's legacy attach flow (what nova called before cinder's attachments
+/// API). `attach <volume> <server>`: reserve, unreserve, reserve, initialize_connection,
+/// attach at /dev/vdc. `detach <volume> <attachment>`: begin_detaching, roll_detaching,
+/// begin_detaching, terminate_connection, detach. Prints the volume's status after each
+/// call, and what the calls returned.
+const CINDERCLIENT_ATTACH_FLOW: &str = r#"
+import json, sys
+import openstack.config
+from cinderclient.v3 import client
+
+phase, vid, other = sys.argv[1:4]
+session = openstack.config.OpenStackConfig().get_one(cloud="cairn").get_session()
+cinder = client.Client(session=session)
+out = {"status": []}
+def step(name, call, *args):
+    call(vid, *args)
+    out["status"].append([name, cinder.volumes.get(vid).status])
+connector = {"host": "hv1", "ip": "127.0.0.1", "initiator": None, "multipath": False}
+if phase == "attach":
+    step("reserve", cinder.volumes.reserve)
+    step("unreserve", cinder.volumes.unreserve)
+    step("reserve", cinder.volumes.reserve)
+    out["connection_info"] = dict(cinder.volumes.initialize_connection(vid, connector))
+    step("attach", cinder.volumes.attach, other, "/dev/vdc", "rw")
+    out["attachments"] = cinder.volumes.get(vid).attachments
+else:
+    step("begin_detaching", cinder.volumes.begin_detaching)
+    step("roll_detaching", cinder.volumes.roll_detaching)
+    step("begin_detaching", cinder.volumes.begin_detaching)
+    step("terminate_connection", cinder.volumes.terminate_connection, connector)
+    step("detach", cinder.volumes.detach, other)
+print(json.dumps(out))
+"#;
+
+/// An NBD connection (libnbd) to `argv[1]` that writes, says "ready", and on a line from
+/// stdin writes again: "closed" if the export refuses it.
+const HOLD_NBD: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x5a" * 4096, 8192)
+h.flush()
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b"\x00" * 4096, 8192)
+    h.flush()
+    print("still open", flush=True)
+except nbd.Error as e:
+    print("closed", e.errno, flush=True)
+"#;
+
+#[test]
+fn cinderclient_attach_flow_makes_the_compute_attachment_and_serves_its_export() {
+    use std::io::{BufRead, Write};
+
+    let c = daemon();
+    let (token, project) = admin_token(&c, PW);
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+        project: project.clone(),
+        prefix: "/volume/v3",
+    };
+    let made = api.call(
+        "POST",
+        "/volumes",
+        Some(&json!({"volume": {"size": 1, "name": "legacy"}})),
+    );
+    assert_eq!(made.status, 202, "{}", made.body);
+    let vid = made.json()["volume"]["id"].as_str().unwrap().to_owned();
+    let sid = server(&c, &token, &project);
+    let other_server = server(&c, &token, &project);
+    let status = || {
+        api.get(&format!("/volumes/{vid}")).json()["volume"]["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let action = |body: Value| api.call("POST", &format!("/volumes/{vid}/action"), Some(&body));
+    let compute_attachments = |server: &str| {
+        c.request(
+            "GET",
+            &format!("/compute/v2.1/{project}/servers/{server}/os-volume_attachments"),
+            &[("X-Auth-Token", &token)],
+            None,
+        )
+        .json()["volumeAttachments"]
+            .clone()
+    };
+    let flow = |args: &[&str]| -> Value {
+        let o = run(common::clean(common::venv_bin("python"))
+            .env("OS_CLIENT_CONFIG_FILE", c.data_dir().join("clouds.yaml"))
+            .arg("-c")
+            .arg(CINDERCLIENT_ATTACH_FLOW)
+            .args(args));
+        assert!(
+            o.ok,
+            "cinderclient failed:\n{}\n{}\n--- daemon log ---\n{}",
+            o.stdout,
+            o.stderr,
+            c.logs.text()
+        );
+        serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", o.stdout))
+    };
+
+    // Refused while available, each changing nothing.
+    assert_eq!(
+        fault(
+            &action(json!({"os-begin_detaching": {}})),
+            400,
+            "badRequest"
+        ),
+        "Invalid volume: Unable to detach volume. Volume status must be 'in-use' and attach_status must be 'attached' to detach."
+    );
+    let attach_to = |instance: &str| json!({"os-attach": {"instance_uuid": instance, "mountpoint": "/dev/vdc", "mode": "rw"}});
+    assert_eq!(
+        fault(&action(attach_to(NO_SUCH)), 404, "itemNotFound"),
+        format!("Instance {NO_SUCH} could not be found.")
+    );
+    let m = fault(
+        &action(json!({"os-attach": {"host_name": "hv1", "mountpoint": "/dev/vdc"}})),
+        400,
+        "badRequest",
+    );
+    assert!(m.contains("instance_uuid is required"), "{m}");
+    for bad in [
+        json!({"os-attach": {"instance_uuid": sid, "mountpoint": "/dev/vdc", "mode": "rx"}}),
+        json!({"os-attach": {"instance_uuid": sid}}),
+        json!({"os-attach": {"instance_uuid": "nope", "mountpoint": "/dev/vdc"}}),
+        json!({"os-attach": {"instance_uuid": sid, "mountpoint": "/dev/vdc", "x": 1}}),
+        json!({"os-detach": {"attachment_id": "nope"}}),
+        json!({"os-initialize_connection": {}}),
+        json!({"os-initialize_connection": {"connector": 7}}),
+        json!({"os-terminate_connection": {}}),
+    ] {
+        fault(&action(bad), 400, "badRequest");
+    }
+    assert_eq!(
+        fault(
+            &api.call(
+                "POST",
+                &format!("/volumes/{NO_SUCH}/action"),
+                Some(&json!({"os-reserve": null}))
+            ),
+            404,
+            "itemNotFound"
+        ),
+        format!("Volume {NO_SUCH} could not be found.")
+    );
+    // Unreserve and roll back are cinder's conditional updates: nothing to do, 202.
+    assert_eq!(action(json!({"os-unreserve": null})).status, 202);
+    assert_eq!(action(json!({"os-roll_detaching": {}})).status, 202);
+    assert_eq!(status(), "available");
+    assert_eq!(compute_attachments(&sid), json!([]));
+    // The v2 mount takes the actions too.
+    let v2 = |body: Value| {
+        c.request(
+            "POST",
+            &format!("/v2/{project}/volumes/{vid}/action"),
+            &[("X-Auth-Token", &token)],
+            Some(("application/json", &body.to_string())),
+        )
+        .status
+    };
+    assert_eq!(v2(json!({"os-reserve": {}})), 202);
+    assert_eq!(status(), "attaching");
+    assert_eq!(v2(json!({"os-unreserve": {}})), 202);
+    assert_eq!(status(), "available");
+
+    // cinderclient attaches: the statuses cinder's flow goes through, the connection info.
+    let out = flow(&["attach", &vid, &sid]);
+    assert_eq!(
+        out["status"],
+        json!([
+            ["reserve", "attaching"],
+            ["unreserve", "available"],
+            ["reserve", "attaching"],
+            ["attach", "in-use"]
+        ])
+    );
+    let info = &out["connection_info"];
+    assert_eq!(info["driver_volume_type"], "nbd", "{info}");
+    let data = &info["data"];
+    let uri = data["uri"].as_str().expect("uri").to_owned();
+    assert_eq!(
+        uri,
+        format!(
+            "nbd://{}:{}/{vid}",
+            data["host"].as_str().unwrap(),
+            data["port"]
+        ),
+        "{info}"
+    );
+    assert_eq!(
+        (data["export_name"].as_str(), data["access_mode"].as_str()),
+        (Some(vid.as_str()), Some("rw")),
+        "{info}"
+    );
+    let attachments = out["attachments"].as_array().expect("attachments");
+    assert_eq!(attachments.len(), 1, "{attachments:?}");
+    assert_eq!(
+        (
+            attachments[0]["server_id"].as_str(),
+            attachments[0]["device"].as_str()
+        ),
+        (Some(sid.as_str()), Some("/dev/vdc"))
+    );
+    let attachment = attachments[0]["attachment_id"]
+        .as_str()
+        .expect("attachment id")
+        .to_owned();
+
+    // Compute sees the same attachment, with the same export; the URI serves the volume.
+    assert_eq!(
+        compute_attachments(&sid),
+        json!([{"id": vid, "serverId": sid, "volumeId": vid, "device": "/dev/vdc", "nbdUri": uri}])
+    );
+    qemu_io(&uri, "write -P 0x5a 0 1M");
+    qemu_io(&uri, "read -P 0x5a 0 1M");
+    let size = run(std::process::Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(
+        size.stdout.trim(),
+        (1u64 << 30).to_string(),
+        "{}",
+        size.stderr
+    );
+
+    // Refused while attached, changing nothing.
+    assert_eq!(
+        fault(&action(json!({"os-reserve": {}})), 400, "badRequest"),
+        "Invalid volume: Volume status must be available to reserve, but the status is in-use."
+    );
+    assert_eq!(
+        fault(&action(attach_to(&other_server)), 400, "badRequest"),
+        "Error attaching volume - InvalidVolume: Invalid volume: volume is already attached and multiple attachments are not enabled"
+    );
+    let m = fault(
+        &action(json!({"os-detach": {"attachment_id": NO_SUCH}})),
+        400,
+        "badRequest",
+    );
+    assert!(m.contains("VolumeAttachmentNotFound"), "{m}");
+    assert_eq!(status(), "in-use");
+    assert_eq!(compute_attachments(&other_server), json!([]));
+
+    // A client connected across the detach.
+    let mut held = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(HOLD_NBD)
+        .arg(&uri)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (libnbd)");
+    let mut held_in = held.stdin.take().expect("stdin");
+    let mut held_out = std::io::BufReader::new(held.stdout.take().expect("stdout")).lines();
+    let mut held_line = || held_out.next().expect("a line").expect("line");
+    assert_eq!(held_line(), "ready");
+
+    // cinderclient detaches: the detach ends the attachment as Compute's does, fence
+    // included: once it has answered, the held connection's write is refused.
+    let out = flow(&["detach", &vid, &attachment]);
+    assert_eq!(
+        out["status"],
+        json!([
+            ["begin_detaching", "detaching"],
+            ["roll_detaching", "in-use"],
+            ["begin_detaching", "detaching"],
+            ["terminate_connection", "detaching"],
+            ["detach", "available"]
+        ])
+    );
+    held_in.write_all(b"go\n").expect("write");
+    let closed = held_line();
+    assert!(closed.starts_with("closed"), "{closed}");
+    assert!(held.wait().expect("wait").success());
+    assert_eq!(compute_attachments(&sid), json!([]));
+    assert_eq!(
+        api.get(&format!("/volumes/{vid}")).json()["volume"]["attachments"],
+        json!([])
+    );
+    let gone = run(std::process::Command::new("nbdinfo").args(["--size", &uri]));
+    assert!(!gone.ok, "the export outlived the detach: {}", gone.stdout);
+
+    // Read-only: a flagged volume takes only `ro`; an `ro` attachment alone makes the export
+    // read-only, and what the refused write of the held connection would have changed is
+    // still there.
+    assert_eq!(
+        action(json!({"os-update_readonly_flag": {"readonly": true}})).status,
+        202
+    );
+    assert_eq!(
+        fault(&action(attach_to(&sid)), 400, "badRequest"),
+        format!("Invalid attaching mode 'rw' for volume {vid}.")
+    );
+    assert_eq!(status(), "available");
+    assert_eq!(
+        action(json!({"os-update_readonly_flag": {"readonly": false}})).status,
+        202
+    );
+    let ro = json!({"os-attach": {"instance_uuid": sid, "mountpoint": "/dev/vdd", "mode": "ro"}});
+    assert_eq!(action(ro).status, 202);
+    assert_eq!(status(), "in-use");
+    assert_eq!(compute_attachments(&sid)[0]["device"], "/dev/vdd");
+    let info = action(json!({"os-initialize_connection": {"connector": {"host": "hv1"}}}));
+    assert_eq!(info.status, 200, "{}", info.body);
+    assert_eq!(info.json()["connection_info"]["data"]["access_mode"], "ro");
+    let w = run(std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 4k"])
+        .arg(&uri));
+    assert!(
+        !w.ok
+            || w.stdout.contains("ermission")
+            || w.stderr.contains("ermission")
+            || w.stdout.contains("read-only")
+            || w.stderr.contains("read-only"),
+        "an ro attachment's export took a write: {}{}",
+        w.stdout,
+        w.stderr
+    );
+    let r = run(std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 1M"])
+        .arg(&uri));
+    assert!(
+        r.ok && !r.stdout.contains("fail"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    // `os-detach` without an id ends the only attachment.
+    assert_eq!(action(json!({"os-detach": null})).status, 202);
+    assert_eq!(status(), "available");
+    assert_eq!(compute_attachments(&sid), json!([]));
+}

@@ -431,6 +431,65 @@ pub struct VolumeFlags {
     pub readonly: Option<bool>,
 }
 
+/// Block Storage's legacy attach flow, the steps that change a volume's status but make or
+/// end no attachment (cinder's `volume_actions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStep {
+    /// `os-reserve`: available (or in-use, multi-attach) -> attaching.
+    Reserve,
+    /// `os-unreserve`: attaching -> in-use with attachments, else available; otherwise
+    /// nothing.
+    Unreserve,
+    /// `os-begin_detaching`: in-use (attached) -> detaching.
+    BeginDetaching,
+    /// `os-roll_detaching`: detaching -> in-use; otherwise nothing.
+    RollDetaching,
+    /// `os-terminate_connection`: cinder unreserves; the export lives on until `os-detach`.
+    TerminateConnection,
+}
+
+impl AttachStep {
+    /// cinder's policy name for the step (in `Policy doesn't allow ...` refusals).
+    pub fn policy(self) -> &'static str {
+        match self {
+            AttachStep::Reserve => "volume_extension:volume_actions:reserve",
+            AttachStep::Unreserve => "volume_extension:volume_actions:unreserve",
+            AttachStep::BeginDetaching => "volume_extension:volume_actions:begin_detaching",
+            AttachStep::RollDetaching => "volume_extension:volume_actions:roll_detaching",
+            AttachStep::TerminateConnection => {
+                "volume_extension:volume_actions:terminate_connection"
+            }
+        }
+    }
+}
+
+/// Block Storage `os-attach`: an attachment of the one model, to a Compute server.
+#[derive(Debug, Clone)]
+pub struct VolumeAttach {
+    /// The server (a UUID, checked by the family).
+    pub instance_uuid: Option<String>,
+    /// cinder's host attachment; cairn attaches to servers only (see the daemon's rule).
+    pub host_name: Option<String>,
+    /// The device on the server, as the client names it (`/dev/vdc`).
+    pub mountpoint: String,
+    /// `mode: "ro"`: the attachment asks for read-only access.
+    pub read_only: bool,
+}
+
+/// Where a volume's NBD export is served (Block Storage `os-initialize_connection`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConnection {
+    pub volume_id: String,
+    /// `nbd://host:port/<volume-id>`.
+    pub uri: String,
+    pub host: String,
+    pub port: u16,
+    /// The export's name: the volume id.
+    pub export_name: String,
+    /// The export refuses writes (read-only flag, or every attachment read-only).
+    pub read_only: bool,
+}
+
 /// Which volumes a listing shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeScope {

@@ -274,6 +274,48 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, status);
         Err(unimplemented())
     }
+    /// Block Storage's attach-flow status steps (`os-reserve`, `os-unreserve`,
+    /// `os-begin_detaching`, `os-roll_detaching`, `os-terminate_connection`).
+    async fn volume_attach_step(
+        &self,
+        caller: &Caller,
+        id: &str,
+        step: AttachStep,
+    ) -> ServiceResult<()> {
+        let _ = (caller, id, step);
+        Err(unimplemented())
+    }
+    /// Block Storage `os-attach`: attaches to a server as Compute does (same records, same
+    /// export), taking a reserved (`attaching`) volume too.
+    async fn volume_attach(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: VolumeAttach,
+    ) -> ServiceResult<Attachment> {
+        let _ = (caller, id, req);
+        Err(unimplemented())
+    }
+    /// Block Storage `os-detach`: ends one attachment (the only one when `attachment_id` is
+    /// `None`) as Compute's detach does, export fence included. `None` when there was none.
+    async fn volume_detach(
+        &self,
+        caller: &Caller,
+        id: &str,
+        attachment_id: Option<String>,
+    ) -> ServiceResult<Option<Attachment>> {
+        let _ = (caller, id, attachment_id);
+        Err(unimplemented())
+    }
+    /// Block Storage `os-initialize_connection`: where the volume's export is served.
+    async fn volume_connection(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> ServiceResult<VolumeConnection> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
     /// Refused (Conflict) while attached; needs member on the volume's project (pdisk: the
     /// owner or an admin).
     async fn delete_volume(

@@ -651,3 +651,178 @@ async fn a_rolled_back_detach_does_not_end_the_export() {
     });
     r.unwrap();
 }
+
+/// Block Storage's attach flow on a multi-attach volume, mixed with Compute's: reserve from
+/// in-use, an os-attach beside a Compute attachment, the `ro`/`rw` access it reports, the
+/// refusals (each changing nothing), and a Compute detach ending a begun detach.
+#[tokio::test]
+async fn the_cinder_attach_flow_shares_compute_attachments() {
+    let e = env().await;
+    let a = alice();
+    let v = e
+        .volumes
+        .create_volume(
+            &a,
+            NewVolume {
+                multiattach: true,
+                ..vol(1)
+            },
+        )
+        .await
+        .unwrap();
+    let server = || async { e.volumes.create_server(&a, NewServer::default()).await };
+    let (s1, s2, s3) = (
+        server().await.unwrap(),
+        server().await.unwrap(),
+        server().await.unwrap(),
+    );
+    let status = || async { e.volumes.get_volume(&a, &v.id, false).await.unwrap().status };
+    let os_attach = |s: &str, dev: &str, read_only: bool| VolumeAttach {
+        instance_uuid: Some(s.to_owned()),
+        host_name: None,
+        mountpoint: dev.to_owned(),
+        read_only,
+    };
+    e.volumes
+        .attach(
+            &a,
+            AttachRequest {
+                volume_id: v.id.clone(),
+                target: AttachTarget::Server(s1.id.clone()),
+                device: None,
+                kind: AttachKind::Hot,
+                naming: DeviceNaming::DevPath,
+            },
+        )
+        .await
+        .unwrap();
+    // A multi-attach volume is reserved from in-use, and unreserved back to it.
+    for (step, want) in [
+        (AttachStep::Reserve, VolumeStatus::Attaching),
+        (AttachStep::Unreserve, VolumeStatus::InUse),
+        (AttachStep::Reserve, VolumeStatus::Attaching),
+    ] {
+        e.volumes.attach_step(&a, &v.id, step).await.unwrap();
+        assert_eq!(status().await, want, "{step:?}");
+    }
+    // Refusals: a reader, another project, an unknown server, a host alone, a taken device.
+    let reader = caller("u1", "p1", &[Role::Reader]);
+    let err = e
+        .volumes
+        .cinder_attach(&reader, &v.id, os_attach(&s2.id, "/dev/vdc", true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Forbidden(_)), "{err:?}");
+    let err = e
+        .volumes
+        .cinder_attach(&bob(), &v.id, os_attach(&s2.id, "/dev/vdc", true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+    let err = e
+        .volumes
+        .cinder_attach(
+            &a,
+            &v.id,
+            os_attach(&uuid::Uuid::new_v4().to_string(), "/dev/vdc", true),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::NotFound(m) if m.starts_with("Instance ")),
+        "{err:?}"
+    );
+    let host = VolumeAttach {
+        instance_uuid: None,
+        host_name: Some("hv1".into()),
+        ..os_attach("", "/dev/vdc", true)
+    };
+    let err = e.volumes.cinder_attach(&a, &v.id, host).await.unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    let other = e.volumes.create_volume(&a, vol(1)).await.unwrap();
+    e.volumes
+        .cinder_attach(&a, &other.id, os_attach(&s2.id, "vdc", false))
+        .await
+        .unwrap();
+    let err = e
+        .volumes
+        .cinder_attach(&a, &v.id, os_attach(&s2.id, "/dev/vdc", true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::BadRequest(m) if m.contains("(/dev/vdc) is in use")),
+        "{err:?}"
+    );
+    assert_eq!(status().await, VolumeStatus::Attaching);
+    // The reserved volume takes a second, read-only attachment; the export still writes.
+    let ro = e
+        .volumes
+        .cinder_attach(&a, &v.id, os_attach(&s2.id, "/dev/vdd", true))
+        .await
+        .unwrap();
+    assert_eq!(ro.device.as_deref(), Some("/dev/vdd"));
+    assert_eq!(status().await, VolumeStatus::InUse);
+    let c = e.volumes.connection(&a, &v.id).await.unwrap();
+    assert!(!c.read_only);
+    assert_eq!(
+        (c.host.as_str(), c.port, c.uri),
+        (
+            "127.0.0.1",
+            10809,
+            format!("nbd://127.0.0.1:10809/{}", v.id)
+        )
+    );
+    // Detaching without an id needs one attachment; the Compute one goes through Compute,
+    // from a begun detach, and then only `ro` is left: the export is read-only.
+    let err = e.volumes.cinder_detach(&a, &v.id, None).await.unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::BadRequest(m) if m.contains("More than one attachment")),
+        "{err:?}"
+    );
+    e.volumes
+        .attach_step(&a, &v.id, AttachStep::BeginDetaching)
+        .await
+        .unwrap();
+    assert_eq!(status().await, VolumeStatus::Detaching);
+    e.volumes
+        .detach(&a, AttachTarget::Server(s1.id.clone()), &v.id, false)
+        .await
+        .unwrap();
+    assert_eq!(status().await, VolumeStatus::InUse);
+    assert!(e.volumes.connection(&a, &v.id).await.unwrap().read_only);
+    // The same instance again is cinder's answer of the attachment it has; a third server
+    // is within the limit (3).
+    let again = e
+        .volumes
+        .cinder_attach(&a, &v.id, os_attach(&s2.id, "/dev/vde", true))
+        .await
+        .unwrap();
+    assert_eq!(again.id, ro.id);
+    e.volumes
+        .cinder_attach(&a, &v.id, os_attach(&s3.id, "/dev/vdb", false))
+        .await
+        .unwrap();
+    assert!(!e.volumes.connection(&a, &v.id).await.unwrap().read_only);
+    // os-detach by id, the last one without: available, and the export is gone.
+    e.volumes
+        .cinder_detach(&a, &v.id, Some(ro.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(status().await, VolumeStatus::InUse);
+    let last = e.volumes.cinder_detach(&a, &v.id, None).await.unwrap();
+    assert_eq!(last.map(|l| l.server_id), Some(s3.id.clone()));
+    assert_eq!(status().await, VolumeStatus::Available);
+    assert!(
+        e.volumes
+            .cinder_detach(&a, &v.id, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let err = e
+        .volumes
+        .attach_step(&a, &v.id, AttachStep::BeginDetaching)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+}

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use admin_api::model::*;
 
+mod attach_flow;
 mod snapshots;
 mod types;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -238,6 +239,29 @@ fn may_change(caller: &Caller, v: &Volume, pdisk_rules: bool) -> bool {
     }
 }
 
+/// [`Volumes::changeable`] inside a transaction: the volume (404 unless the caller may see
+/// it), if the caller may change it (403 `Policy doesn't allow <action> ...` otherwise).
+fn changeable_in(
+    conn: &Connection,
+    caller: &Caller,
+    key: &str,
+    shown: &str,
+    action: &str,
+    settings: &Settings,
+) -> Tx<Volume> {
+    let v = load_volume(conn, key, settings)?.ok_or_else(|| not_found("Volume", shown))?;
+    if !may_see(caller, &v, false) {
+        return Err(not_found("Volume", shown).into());
+    }
+    if !may_change(caller, &v, false) {
+        return Err(ServiceError::Forbidden(format!(
+            "Policy doesn't allow {action} to be performed."
+        ))
+        .into());
+    }
+    Ok(v)
+}
+
 /// The next free device name on a server, or None when the naming scheme is exhausted.
 fn next_device(used: &[String], naming: DeviceNaming) -> Option<String> {
     let (prefix, first) = match naming {
@@ -325,8 +349,12 @@ fn remove_attachment(conn: &Connection, a: &Attachment) -> Tx<bool> {
         |r| r.get(0),
     )?;
     let from = VolumeStatus::parse(&status).unwrap_or(VolumeStatus::Error);
-    if from == VolumeStatus::InUse {
-        set_status(conn, &a.volume_id, from, VolumeStatus::Detaching)?;
+    // `detaching` too: Block Storage's os-begin_detaching leaves a volume there until the
+    // detach (by either family) ends the attachment.
+    if matches!(from, VolumeStatus::InUse | VolumeStatus::Detaching) {
+        if from == VolumeStatus::InUse {
+            set_status(conn, &a.volume_id, from, VolumeStatus::Detaching)?;
+        }
         let to = if remaining == 0 {
             VolumeStatus::Available
         } else {
@@ -1032,20 +1060,8 @@ impl Volumes {
     ) -> ServiceResult<Volume> {
         let caller = caller.clone();
         let (key, shown, action) = (key.to_owned(), shown.to_owned(), action.to_owned());
-        self.tx(move |conn, s| {
-            let v = load_volume(conn, &key, s)?.ok_or_else(|| not_found("Volume", &shown))?;
-            if !may_see(&caller, &v, false) {
-                return Err(not_found("Volume", &shown).into());
-            }
-            if !may_change(&caller, &v, false) {
-                return Err(ServiceError::Forbidden(format!(
-                    "Policy doesn't allow {action} to be performed."
-                ))
-                .into());
-            }
-            Ok(v)
-        })
-        .await
+        self.tx(move |conn, s| changeable_in(conn, &caller, &key, &shown, &action, s))
+            .await
     }
 
     pub async fn delete_volume(

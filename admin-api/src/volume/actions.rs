@@ -2,7 +2,7 @@
 
 use axum::{
     extract::{State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::Ctx;
-use crate::compute::volumes::parse_size;
+use crate::compute::volumes::{invalid, parse_size};
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body};
 use crate::{
     AppState,
-    model::{VolumeFlags, VolumeStatus, VolumeUpload},
+    model::{AttachStep, VolumeAttach, VolumeFlags, VolumeStatus, VolumeUpload},
     schema::{BadRequest, Forbidden, ItemNotFound, OverLimit},
 };
 
@@ -27,9 +27,37 @@ use crate::{
 /// - `os-update_readonly_flag` `{"readonly": true}`: 202; the NBD export is then read-only
 ///   from the next connection on.
 /// - `os-reset_status` `{"status": "available"}` (admins): 202, any status.
+///
+/// The legacy attach flow, on the attachments Compute makes and lists:
+///
+/// - `os-reserve` (available, or in-use for multi-attach -> attaching), `os-unreserve`
+///   (attaching -> in-use if attached, else available), `os-begin_detaching` (in-use ->
+///   detaching), `os-roll_detaching` (detaching -> in-use): 202; the value is not read.
+/// - `os-attach` `{"instance_uuid": ..., "mountpoint": "/dev/vdc", "mode": "rw"}`: 202; the
+///   server must exist (404 otherwise); `host_name` alone is 400 (cairn attaches to servers).
+/// - `os-detach` `{"attachment_id": ...}` (optional when there is one attachment): 202, once
+///   the export of a last attachment no longer reaches the store.
+/// - `os-initialize_connection` `{"connector": {...}}`: 200, where the NBD export is served.
+/// - `os-terminate_connection` `{"connector": {...}}`: 202 (unreserves an attaching volume).
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documents the bodies `parse` checks
 pub(crate) struct VolumeActionRequest {
+    #[serde(rename = "os-reserve")]
+    reserve: Option<NoArguments>,
+    #[serde(rename = "os-unreserve")]
+    unreserve: Option<NoArguments>,
+    #[serde(rename = "os-begin_detaching")]
+    begin_detaching: Option<NoArguments>,
+    #[serde(rename = "os-roll_detaching")]
+    roll_detaching: Option<NoArguments>,
+    #[serde(rename = "os-attach")]
+    attach: Option<AttachAction>,
+    #[serde(rename = "os-detach")]
+    detach: Option<DetachAction>,
+    #[serde(rename = "os-initialize_connection")]
+    initialize_connection: Option<ConnectorAction>,
+    #[serde(rename = "os-terminate_connection")]
+    terminate_connection: Option<ConnectorAction>,
     #[serde(rename = "os-volume_upload_image")]
     upload_image: Option<UploadImageAction>,
     #[serde(rename = "os-extend")]
@@ -72,6 +100,99 @@ pub(crate) struct ResetStatusAction {
     /// Taken and ignored (cairn derives it from the attachments).
     attach_status: Option<String>,
     migration_status: Option<String>,
+}
+
+/// `null` or `{}`: cinder takes any value for these actions and reads none.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct NoArguments {}
+
+/// `rw` (default) or `ro`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AttachMode {
+    Rw,
+    Ro,
+}
+
+/// `os-attach`: `mountpoint` and `instance_uuid` (or `host_name`), no other keys.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct AttachAction {
+    /// A Compute server of the project (a UUID): 404 if cairn has no such server.
+    #[schema(
+        nullable = false,
+        pattern = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+    )]
+    instance_uuid: Option<String>,
+    /// The device on the server (`/dev/vdc`); another attachment's device there is 400.
+    #[schema(min_length = 1, max_length = 255)]
+    mountpoint: String,
+    /// cinder's host attachment: taken beside `instance_uuid` (and not kept), 400 alone.
+    #[schema(nullable = false, max_length = 255)]
+    host_name: Option<String>,
+    /// `ro` makes the attachment read-only (the export is read-only while no attachment
+    /// writes); a volume flagged read-only takes only `ro`.
+    #[schema(nullable = false)]
+    mode: Option<AttachMode>,
+}
+
+/// `os-detach`: the attachment to end, or null for the volume's only one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct DetachAction {
+    /// An attachment of this volume (`attachments[].attachment_id`).
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+    )]
+    attachment_id: Option<String>,
+}
+
+/// `os-initialize_connection`, `os-terminate_connection`: the connecting host as os-brick
+/// describes it (`host`, `ip`, `initiator`, ...; a string is taken too). cairn reads only
+/// `enforce_multipath`, which it echoes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ConnectorAction {
+    #[schema(value_type = Object)]
+    connector: Value,
+}
+
+/// `data` of an `nbd` connection: the volume's NBD export.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct NbdConnectionData {
+    /// The NBD server's TCP address (the daemon's `--nbd`).
+    host: String,
+    port: u16,
+    /// The export's name: the volume id.
+    export_name: String,
+    /// `nbd://host:port/<volume-id>`, as Compute's `nbdUri` (qemu, `nbdinfo`, `nbd-client`).
+    uri: String,
+    /// `ro` when the volume is flagged read-only, or every attachment is `ro`; else `rw`.
+    access_mode: AttachMode,
+    volume_id: String,
+    encrypted: bool,
+    /// The export takes TRIM and WRITE_ZEROES.
+    discard: bool,
+    /// cairn has no QoS: always null.
+    qos_specs: Option<Map<String, Value>>,
+    enforce_multipath: bool,
+}
+
+/// What `os-initialize_connection` returns under `connection_info`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConnectionInfo {
+    /// `nbd`: the volume is served by the daemon's NBD server (no os-brick connector has
+    /// that name; clients use `data.uri`).
+    driver_volume_type: String,
+    data: NbdConnectionData,
+    /// The connector's `enforce_multipath` (false when absent), as cinder echoes it.
+    enforce_multipath: bool,
+}
+
+/// `{"connection_info": {...}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConnectionInfoResponse {
+    connection_info: ConnectionInfo,
 }
 
 /// `os-volume_upload_image` (seed 003).
@@ -122,6 +243,108 @@ enum Action {
     Extend(u64),
     Flags(VolumeFlags),
     Reset(VolumeStatus),
+    Step(AttachStep),
+    Attach(VolumeAttach),
+    Detach(Option<String>),
+    Connect { enforce_multipath: bool },
+}
+
+/// cinder's JSON-schema refusal of a key its action schema does not list.
+fn only_keys(action: &str, args: &Map<String, Value>, allowed: &[&str]) -> FaultResult<()> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(invalid(
+            action,
+            &format!("Additional properties are not allowed ('{k}' was unexpected)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A UUID-like string (cinder's `uuid` format, `uuidutils.is_uuid_like`), canonical.
+fn uuid_field(key: &str, v: &Value) -> FaultResult<String> {
+    match v {
+        Value::String(s) => uuid::Uuid::parse_str(s)
+            .map(|u| u.to_string())
+            .map_err(|_| invalid(key, &format!("'{s}' is not a 'uuid'"))),
+        _ => Err(invalid(key, "is not of type 'string'")),
+    }
+}
+
+/// `os-attach`'s schema (cinder's `volume_actions.attach`).
+fn parse_attach(args: &Map<String, Value>) -> FaultResult<VolumeAttach> {
+    const NAME: &str = "os-attach";
+    only_keys(
+        NAME,
+        args,
+        &["instance_uuid", "mountpoint", "host_name", "mode"],
+    )?;
+    let mountpoint = match args.get("mountpoint") {
+        None => return Err(invalid(NAME, "'mountpoint' is a required property")),
+        Some(Value::String(s)) if (1..=255).contains(&s.chars().count()) => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(invalid("mountpoint", "must be 1 to 255 characters long"));
+        }
+        Some(_) => return Err(invalid("mountpoint", "is not of type 'string'")),
+    };
+    let instance_uuid = args
+        .get("instance_uuid")
+        .map(|v| uuid_field("instance_uuid", v))
+        .transpose()?;
+    let host_name = match args.get("host_name") {
+        None => None,
+        Some(Value::String(s)) if s.chars().count() <= 255 => Some(s.clone()),
+        Some(Value::String(_)) => {
+            return Err(invalid("host_name", "is longer than 255 characters"));
+        }
+        Some(_) => return Err(invalid("host_name", "is not of type 'string'")),
+    };
+    if instance_uuid.is_none() && host_name.is_none() {
+        return Err(invalid(
+            NAME,
+            "is not valid under any of the given schemas (instance_uuid or host_name is required)",
+        ));
+    }
+    let read_only = match args.get("mode") {
+        None => false,
+        Some(Value::String(m)) if m == "rw" => false,
+        Some(Value::String(m)) if m == "ro" => true,
+        Some(other) => {
+            return Err(invalid(
+                "mode",
+                &format!("{other} is not one of ['rw', 'ro']"),
+            ));
+        }
+    };
+    Ok(VolumeAttach {
+        instance_uuid,
+        host_name,
+        mountpoint,
+        read_only,
+    })
+}
+
+/// `os-initialize_connection` / `os-terminate_connection`: a `connector` (an object or a
+/// string; null too for terminate); returns its `enforce_multipath`.
+fn parse_connector(name: &str, args: &Map<String, Value>, null_ok: bool) -> FaultResult<bool> {
+    only_keys(name, args, &["connector"])?;
+    match args.get("connector") {
+        None => Err(invalid(name, "'connector' is a required property")),
+        Some(Value::Object(c)) => match c.get("enforce_multipath") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(invalid("enforce_multipath", "is not of type 'boolean'")),
+        },
+        Some(Value::String(_)) => Ok(false),
+        Some(Value::Null) if null_ok => Ok(false),
+        Some(_) => Err(invalid(
+            "connector",
+            if null_ok {
+                "is not of type 'string', 'object', 'null'"
+            } else {
+                "is not of type 'object', 'string'"
+            },
+        )),
+    }
 }
 
 /// A strict boolean: JSON true/false, or the strings cinder's strict parser takes.
@@ -220,6 +443,17 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
             "Malformed request body: exactly one action is expected.",
         ));
     };
+    // cinder's schemas for these take any value (cinderclient sends null) and read none.
+    let step = match name.as_str() {
+        "os-reserve" => Some(AttachStep::Reserve),
+        "os-unreserve" => Some(AttachStep::Unreserve),
+        "os-begin_detaching" => Some(AttachStep::BeginDetaching),
+        "os-roll_detaching" => Some(AttachStep::RollDetaching),
+        _ => None,
+    };
+    if let Some(step) = step {
+        return Ok(Action::Step(step));
+    }
     let args = match &body[name] {
         Value::Object(m) => m.clone(),
         Value::Null => Map::new(),
@@ -267,10 +501,38 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
             };
             Ok(Action::Reset(status))
         }
+        "os-attach" => Ok(Action::Attach(parse_attach(&args)?)),
+        "os-detach" => {
+            only_keys(name, &args, &["attachment_id"])?;
+            let id = match args.get("attachment_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(uuid_field("attachment_id", v)?),
+            };
+            Ok(Action::Detach(id))
+        }
+        "os-initialize_connection" => Ok(Action::Connect {
+            enforce_multipath: parse_connector(name, &args, false)?,
+        }),
+        "os-terminate_connection" => {
+            parse_connector(name, &args, true)?;
+            Ok(Action::Step(AttachStep::TerminateConnection))
+        }
         other => Err(Fault::bad_request(format!(
             "There is no such action: {other}"
         ))),
     }
+}
+
+/// An action's empty answer, as cinder's, typed `text/plain`: the statuses it shares with
+/// JSON answers (200 with os-initialize_connection, 202 with os-volume_upload_image) are then
+/// told apart by type, and a JSON type would promise a JSON body.
+fn empty(status: StatusCode) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "",
+    )
+        .into_response()
 }
 
 #[utoipa::path(post, path = "/{tenant_id}/volumes/{volume_id}/action", tag = "volume",
@@ -278,11 +540,13 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
            ("volume_id" = String, Path, description = "volume id")),
     request_body(content = VolumeActionRequest, content_type = "application/json",
         description = "exactly one of the actions"),
-    responses((status = 200, description = "os-set_bootable: done (empty body)"),
-              (status = 202, description = "os-volume_upload_image: the volume, now uploading, and the new image; os-extend, os-update_readonly_flag, os-reset_status: done (empty body)", body = UploadImageResponse),
-              (status = 400, description = "badRequest: no such action, bad arguments, a size not larger, a status that does not allow it", body = BadRequest),
+    responses((status = 200, description = "os-initialize_connection: where the volume's NBD export is served (JSON); os-set_bootable: done (an empty text/plain body)",
+                  content((ConnectionInfoResponse = "application/json"), (String = "text/plain"))),
+              (status = 202, description = "os-volume_upload_image: the volume, now uploading, and the new image (JSON); os-extend, os-update_readonly_flag, os-reset_status, os-reserve, os-unreserve, os-attach, os-begin_detaching, os-roll_detaching, os-detach, os-terminate_connection: done (an empty text/plain body)",
+                  content((UploadImageResponse = "application/json"), (String = "text/plain"))),
+              (status = 400, description = "badRequest: no such action, bad arguments, a size not larger, a status that does not allow it, a read-write attach of a read-only volume, host_name without instance_uuid, a device in use on the server, an attachment id not of this volume", body = BadRequest),
               (status = 403, description = "forbidden: reader role, or os-reset_status by a non-admin", body = Forbidden),
-              (status = 404, description = "itemNotFound", body = ItemNotFound),
+              (status = 404, description = "itemNotFound: no such volume, or (os-attach) no such server", body = ItemNotFound),
               (status = 413, description = "overLimit: no room in the store to grow", body = OverLimit)))]
 pub(super) async fn volume_action(
     State(state): State<AppState>,
@@ -329,17 +593,16 @@ pub(super) async fn volume_action(
         Action::Extend(size) => {
             ctx.require_writer("volume:extend")?;
             svc.extend_volume(&ctx.caller, id, size).await?;
-            Ok(StatusCode::ACCEPTED.into_response())
+            Ok(empty(StatusCode::ACCEPTED))
         }
         Action::Flags(flags) => {
             ctx.require_writer("volume:update")?;
             svc.set_volume_flags(&ctx.caller, id, flags).await?;
-            Ok(if flags.bootable.is_some() {
+            Ok(empty(if flags.bootable.is_some() {
                 StatusCode::OK
             } else {
                 StatusCode::ACCEPTED
-            }
-            .into_response())
+            }))
         }
         Action::Reset(status) => {
             if !ctx.caller.is_admin() {
@@ -348,7 +611,49 @@ pub(super) async fn volume_action(
                 ));
             }
             svc.reset_volume_status(&ctx.caller, id, status).await?;
-            Ok(StatusCode::ACCEPTED.into_response())
+            Ok(empty(StatusCode::ACCEPTED))
+        }
+        Action::Step(step) => {
+            ctx.require_writer(step.policy())?;
+            svc.volume_attach_step(&ctx.caller, id, step).await?;
+            Ok(empty(StatusCode::ACCEPTED))
+        }
+        Action::Attach(req) => {
+            ctx.require_writer("volume_extension:volume_actions:attach")?;
+            svc.volume_attach(&ctx.caller, id, req).await?;
+            Ok(empty(StatusCode::ACCEPTED))
+        }
+        Action::Detach(attachment_id) => {
+            ctx.require_writer("volume_extension:volume_actions:detach")?;
+            svc.volume_detach(&ctx.caller, id, attachment_id).await?;
+            Ok(empty(StatusCode::ACCEPTED))
+        }
+        Action::Connect { enforce_multipath } => {
+            ctx.require_writer("volume_extension:volume_actions:initialize_connection")?;
+            let c = svc.volume_connection(&ctx.caller, id).await?;
+            Ok(axum::Json(ConnectionInfoResponse {
+                connection_info: ConnectionInfo {
+                    driver_volume_type: "nbd".into(),
+                    data: NbdConnectionData {
+                        host: c.host,
+                        port: c.port,
+                        export_name: c.export_name,
+                        uri: c.uri,
+                        access_mode: if c.read_only {
+                            AttachMode::Ro
+                        } else {
+                            AttachMode::Rw
+                        },
+                        volume_id: c.volume_id,
+                        encrypted: false,
+                        discard: true,
+                        qos_specs: None,
+                        enforce_multipath,
+                    },
+                    enforce_multipath,
+                },
+            })
+            .into_response())
         }
     }
 }
@@ -391,6 +696,79 @@ mod tests {
             Ok(Action::Reset(VolumeStatus::Error))
         ));
         assert!(parse(body(json!({"os-reset_status": {"status": "bogus"}}))).is_err());
+        // The attach flow: the status steps take any value, os-attach cinder's schema.
+        for (name, step) in [
+            ("os-reserve", AttachStep::Reserve),
+            ("os-unreserve", AttachStep::Unreserve),
+            ("os-begin_detaching", AttachStep::BeginDetaching),
+            ("os-roll_detaching", AttachStep::RollDetaching),
+        ] {
+            for v in [json!(null), json!({}), json!("x")] {
+                assert!(matches!(parse(body(json!({name: v}))), Ok(Action::Step(s)) if s == step));
+            }
+        }
+        let uuid = "6EDBC2F4150744F8AC0DEED1D2608D38";
+        match parse(body(
+            json!({"os-attach": {"instance_uuid": uuid, "mountpoint": "/dev/vdc", "mode": "ro"}}),
+        )) {
+            Ok(Action::Attach(a)) => {
+                assert_eq!(
+                    a.instance_uuid.as_deref(),
+                    Some("6edbc2f4-1507-44f8-ac0d-eed1d2608d38")
+                );
+                assert!(a.read_only && a.mountpoint == "/dev/vdc" && a.host_name.is_none());
+            }
+            _ => panic!("os-attach not parsed"),
+        }
+        assert!(matches!(
+            parse(body(
+                json!({"os-attach": {"host_name": "h", "mountpoint": "/dev/vdc"}})
+            )),
+            Ok(Action::Attach(VolumeAttach {
+                instance_uuid: None,
+                read_only: false,
+                ..
+            }))
+        ));
+        for bad in [
+            json!({"os-attach": {"mountpoint": "/dev/vdc"}}),
+            json!({"os-attach": {"instance_uuid": uuid}}),
+            json!({"os-attach": {"instance_uuid": uuid, "mountpoint": ""}}),
+            json!({"os-attach": {"instance_uuid": "x", "mountpoint": "/dev/vdc"}}),
+            json!({"os-attach": {"instance_uuid": null, "mountpoint": "/dev/vdc"}}),
+            json!({"os-attach": {"instance_uuid": uuid, "mountpoint": "/dev/vdc", "mode": "wo"}}),
+            json!({"os-attach": {"instance_uuid": uuid, "mountpoint": "/dev/vdc", "z": 1}}),
+            json!({"os-attach": null}),
+            json!({"os-detach": {"attachment_id": 3}}),
+            json!({"os-detach": {"other": 3}}),
+            json!({"os-initialize_connection": {"connector": null}}),
+            json!({"os-initialize_connection": {"connector": {"enforce_multipath": "yes"}}}),
+            json!({"os-terminate_connection": null}),
+        ] {
+            assert!(parse(body(bad.clone())).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            parse(body(json!({"os-detach": null}))),
+            Ok(Action::Detach(None))
+        ));
+        assert!(matches!(
+            parse(body(json!({"os-detach": {"attachment_id": uuid}}))),
+            Ok(Action::Detach(Some(_)))
+        ));
+        assert!(matches!(
+            parse(body(
+                json!({"os-initialize_connection": {"connector": {"enforce_multipath": true}}})
+            )),
+            Ok(Action::Connect {
+                enforce_multipath: true
+            })
+        ));
+        assert!(matches!(
+            parse(body(
+                json!({"os-terminate_connection": {"connector": null}})
+            )),
+            Ok(Action::Step(AttachStep::TerminateConnection))
+        ));
         let e = parse(body(json!({"os-frobnicate": {}}))).err().unwrap();
         assert_eq!(e.message, "There is no such action: os-frobnicate");
         assert!(parse(body(json!({}))).is_err());
