@@ -345,6 +345,7 @@ async fn run(
         nbd_socket: layout.nbd_socket.clone(),
         convert_jobs: cfg.image_convert_jobs as usize,
         show_image_direct_url: cfg.show_image_direct_url,
+        message_ttl: Duration::from_secs(cfg.message_ttl),
     };
     let internal = std::sync::Arc::new(InternalExports::default());
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());

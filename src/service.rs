@@ -176,6 +176,10 @@ impl DaemonService {
                 Err(e) => {
                     tracing::error!(volume = %volume_id, image = %image_id, error = %e,
                         "uploading a volume to an image failed; the image is deleted");
+                    // What the project can read back (`cinder message-list`), as cinder does.
+                    volumes
+                        .record_upload_failure(&caller.project_id, &volume_id, &e)
+                        .await;
                     if let Err(e) = images.delete_image(&caller, &image_id).await {
                         tracing::warn!(image = %image_id, error = %e, "deleting a failed upload's image");
                     }
@@ -469,20 +473,33 @@ impl AdminService for DaemonService {
                     .into(),
             ));
         }
+        if req.visibility.as_deref() == Some("public") && !caller.is_admin() {
+            return Err(ServiceError::Forbidden(
+                "Policy doesn't allow volume_extension:volume_actions:upload_public to be performed."
+                    .into(),
+            ));
+        }
         if req.disk_format == "iso" {
             // Accepted, and no image is made (seed 003's footnote).
             crate::control::volumes::check_upload(&v, req.force)?;
             return Ok(VolumeUploaded {
                 volume: v,
                 image_id: None,
+                visibility: None,
+                protected: None,
             });
         }
-        let (before, copy) = self.volumes.begin_upload(caller, id, req.force).await?;
+        let (before, copy) = self
+            .volumes
+            .begin_upload(caller, id, req.force, req.request_id.as_deref())
+            .await?;
         let new = admin_api::image::NewImage {
             name: Some(req.image_name.clone()),
             disk_format: Some(req.disk_format.clone()),
             container_format: Some(req.container_format.clone()),
             min_disk: before.size_gib,
+            visibility: req.visibility.clone(),
+            protected: req.protected.unwrap_or(false),
             ..Default::default()
         };
         let image =
@@ -507,8 +524,22 @@ impl AdminService for DaemonService {
         let volume = self.volumes.get_volume(caller, id, false).await;
         Ok(VolumeUploaded {
             volume: volume.unwrap_or(before),
+            visibility: Some(image.visibility.clone()),
+            protected: Some(image.protected),
             image_id: Some(image.id),
         })
+    }
+
+    async fn list_messages(&self, caller: &Caller) -> ServiceResult<Vec<UserMessage>> {
+        self.volumes.list_messages(caller).await
+    }
+
+    async fn get_message(&self, caller: &Caller, id: &str) -> ServiceResult<UserMessage> {
+        self.volumes.get_message(caller, id).await
+    }
+
+    async fn delete_message(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.volumes.delete_message(caller, id).await
     }
 
     async fn extend_volume(

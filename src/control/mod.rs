@@ -30,6 +30,8 @@ pub struct Settings {
     pub convert_jobs: usize,
     /// Show images' `direct_url` (Glance's `show_image_direct_url`).
     pub show_image_direct_url: bool,
+    /// How long a Block Storage user message is kept at least (cinder's `message_ttl`).
+    pub message_ttl: std::time::Duration,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).
