@@ -206,6 +206,16 @@ pub struct Config {
     )]
     pub show_image_direct_url: bool,
 
+    /// How long a Block Storage user message (`/messages`, e.g. an upload to an image that
+    /// failed) is kept at least: its `guaranteed_until` (cinder's `message_ttl`, 30 days).
+    #[arg(
+        long,
+        env = "CAIRN_MESSAGE_TTL",
+        value_name = "SECONDS",
+        default_value = "2592000"
+    )]
+    pub message_ttl: u64,
+
     /// An NBD client must finish its handshake (options up to GO/EXPORT_NAME) within this
     /// time, or its connection is closed. 0 is refused.
     #[arg(

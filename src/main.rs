@@ -348,6 +348,7 @@ async fn run(
         image_service_url: cfg.image_service_url.clone(),
         identity_url: cfg.identity_url.clone(),
         tmp_dir: scratch_dir(&layout.data_dir)?,
+        message_ttl: Duration::from_secs(cfg.message_ttl),
     };
     let internal = std::sync::Arc::new(InternalExports::default());
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());

@@ -123,6 +123,8 @@ pub struct RemoteImage {
     pub id: String,
     pub status: String,
     pub disk_format: Option<String>,
+    pub visibility: String,
+    pub protected: bool,
 }
 
 impl RemoteImages {
@@ -179,6 +181,12 @@ impl RemoteImages {
                 .get("disk_format")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            visibility: v
+                .get("visibility")
+                .and_then(Value::as_str)
+                .unwrap_or("shared")
+                .to_owned(),
+            protected: v.get("protected").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 
@@ -369,13 +377,22 @@ pub fn new_image_fields(
     disk_format: &str,
     container_format: &str,
     min_disk: u64,
+    visibility: Option<&str>,
+    protected: Option<bool>,
 ) -> Value {
-    json!({
+    let mut v = json!({
         "name": name,
         "disk_format": disk_format,
         "container_format": container_format,
         "min_disk": min_disk,
-    })
+    });
+    if let Some(vis) = visibility {
+        v["visibility"] = json!(vis);
+    }
+    if let Some(p) = protected {
+        v["protected"] = json!(p);
+    }
+    v
 }
 
 #[cfg(test)]

@@ -179,6 +179,10 @@ impl DaemonService {
                 Err(e) => {
                     tracing::error!(volume = %volume_id, image = %image_id, error = %e,
                         "uploading a volume to an image failed; the image is deleted");
+                    // What the project can read back (`cinder message-list`), as cinder does.
+                    volumes
+                        .record_upload_failure(&caller.project_id, &volume_id, &e)
+                        .await;
                     let deleted = match &target {
                         UploadTarget::Own => images.delete_image(&caller, &image_id).await,
                         UploadTarget::Remote(remote, token) => {
@@ -486,26 +490,39 @@ impl AdminService for DaemonService {
                     .into(),
             ));
         }
+        if req.visibility.as_deref() == Some("public") && !caller.is_admin() {
+            return Err(ServiceError::Forbidden(
+                "Policy doesn't allow volume_extension:volume_actions:upload_public to be performed."
+                    .into(),
+            ));
+        }
         if req.disk_format == "iso" {
             // Accepted, and no image is made (seed 003's footnote).
             crate::control::volumes::check_upload(&v, req.force)?;
             return Ok(VolumeUploaded {
                 volume: v,
                 image_id: None,
+                visibility: None,
+                protected: None,
             });
         }
-        let (before, copy) = self.volumes.begin_upload(caller, id, req.force).await?;
+        let (before, copy) = self
+            .volumes
+            .begin_upload(caller, id, req.force, req.request_id.as_deref())
+            .await?;
         let new = admin_api::image::NewImage {
             name: Some(req.image_name.clone()),
             disk_format: Some(req.disk_format.clone()),
             container_format: Some(req.container_format.clone()),
             min_disk: before.size_gib,
+            visibility: req.visibility.clone(),
+            protected: req.protected.unwrap_or(false),
             ..Default::default()
         };
         let made = match &self.remote_images {
             None => admin_api::image::ImageService::create_image(&*self.images, caller, new)
                 .await
-                .map(|i| (i.id, UploadTarget::Own)),
+                .map(|i| (i.id, i.visibility, i.protected, UploadTarget::Own)),
             Some(remote) => match req.token.as_deref() {
                 // Cinder creates the image in Glance first, with the caller's token.
                 Some(token) => remote
@@ -516,16 +533,21 @@ impl AdminService for DaemonService {
                             &req.disk_format,
                             &req.container_format,
                             before.size_gib,
+                            req.visibility.as_deref(),
+                            req.protected,
                         ),
                     )
                     .await
-                    .map(|i| (i.id, UploadTarget::Remote(remote.clone(), token.to_owned()))),
+                    .map(|i| {
+                        let target = UploadTarget::Remote(remote.clone(), token.to_owned());
+                        (i.id, i.visibility, i.protected, target)
+                    }),
                 None => Err(ServiceError::Unauthorized(
                     "The request you have made requires authentication.".into(),
                 )),
             },
         };
-        let (image_id, target) = match made {
+        let (image_id, visibility, protected, target) = match made {
             Ok(m) => m,
             Err(e) => {
                 self.volumes.end_upload(&before.id, copy).await;
@@ -547,8 +569,22 @@ impl AdminService for DaemonService {
         let volume = self.volumes.get_volume(caller, id, false).await;
         Ok(VolumeUploaded {
             volume: volume.unwrap_or(before),
+            visibility: Some(visibility),
+            protected: Some(protected),
             image_id: Some(image_id),
         })
+    }
+
+    async fn list_messages(&self, caller: &Caller) -> ServiceResult<Vec<UserMessage>> {
+        self.volumes.list_messages(caller).await
+    }
+
+    async fn get_message(&self, caller: &Caller, id: &str) -> ServiceResult<UserMessage> {
+        self.volumes.get_message(caller, id).await
+    }
+
+    async fn delete_message(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        self.volumes.delete_message(caller, id).await
     }
 
     async fn extend_volume(

@@ -264,7 +264,7 @@ fn discovery_paging_metadata_and_cinder_faults() {
         );
         assert_eq!(
             (v3["version"].as_str(), v3["min_version"].as_str()),
-            (Some("3.0"), Some("3.0"))
+            (Some("3.3"), Some("3.0"))
         );
         assert!(v3["links"].to_string().contains("/volume/v3/"), "{v}");
     }
@@ -2106,4 +2106,493 @@ fn cinderclient_attach_flow_makes_the_compute_attachment_and_serves_its_export()
     assert_eq!(action(json!({"os-detach": null})).status, 202);
     assert_eq!(status(), "available");
     assert_eq!(compute_attachments(&sid), json!([]));
+}
+
+/// A caller of `/volume/v3/{project}` at microversion `version` (`None`: no header, 3.0).
+fn at<'a>(
+    c: &'a Cairn,
+    token: &str,
+    project: &str,
+    version: Option<&str>,
+) -> impl Fn(&str, &str, Option<&Value>) -> Reply + use<'a> {
+    let (c, token, project) = (c, token.to_owned(), project.to_owned());
+    let header = version.map(|v| format!("volume {v}"));
+    move |method: &str, rest: &str, body: Option<&Value>| {
+        let mut headers = vec![("X-Auth-Token", token.as_str())];
+        if let Some(h) = &header {
+            headers.push(("OpenStack-API-Version", h.as_str()));
+        }
+        let body = body.map(Value::to_string);
+        c.request(
+            method,
+            &format!("/volume/v3/{project}{rest}"),
+            &headers,
+            body.as_deref().map(|b| ("application/json", b)),
+        )
+    }
+}
+
+/// A new project with a user holding `member` on it: (token, project id).
+fn member_of_new_project(c: &Cairn, admin: &str, name: &str) -> (String, String) {
+    let h = [("X-Auth-Token", admin)];
+    let post = |path: &str, body: Value| {
+        let r = c.request(
+            "POST",
+            path,
+            &h,
+            Some(("application/json", &body.to_string())),
+        );
+        assert_eq!(r.status, 201, "{path}: {}", r.body);
+        r.json()
+    };
+    let project = post(
+        "/v3/projects",
+        json!({"project": {"name": name, "domain_id": "default"}}),
+    )["project"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user = post(
+        "/v3/users",
+        json!({"user": {"name": name, "password": "pw", "default_project_id": project,
+            "domain_id": "default"}}),
+    )["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let roles = c.request("GET", "/v3/roles", &h, None).json();
+    let member = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "member")
+        .expect("member role")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = c.request(
+        "PUT",
+        &format!("/v3/projects/{project}/users/{user}/roles/{member}"),
+        &h,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let body = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": name, "domain": {"name": "Default"}, "password": "pw"}}},
+        "scope": {"project": {"id": project}}}});
+    let r = c.request(
+        "POST",
+        "/v3/auth/tokens",
+        &[],
+        Some(("application/json", &body.to_string())),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    (r.header("x-subject-token").unwrap().to_owned(), project)
+}
+
+/// Waits until a volume is no longer `uploading` (its upload job ended, either way); returns
+/// the volume.
+fn wait_not_uploading(c: &Cairn, token: &str, project: &str, volume: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let v = c
+            .request(
+                "GET",
+                &format!("/volume/v3/{project}/volumes/{volume}"),
+                &[("X-Auth-Token", token)],
+                None,
+            )
+            .json();
+        if v["volume"]["status"] != "uploading" {
+            return v["volume"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still uploading: {v}\n{}",
+            c.logs.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Microversions 3.1 to 3.3 with cinderclient and HTTP: upload-to-image with visibility and
+/// protected (3.1), the strict bootable filter (3.2), and user messages (3.3), the one an
+/// upload that fails leaves (the image service refuses an image larger than its cap: a real
+/// failure, in the job after the 202): the volume comes back, the image is gone, and the
+/// message is there, for the project that asked, after a restart too.
+#[test]
+fn microversions_to_3_3_and_failed_uploads_as_user_messages() {
+    let data = common::temp_dir();
+    let serve = || {
+        Serve::new()
+            .data_dir(data.path())
+            .arg("--admin-password")
+            .arg(PW)
+            // 1 GiB volumes upload; a 2 GiB one is over the cap.
+            .arg("--image-size-cap")
+            .arg("1073741824")
+            .start()
+    };
+    let mut c = serve();
+    let (token, project) = admin_token(&c, PW);
+    let v30 = at(&c, &token, &project, None);
+    let v31 = at(&c, &token, &project, Some("3.1"));
+    let v32 = at(&c, &token, &project, Some("3.2"));
+    let v33 = at(&c, &token, &project, Some("3.3"));
+    let cinder_at = |version: &str, args: &[&str]| {
+        run(os_client(&c, "cinder", PW)
+            .args(["--os-volume-api-version", version])
+            .args(args))
+    };
+
+    // Discovery and negotiation: 3.0 to 3.3; 3.4 is refused, as cinder refuses what it
+    // does not speak.
+    let doc = c.get("/volume/v3").json();
+    assert_eq!(
+        (
+            doc["versions"][0]["version"].as_str(),
+            doc["versions"][0]["min_version"].as_str()
+        ),
+        (Some("3.3"), Some("3.0")),
+        "{doc}"
+    );
+    let r = v33("GET", "/volumes", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("openstack-api-version"), Some("volume 3.3"));
+    let latest = at(&c, &token, &project, Some("latest"))("GET", "/volumes", None);
+    assert_eq!(latest.header("openstack-api-version"), Some("volume 3.3"));
+    assert_eq!(
+        fault(
+            &at(&c, &token, &project, Some("3.4"))("GET", "/messages", None),
+            406,
+            "computeFault"
+        ),
+        "Version 3.4 is not supported by the API. Minimum is 3.0 and maximum is 3.3."
+    );
+
+    // 3.1: the CLI's upload-to-image with --visibility and --protected; the image has both.
+    let made = osc(
+        &c,
+        &["volume", "create", "--size", "1", "-f", "json", "small"],
+    )
+    .json();
+    let small = made["id"].as_str().unwrap().to_owned();
+    let up = cinder_at(
+        "3.1",
+        &[
+            "upload-to-image",
+            "--visibility",
+            "community",
+            "--protected",
+            "True",
+            &small,
+            "img31",
+        ],
+    );
+    assert!(up.ok, "{}{}", up.stdout, up.stderr);
+    let row = |out: &str, key: &str| {
+        out.lines()
+            .find(|l| l.split('|').nth(1).is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split('|').nth(2))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {key} in\n{out}"))
+    };
+    assert_eq!(row(&up.stdout, "visibility"), "community");
+    assert_eq!(row(&up.stdout, "protected"), "True");
+    let image = row(&up.stdout, "image_id");
+    let i = wait_upload(&c, &token, &project, &small, &image);
+    assert_eq!(
+        (i["visibility"].as_str(), i["protected"].as_bool()),
+        (Some("community"), Some(true)),
+        "{i}"
+    );
+    // Below 3.1 the fields are unknown; from 3.1 on they are checked; public needs admin.
+    let upload = |call: &dyn Fn(&str, &str, Option<&Value>) -> Reply, args: Value| {
+        call(
+            "POST",
+            &format!("/volumes/{small}/action"),
+            Some(&json!({ "os-volume_upload_image": args })),
+        )
+    };
+    let images = || {
+        c.request("GET", "/v2/images", &[("X-Auth-Token", &token)], None)
+            .json()["images"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = images();
+    assert_eq!(
+        fault(
+            &upload(&v30, json!({"image_name": "x", "visibility": "private"})),
+            400,
+            "badRequest"
+        ),
+        "Invalid input for field/attribute os-volume_upload_image. Value: Additional properties are not allowed ('visibility' was unexpected)"
+    );
+    assert_eq!(
+        fault(
+            &upload(&v31, json!({"image_name": "x", "visibility": "everyone"})),
+            400,
+            "badRequest"
+        ),
+        "Invalid input for field/attribute visibility. Value: everyone. 'everyone' is not one of ['community', 'public', 'private', 'shared']"
+    );
+    let m = fault(
+        &upload(&v31, json!({"image_name": "x", "protected": "maybe"})),
+        400,
+        "badRequest",
+    );
+    assert!(m.starts_with("Invalid input for field/attribute protected. Value: maybe. 'maybe' is not one of [True, 'True',"), "{m}");
+    let (mtoken, mproject) = member_of_new_project(&c, &token, "uploader");
+    let member = at(&c, &mtoken, &mproject, Some("3.1"));
+    let r = member(
+        "POST",
+        "/volumes",
+        Some(&json!({"volume": {"size": 1, "name": "theirs"}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let theirs = r.json()["volume"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        fault(
+            &member(
+                "POST",
+                &format!("/volumes/{theirs}/action"),
+                Some(
+                    &json!({"os-volume_upload_image": {"image_name": "x", "visibility": "public"}})
+                )
+            ),
+            403,
+            "forbidden"
+        ),
+        "Policy doesn't allow volume_extension:volume_actions:upload_public to be performed."
+    );
+    // Refused requests changed nothing.
+    assert_eq!(images(), before);
+    for (vid, call) in [(&small, &v30), (&theirs, &member)] {
+        let v = call("GET", &format!("/volumes/{vid}"), None).json();
+        assert_eq!(v["volume"]["status"], "available", "{v}");
+    }
+
+    // 3.2: `bootable` takes only boolean words; before, anything but false meant true.
+    let r = v30(
+        "POST",
+        &format!("/volumes/{small}/action"),
+        Some(&json!({"os-set_bootable": {"bootable": true}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let big = v30(
+        "POST",
+        "/volumes",
+        Some(&json!({"volume": {"size": 2, "name": "big"}})),
+    );
+    assert_eq!(big.status, 202, "{}", big.body);
+    let big = big.json()["volume"]["id"].as_str().unwrap().to_owned();
+    let names = |r: Reply| -> Vec<String> {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let mut n: Vec<String> = r.json()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(v30("GET", "/volumes?bootable=maybe", None)),
+        ["small"]
+    );
+    assert_eq!(names(v30("GET", "/volumes?bootable=0", None)), ["small"]);
+    assert_eq!(names(v30("GET", "/volumes?bootable=false", None)), ["big"]);
+    assert_eq!(
+        names(v32("GET", "/volumes/detail?bootable=0", None)),
+        ["big"]
+    );
+    assert_eq!(names(v32("GET", "/volumes?bootable=T", None)), ["small"]);
+    assert_eq!(
+        fault(
+            &v32("GET", "/volumes?bootable=maybe", None),
+            400,
+            "badRequest"
+        ),
+        "Invalid input received: 'bootable = maybe'"
+    );
+
+    // 3.3: no message yet, and none below 3.3 (the method is absent there).
+    assert_eq!(
+        v33("GET", "/messages", None).json(),
+        json!({"messages": []})
+    );
+    for call in [&v30, &v32] {
+        assert_eq!(
+            fault(&call("GET", "/messages", None), 404, "itemNotFound"),
+            "The resource could not be found."
+        );
+        fault(
+            &call("GET", &format!("/messages/{NO_SUCH}"), None),
+            404,
+            "itemNotFound",
+        );
+        fault(
+            &call("DELETE", &format!("/messages/{NO_SUCH}"), None),
+            404,
+            "itemNotFound",
+        );
+    }
+
+    // An upload the image service refuses: 202, then the job fails.
+    let r = v33(
+        "POST",
+        &format!("/volumes/{big}/action"),
+        Some(&json!({"os-volume_upload_image": {"image_name": "toobig"}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let request_id = r.header("x-openstack-request-id").unwrap().to_owned();
+    let failed_image = r.json()["os-volume_upload_image"]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = wait_not_uploading(&c, &token, &project, &big);
+    assert_eq!(v["status"], "available", "the volume is back: {v}");
+    let gone = c.request(
+        "GET",
+        &format!("/v2/images/{failed_image}"),
+        &[("X-Auth-Token", &token)],
+        None,
+    );
+    assert_eq!(
+        gone.status, 404,
+        "the failed upload's image is deleted: {}",
+        gone.body
+    );
+
+    // The operator reads it with cinderclient...
+    let list = cinder_at("3.3", &["message-list"]);
+    assert!(list.ok, "{}{}", list.stdout, list.stderr);
+    let lines: Vec<&str> = list.stdout.lines().filter(|l| l.contains(&big)).collect();
+    assert_eq!(lines.len(), 1, "{}", list.stdout);
+    assert!(
+        lines[0].contains("VOLUME_VOLUME_003_004")
+            && lines[0]
+                .contains("copy volume to image:Failed to upload volume to image at backend.")
+            && lines[0].contains("| VOLUME "),
+        "{}",
+        list.stdout
+    );
+    let id = lines[0].split('|').nth(1).unwrap().trim().to_owned();
+    let show = cinder_at("3.3", &["message-show", &id]);
+    assert!(show.ok, "{}{}", show.stdout, show.stderr);
+    assert_eq!(row(&show.stdout, "request_id"), request_id);
+    assert_eq!(row(&show.stdout, "message_level"), "ERROR");
+    assert_eq!(row(&show.stdout, "resource_uuid"), big);
+
+    // ... and it is cinder's view over HTTP, kept 30 days (message_ttl).
+    let m = v33("GET", &format!("/messages/{id}"), None);
+    assert_eq!(m.status, 200, "{}", m.body);
+    let m = m.json()["message"].clone();
+    assert_eq!(
+        (
+            m["event_id"].as_str(),
+            m["user_message"].as_str(),
+            m["message_level"].as_str(),
+            m["resource_type"].as_str(),
+            m["resource_uuid"].as_str(),
+            m["request_id"].as_str()
+        ),
+        (
+            Some("VOLUME_VOLUME_003_004"),
+            Some("copy volume to image:Failed to upload volume to image at backend."),
+            Some("ERROR"),
+            Some("VOLUME"),
+            Some(big.as_str()),
+            Some(request_id.as_str())
+        ),
+        "{m}"
+    );
+    let when = |k: &str| {
+        let s = format!("{}Z", m[k].as_str().unwrap());
+        time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("{k} {s}: {e}"))
+    };
+    assert_eq!(
+        when("guaranteed_until") - when("created_at"),
+        time::Duration::days(30)
+    );
+    let links = m["links"].to_string();
+    assert!(
+        links.contains(&format!("/volume/v3/{project}/messages/{id}"))
+            && links.contains(&format!("/volume/{project}/messages/{id}")),
+        "{links}"
+    );
+    assert_eq!(
+        v33("GET", "/messages", None).json()["messages"][0]["id"],
+        id.as_str()
+    );
+
+    // Another project does not see it, and cannot delete it.
+    let other = at(&c, &mtoken, &mproject, Some("3.3"));
+    assert_eq!(
+        other("GET", "/messages", None).json(),
+        json!({"messages": []})
+    );
+    assert_eq!(
+        fault(
+            &other("GET", &format!("/messages/{id}"), None),
+            404,
+            "itemNotFound"
+        ),
+        format!("Message {id} could not be found.")
+    );
+    fault(
+        &other("DELETE", &format!("/messages/{id}"), None),
+        404,
+        "itemNotFound",
+    );
+    // Unknown ids.
+    assert_eq!(
+        fault(
+            &v33("GET", &format!("/messages/{NO_SUCH}"), None),
+            404,
+            "itemNotFound"
+        ),
+        format!("Message {NO_SUCH} could not be found.")
+    );
+    fault(&v33("DELETE", "/messages/nope", None), 404, "itemNotFound");
+
+    // It survives a restart.
+    drop((v30, v31, v32, v33, other, member));
+    c.stop_with(libc::SIGTERM);
+    let c = serve();
+    let (token, _) = admin_token(&c, PW);
+    let v33 = at(&c, &token, &project, Some("3.3"));
+    // The same message (its links name the new daemon's address).
+    let without_links = |mut m: Value| {
+        m.as_object_mut().unwrap().remove("links");
+        m
+    };
+    assert_eq!(
+        without_links(v33("GET", &format!("/messages/{id}"), None).json()["message"].clone()),
+        without_links(m)
+    );
+
+    // message-delete: 204 over HTTP (cinderclient says nothing), then it is gone.
+    let cinder_at = |version: &str, args: &[&str]| {
+        run(os_client(&c, "cinder", PW)
+            .args(["--os-volume-api-version", version])
+            .args(args))
+    };
+    let del = cinder_at("3.3", &["message-delete", &id]);
+    assert!(del.ok, "{}{}", del.stdout, del.stderr);
+    fault(
+        &v33("GET", &format!("/messages/{id}"), None),
+        404,
+        "itemNotFound",
+    );
+    assert_eq!(
+        v33("GET", "/messages", None).json(),
+        json!({"messages": []})
+    );
+    let again = cinder_at("3.3", &["message-delete", &id]);
+    assert!(!again.ok, "{}", again.stdout);
 }

@@ -337,7 +337,7 @@ pub struct NewVolume {
 }
 
 /// `os-volume_upload_image`: the image to make of a volume.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct VolumeUpload {
     pub image_name: String,
     pub force: bool,
@@ -345,6 +345,14 @@ pub struct VolumeUpload {
     pub container_format: String,
     /// The caller's token, for an external image service (which is called with it).
     pub token: Option<String>,
+    /// The image's visibility (microversion 3.1 on; `None` before: the image service's
+    /// default).
+    pub visibility: Option<String>,
+    /// The image's `protected` (3.1 on).
+    pub protected: Option<bool>,
+    /// The request's `x-openstack-request-id`: a user message about the upload failing later
+    /// names it, as cinder's does.
+    pub request_id: Option<String>,
 }
 
 /// What `os-volume_upload_image` answers: the volume (now `uploading`) and the new image
@@ -353,6 +361,182 @@ pub struct VolumeUpload {
 pub struct VolumeUploaded {
     pub volume: Volume,
     pub image_id: Option<String>,
+    /// The new image's visibility and `protected`, as the image service made it (cinder
+    /// answers what Glance returned).
+    pub visibility: Option<String>,
+    pub protected: Option<bool>,
+}
+
+/// A Block Storage user message (`/messages`, microversion 3.3): the outcome of an
+/// asynchronous action an API call already answered 2xx for, e.g. an upload to an image
+/// that failed later. Its text is derived from `action_id` and `detail_id` (see
+/// [`message_field`]); nothing of the underlying error is shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserMessage {
+    pub id: String,
+    pub project_id: String,
+    /// The request that started the action.
+    pub request_id: String,
+    /// `VOLUME`, `VOLUME_SNAPSHOT`, `VOLUME_BACKUP`.
+    pub resource_type: Option<String>,
+    pub resource_uuid: Option<String>,
+    /// `VOLUME_<resource>_<action>_<detail>`.
+    pub event_id: String,
+    pub action_id: Option<String>,
+    pub detail_id: Option<String>,
+    /// `ERROR`, `WARNING` or `INFO`.
+    pub message_level: String,
+    pub created_at: OffsetDateTime,
+    /// Kept at least until then (cinder's `expires_at`, shown as `guaranteed_until`).
+    pub expires_at: OffsetDateTime,
+}
+
+/// cinder's `message_field`: the resources, actions and details user messages are made of,
+/// and the user-visible text of each (an event is `VOLUME_<resource>_<action>_<detail>`).
+pub mod message_field {
+    /// A message's resource type.
+    pub const RESOURCE_VOLUME: &str = "VOLUME";
+
+    /// (id, text) of an action.
+    pub type Action = (&'static str, &'static str);
+    /// (id, text) of a detail.
+    pub type Detail = (&'static str, &'static str);
+
+    pub const COPY_VOLUME_TO_IMAGE: Action = ("003", "copy volume to image");
+    pub const UNKNOWN_ERROR: Detail = ("001", "An unknown error occurred.");
+    pub const FAILED_TO_UPLOAD_VOLUME: Detail =
+        ("004", "Failed to upload volume to image at backend.");
+
+    /// Every action cinder defines (ids are stable: stored messages refer to them).
+    pub const ACTIONS: [Action; 16] = [
+        ("001", "schedule allocate volume"),
+        ("002", "attach volume"),
+        COPY_VOLUME_TO_IMAGE,
+        ("004", "update attachment"),
+        ("005", "copy image to volume"),
+        ("006", "unmanage volume"),
+        ("007", "extend volume"),
+        ("008", "create volume from backend storage"),
+        ("009", "create snapshot"),
+        ("010", "delete snapshot"),
+        ("011", "update snapshot"),
+        ("012", "update snapshot metadata"),
+        ("013", "create backup"),
+        ("014", "delete backup"),
+        ("015", "restore backup"),
+        ("016", "reimage volume"),
+    ];
+
+    /// Every detail cinder defines.
+    pub const DETAILS: [Detail; 30] = [
+        UNKNOWN_ERROR,
+        ("002", "Driver is not initialized at present."),
+        ("003", "Could not find any available weighted backend."),
+        FAILED_TO_UPLOAD_VOLUME,
+        ("005", "Volume's attach mode is invalid."),
+        ("006", "Not enough quota resource for operation."),
+        (
+            "007",
+            "Image used for creating volume exceeds available space.",
+        ),
+        ("008", "Unmanaging encrypted volumes is not supported."),
+        ("009", "Compute service failed to extend volume."),
+        ("010", "Volume Driver failed to extend volume."),
+        ("011", "Image signature verification failed."),
+        ("012", "Driver failed to create the volume."),
+        ("013", "Snapshot failed to create."),
+        ("014", "Volume snapshot update metadata failed."),
+        ("015", "Snapshot is busy."),
+        ("016", "Snapshot failed to delete."),
+        ("017", "Backup status is invalid."),
+        ("018", "Backup service is down."),
+        (
+            "019",
+            "Failed to get backup device from the volume service.",
+        ),
+        ("020", "Backup driver failed to create backup."),
+        ("021", "Failed to attach volume."),
+        ("022", "Failed to detach volume."),
+        ("023", "Cleanup of temporary volume/snapshot failed."),
+        (
+            "024",
+            "Backup failed to schedule. Service not found for creating backup.",
+        ),
+        ("025", "Backup driver failed to delete backup."),
+        ("026", "Backup driver failed to restore backup."),
+        ("027", "Volume status is invalid."),
+        ("028", "Compute service failed to reimage volume."),
+        (
+            "029",
+            "The image disk format must be the same as the volume format for the volume type you are requesting.",
+        ),
+        (
+            "030",
+            "Incremental backup not possible, forcing full backup.",
+        ),
+    ];
+
+    /// cinder's `event_id`: `VOLUME_<resource type>_<action id>_<detail id>`.
+    pub fn event_id(resource_type: &str, action: Action, detail: Detail) -> String {
+        format!("VOLUME_{resource_type}_{}_{}", action.0, detail.0)
+    }
+
+    /// The text of an action id; `unknown action` for one cinder does not define.
+    pub fn translate_action(id: Option<&str>) -> &'static str {
+        ACTIONS
+            .iter()
+            .find(|a| Some(a.0) == id)
+            .map_or("unknown action", |a| a.1)
+    }
+
+    /// The text of a detail id; the unknown error's for one cinder does not define.
+    pub fn translate_detail(id: Option<&str>) -> &'static str {
+        DETAILS
+            .iter()
+            .find(|d| Some(d.0) == id)
+            .map_or(UNKNOWN_ERROR.1, |d| d.1)
+    }
+
+    /// What a user reads: `<action>:<detail>` (cinder's `_build_user_message`).
+    pub fn user_message(action_id: Option<&str>, detail_id: Option<&str>) -> String {
+        format!(
+            "{}:{}",
+            translate_action(action_id),
+            translate_detail(detail_id)
+        )
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn events_and_texts_are_cinders() {
+            assert_eq!(
+                event_id(
+                    RESOURCE_VOLUME,
+                    COPY_VOLUME_TO_IMAGE,
+                    FAILED_TO_UPLOAD_VOLUME
+                ),
+                "VOLUME_VOLUME_003_004"
+            );
+            assert_eq!(
+                user_message(Some("003"), Some("004")),
+                "copy volume to image:Failed to upload volume to image at backend."
+            );
+            assert_eq!(
+                user_message(Some("999"), None),
+                "unknown action:An unknown error occurred."
+            );
+            // Ids are unique and in order.
+            for (i, a) in ACTIONS.iter().enumerate() {
+                assert_eq!(a.0, format!("{:03}", i + 1));
+            }
+            for (i, d) in DETAILS.iter().enumerate() {
+                assert_eq!(d.0, format!("{:03}", i + 1));
+            }
+        }
+    }
 }
 
 /// A Block Storage volume type.

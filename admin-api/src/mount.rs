@@ -80,6 +80,7 @@ pub const VOLUME: ServiceMount = ServiceMount {
         "types",
         "limits",
         "os-availability-zone",
+        "messages",
     ],
     exact: &[],
 };
@@ -207,6 +208,10 @@ mod tests {
         assert_eq!(VOLUME.inner("/volume/v2/p/os-volumes"), None);
         assert_eq!(VOLUME.inner("/volume/v3/p/volumesx"), None);
         assert_eq!(VOLUME.inner("/volume/v3/p/volumes"), Some("/v3/p/volumes"));
+        assert_eq!(
+            VOLUME.inner("/volume/v3/p/messages/m"),
+            Some("/v3/p/messages/m")
+        );
         assert_eq!(IMAGE.inner("/image"), None);
         assert_eq!(
             IDENTITY.inner("/identity/v3/auth/tokens"),

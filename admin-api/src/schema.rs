@@ -196,7 +196,7 @@ fn complete_op(path: &str, method: &str, op: &mut Operation) {
             if path.starts_with("/v3/") {
                 add(
                     "406",
-                    "the requested microversion is not 3.0",
+                    "the requested microversion is outside 3.0 to 3.3",
                     "NotAcceptable",
                 );
             }

@@ -244,6 +244,23 @@ pub trait AdminService: Send + Sync + 'static {
         let _ = (caller, id, req);
         Err(unimplemented())
     }
+    /// Block Storage user messages (`/messages`, 3.3): the caller's project's, every
+    /// project's for an admin; newest first; none past its `expires_at`.
+    async fn list_messages(&self, caller: &Caller) -> ServiceResult<Vec<UserMessage>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+    /// One message; NotFound for another project's (unless admin) or an expired one.
+    async fn get_message(&self, caller: &Caller, id: &str) -> ServiceResult<UserMessage> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
+    /// Deletes a message: NotFound as [`get_message`](Self::get_message), then Forbidden
+    /// without member (cinder's `message:delete`).
+    async fn delete_message(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
+        let _ = (caller, id);
+        Err(unimplemented())
+    }
     /// Block Storage `os-extend`: grow to `new_size_gib` (available or in-use).
     async fn extend_volume(
         &self,

@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "volume_uploads",
         sql: include_str!("migrations/0007_volume_uploads.sql"),
     },
+    Migration {
+        version: 8,
+        name: "messages",
+        sql: include_str!("migrations/0008_messages.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

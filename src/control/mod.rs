@@ -37,6 +37,8 @@ pub struct Settings {
     /// Scratch space (`<data-dir>/tmp`, emptied at start): volumes uploaded as vmdk or vdi
     /// are written there by `qemu-img`, then sent.
     pub tmp_dir: std::path::PathBuf,
+    /// How long a Block Storage user message is kept at least (cinder's `message_ttl`).
+    pub message_ttl: std::time::Duration,
 }
 
 /// Catalog timestamps: RFC 3339 UTC with microseconds (see the schema).

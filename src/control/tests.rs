@@ -30,6 +30,7 @@ fn settings() -> Settings {
         image_service_url: None,
         identity_url: None,
         tmp_dir: std::env::temp_dir(),
+        message_ttl: std::time::Duration::from_secs(2_592_000),
     }
 }
 
@@ -825,4 +826,103 @@ async fn the_cinder_attach_flow_shares_compute_attachments() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+}
+
+/// A failed upload leaves a message for the project that asked, naming the upload's request;
+/// a project sees its own messages, an admin every project's; a reader may read but not
+/// delete; messages survive a reopen and go once past `expires_at`.
+#[tokio::test]
+async fn upload_failures_are_user_messages_scoped_to_their_project() {
+    let e = env().await;
+    let v = e.volumes.create_volume(&alice(), vol(1)).await.unwrap();
+    let (_, copy) = e
+        .volumes
+        .begin_upload(&alice(), &v.id, false, Some("req-upload-1"))
+        .await
+        .unwrap();
+    let why = ServiceError::Internal("the store said no".into());
+    e.volumes.record_upload_failure("p1", &v.id, &why).await;
+    e.volumes.end_upload(&v.id, copy).await;
+
+    let list = e.volumes.list_messages(&alice()).await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let m = &list[0];
+    assert_eq!(m.project_id, "p1");
+    assert_eq!(m.request_id, "req-upload-1");
+    assert_eq!(m.event_id, "VOLUME_VOLUME_003_004");
+    assert_eq!(
+        (m.action_id.as_deref(), m.detail_id.as_deref()),
+        (Some("003"), Some("004"))
+    );
+    assert_eq!(
+        (m.resource_type.as_deref(), m.resource_uuid.as_deref()),
+        (Some("VOLUME"), Some(v.id.as_str()))
+    );
+    assert_eq!(m.message_level, "ERROR");
+    assert_eq!(m.expires_at - m.created_at, time::Duration::days(30));
+    // The underlying error is not in the message.
+    assert!(!format!("{m:?}").contains("store said no"));
+
+    // Another project neither lists nor finds it; an admin (of p2) does both.
+    assert!(e.volumes.list_messages(&bob()).await.unwrap().is_empty());
+    let err = e.volumes.get_message(&bob(), &m.id).await.unwrap_err();
+    assert_eq!(
+        err,
+        ServiceError::NotFound(format!("Message {} could not be found.", m.id))
+    );
+    assert!(e.volumes.delete_message(&bob(), &m.id).await.is_err());
+    assert_eq!(e.volumes.list_messages(&admin()).await.unwrap().len(), 1);
+    assert_eq!(e.volumes.get_message(&admin(), &m.id).await.unwrap(), *m);
+    let err = e
+        .volumes
+        .get_message(&alice(), "not-a-uuid")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+
+    // A reader of p1 reads it, and may not delete it.
+    let reader = caller("u1", "p1", &[Role::Reader]);
+    assert_eq!(
+        e.volumes.get_message(&reader, &m.id).await.unwrap().id,
+        m.id
+    );
+    let err = e.volumes.delete_message(&reader, &m.id).await.unwrap_err();
+    assert_eq!(
+        err,
+        ServiceError::Forbidden("Policy doesn't allow message:delete to be performed.".into())
+    );
+
+    // The upload's request id went with the upload: a later failure without one gets its own.
+    e.volumes.record_upload_failure("p1", &v.id, &why).await;
+    let list = e.volumes.list_messages(&alice()).await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[0].created_at >= list[1].created_at, "newest first");
+    assert!(list[0].request_id.starts_with("req-") && list[0].request_id != "req-upload-1");
+
+    // Once past expires_at (as if the TTL were over), messages are gone at the next read.
+    let expired = list[0].id.clone();
+    e.catalog
+        .call(move |conn| {
+            conn.execute(
+                "UPDATE messages SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?1",
+                [&expired],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let left = e.volumes.list_messages(&admin()).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, m.id);
+    let err = e
+        .volumes
+        .get_message(&alice(), &list[0].id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+
+    e.volumes.delete_message(&alice(), &m.id).await.unwrap();
+    assert!(e.volumes.list_messages(&admin()).await.unwrap().is_empty());
+    let err = e.volumes.delete_message(&alice(), &m.id).await.unwrap_err();
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
 }

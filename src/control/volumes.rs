@@ -12,6 +12,7 @@ use std::sync::Arc;
 use admin_api::model::*;
 
 mod attach_flow;
+mod messages;
 mod snapshots;
 mod types;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -858,11 +859,14 @@ impl Volumes {
     /// Starts an upload to an image: checks the volume's status (in-use needs `force`), takes
     /// a point-in-time copy-on-write clone of its data (returned: stream that, not the live
     /// volume) and makes the volume `uploading`. Returns the volume as it was and the clone.
+    /// `request_id`: the API request's, kept for the message if the upload fails (see
+    /// [`record_upload_failure`](Self::record_upload_failure)).
     pub async fn begin_upload(
         &self,
         caller: &Caller,
         id: &str,
         force: bool,
+        request_id: Option<&str>,
     ) -> ServiceResult<(Volume, Uuid)> {
         let Some(key) = canonical(id) else {
             return Err(not_found("Volume", id));
@@ -888,14 +892,16 @@ impl Volumes {
             Err(e) => return Err(ServiceError::Internal(format!("copying the volume: {e}"))),
         }
         let k = key.clone();
+        let request_id = request_id.map(str::to_owned);
         let set = self
             .tx(move |conn, s| {
                 let now_v = load_volume(conn, &k, s)?.ok_or_else(|| not_found("Volume", &k))?;
                 check_upload(&now_v, force)?;
                 set_status(conn, &k, now_v.status, VolumeStatus::Uploading)?;
                 conn.execute(
-                    "UPDATE volumes SET upload_copy = ?2, upload_image = NULL WHERE id = ?1",
-                    params![k, copy.to_string()],
+                    "UPDATE volumes SET upload_copy = ?2, upload_image = NULL, \
+                     upload_request_id = ?3 WHERE id = ?1",
+                    params![k, copy.to_string(), request_id],
                 )?;
                 Ok(now_v)
             })
@@ -984,7 +990,8 @@ impl Volumes {
                     set_status(conn, &key, VolumeStatus::Uploading, to)?;
                 }
                 conn.execute(
-                    "UPDATE volumes SET upload_copy = NULL, upload_image = NULL WHERE id = ?1",
+                    "UPDATE volumes SET upload_copy = NULL, upload_image = NULL, \
+                     upload_request_id = NULL WHERE id = ?1",
                     [&key],
                 )?;
                 Ok(())

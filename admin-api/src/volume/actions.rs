@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::Ctx;
+use super::{Ctx, UPLOAD_IMAGE_PARAMS};
 use crate::compute::volumes::{invalid, parse_size};
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body};
 use crate::{
@@ -195,7 +195,8 @@ pub(crate) struct ConnectionInfoResponse {
     connection_info: ConnectionInfo,
 }
 
-/// `os-volume_upload_image` (seed 003).
+/// `os-volume_upload_image` (seed 003; `visibility` and `protected` from microversion 3.1 on,
+/// refused as unexpected before).
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub(crate) struct UploadImageAction {
@@ -210,6 +211,22 @@ pub(crate) struct UploadImageAction {
     disk_format: Option<String>,
     /// bare (default), ovf, ami, aki or ari.
     container_format: Option<String>,
+    /// 3.1 on: the image's visibility, `private` by default; `public` needs admin
+    /// (`volume_extension:volume_actions:upload_public`).
+    visibility: Option<UploadVisibility>,
+    /// 3.1 on: the image's `protected` (default false): a boolean, or one of cinder's boolean
+    /// words ("True", "false", "1", "no", ...).
+    protected: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub(crate) enum UploadVisibility {
+    Community,
+    Public,
+    Private,
+    Shared,
 }
 
 /// The answer to `os-volume_upload_image`, as seed 003 shows it.
@@ -229,6 +246,12 @@ pub(crate) struct UploadImageResult {
     container_format: String,
     disk_format: String,
     image_name: String,
+    /// The image's visibility (absent for `iso`: no image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    visibility: Option<String>,
+    /// The image's `protected` (absent for `iso`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protected: Option<bool>,
 }
 
 /// `{"os-volume_upload_image": {...}}`
@@ -367,8 +390,100 @@ fn boolean(v: Option<&Value>, what: &str) -> FaultResult<bool> {
     }
 }
 
-/// seed 003's request table, in cinder's order: image name, then force, then the formats.
-fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
+/// A JSON value as Python shows it in a jsonschema message (`None`, `True`, `'text'`).
+fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::String(s) => format!("'{s}'"),
+        other => other.to_string(),
+    }
+}
+
+/// cinder's `parameter_types.boolean`: a JSON boolean or one of these exact words.
+const TRUE_WORDS: [&str; 12] = [
+    "True", "TRUE", "true", "1", "ON", "On", "on", "YES", "Yes", "yes", "y", "t",
+];
+const FALSE_WORDS: [&str; 12] = [
+    "False", "FALSE", "false", "0", "OFF", "Off", "off", "NO", "No", "no", "n", "f",
+];
+
+/// The 3.1 fields (cinder's `volume_upload_image_v31` schema): (visibility, protected), with
+/// upstream's defaults `private` and false.
+fn parse_upload_v31(args: &Map<String, Value>) -> FaultResult<(String, bool)> {
+    let invalid = |field: &str, v: &Value, why: String| {
+        let shown = match v {
+            Value::String(s) => s.clone(),
+            other => py_repr(other),
+        };
+        Fault::bad_request(format!(
+            "Invalid input for field/attribute {field}. Value: {shown}. {why}"
+        ))
+    };
+    let visibility = match args.get("visibility") {
+        None => "private".to_owned(),
+        Some(Value::String(s))
+            if matches!(s.as_str(), "community" | "public" | "private" | "shared") =>
+        {
+            s.clone()
+        }
+        Some(v @ Value::String(_)) => {
+            return Err(invalid(
+                "visibility",
+                v,
+                format!(
+                    "{} is not one of ['community', 'public', 'private', 'shared']",
+                    py_repr(v)
+                ),
+            ));
+        }
+        Some(v) => {
+            return Err(invalid(
+                "visibility",
+                v,
+                format!("{} is not of type 'string'", py_repr(v)),
+            ));
+        }
+    };
+    let protected = match args.get("protected") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) if TRUE_WORDS.contains(&s.as_str()) => true,
+        Some(Value::String(s)) if FALSE_WORDS.contains(&s.as_str()) => false,
+        Some(v @ Value::String(_)) => {
+            let quoted = |w: &[&str]| {
+                w.iter()
+                    .map(|w| format!("'{w}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(invalid(
+                "protected",
+                v,
+                format!(
+                    "{} is not one of [True, {}, False, {}]",
+                    py_repr(v),
+                    quoted(&TRUE_WORDS),
+                    quoted(&FALSE_WORDS)
+                ),
+            ));
+        }
+        Some(v) => {
+            return Err(invalid(
+                "protected",
+                v,
+                format!("{} is not of type 'boolean', 'string'", py_repr(v)),
+            ));
+        }
+    };
+    Ok((visibility, protected))
+}
+
+/// seed 003's request table, in cinder's order: image name, then force, then the formats;
+/// then, from 3.1 on, visibility and protected (before 3.1 they are unexpected keys, as
+/// cinder's 3.0 schema has them).
+fn parse_upload(args: &Map<String, Value>, version: (u32, u32)) -> FaultResult<VolumeUpload> {
     let image_name = match args.get("image_name") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::String(_) | Value::Null | Value::Bool(false)) | None => {
@@ -427,16 +542,33 @@ fn parse_upload(args: &Map<String, Value>) -> FaultResult<VolumeUpload> {
             )));
         }
     }
+    let (visibility, protected) = if version >= UPLOAD_IMAGE_PARAMS {
+        let (v, p) = parse_upload_v31(args)?;
+        (Some(v), Some(p))
+    } else {
+        if let Some(k) = ["visibility", "protected"]
+            .into_iter()
+            .find(|k| args.contains_key(*k))
+        {
+            return Err(Fault::bad_request(format!(
+                "Invalid input for field/attribute os-volume_upload_image. Value: Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+        (None, None)
+    };
     Ok(VolumeUpload {
         image_name,
         force,
         disk_format,
         container_format,
         token: None,
+        visibility,
+        protected,
+        request_id: None,
     })
 }
 
-fn parse(body: Map<String, Value>) -> FaultResult<Action> {
+fn parse(body: Map<String, Value>, version: (u32, u32)) -> FaultResult<Action> {
     let mut keys = body.keys();
     let (Some(name), None) = (keys.next(), keys.next()) else {
         return Err(Fault::bad_request(
@@ -464,7 +596,7 @@ fn parse(body: Map<String, Value>) -> FaultResult<Action> {
         }
     };
     match name.as_str() {
-        "os-volume_upload_image" => Ok(Action::Upload(parse_upload(&args)?)),
+        "os-volume_upload_image" => Ok(Action::Upload(parse_upload(&args, version)?)),
         "os-extend" => {
             let size = parse_size(args.get("new_size")).map_err(|f| {
                 Fault::bad_request(
@@ -542,10 +674,10 @@ fn empty(status: StatusCode) -> Response {
         description = "exactly one of the actions"),
     responses((status = 200, description = "os-initialize_connection: where the volume's NBD export is served (JSON); os-set_bootable: done (an empty text/plain body)",
                   content((ConnectionInfoResponse = "application/json"), (String = "text/plain"))),
-              (status = 202, description = "os-volume_upload_image: the volume, now uploading, and the new image (JSON); os-extend, os-update_readonly_flag, os-reset_status, os-reserve, os-unreserve, os-attach, os-begin_detaching, os-roll_detaching, os-detach, os-terminate_connection: done (an empty text/plain body)",
+              (status = 202, description = "os-volume_upload_image: the volume, now uploading, and the new image (JSON; a failure after this is a user message, `/messages`); os-extend, os-update_readonly_flag, os-reset_status, os-reserve, os-unreserve, os-attach, os-begin_detaching, os-roll_detaching, os-detach, os-terminate_connection: done (an empty text/plain body)",
                   content((UploadImageResponse = "application/json"), (String = "text/plain"))),
-              (status = 400, description = "badRequest: no such action, bad arguments, a size not larger, a status that does not allow it, a read-write attach of a read-only volume, host_name without instance_uuid, a device in use on the server, an attachment id not of this volume", body = BadRequest),
-              (status = 403, description = "forbidden: reader role, or os-reset_status by a non-admin", body = Forbidden),
+              (status = 400, description = "badRequest: no such action, bad arguments (visibility or protected below 3.1), a size not larger, a status that does not allow it, a read-write attach of a read-only volume, host_name without instance_uuid, a device in use on the server, an attachment id not of this volume", body = BadRequest),
+              (status = 403, description = "forbidden: reader role, os-reset_status by a non-admin, or a public image by a non-admin", body = Forbidden),
               (status = 404, description = "itemNotFound: no such volume, or (os-attach) no such server", body = ItemNotFound),
               (status = 413, description = "overLimit: no room in the store to grow", body = OverLimit)))]
 pub(super) async fn volume_action(
@@ -555,7 +687,7 @@ pub(super) async fn volume_action(
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> FaultResult<Response> {
     let body = json_body(&headers, &body_or_fault(body)?)?;
-    let action = parse(body)?;
+    let action = parse(body, ctx.version)?;
     let id = ctx.param("volume_id");
     let svc = &state.service;
     match action {
@@ -564,6 +696,7 @@ pub(super) async fn volume_action(
                 .get("x-auth-token")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            req.request_id = Some(ctx.request_id.clone());
             let (image_name, disk_format, container_format) = (
                 req.image_name.clone(),
                 req.disk_format.clone(),
@@ -585,6 +718,8 @@ pub(super) async fn volume_action(
                         container_format,
                         disk_format,
                         image_name,
+                        visibility: done.visibility,
+                        protected: done.protected,
                     },
                 }),
             )
@@ -669,33 +804,108 @@ mod tests {
         }
     }
 
+    fn parse3(b: Map<String, Value>) -> FaultResult<Action> {
+        parse(b, (3, 0))
+    }
+
+    fn upload(args: Value, version: (u32, u32)) -> FaultResult<VolumeUpload> {
+        match parse(
+            body(serde_json::json!({ "os-volume_upload_image": args })),
+            version,
+        )? {
+            Action::Upload(u) => Ok(u),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn upload_takes_visibility_and_protected_from_3_1() {
+        use serde_json::json;
+        // 3.0: unexpected keys; absent, nothing is asked of the image service.
+        let e = upload(json!({"image_name": "i", "visibility": "public"}), (3, 0)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid input for field/attribute os-volume_upload_image. Value: Additional properties are not allowed ('visibility' was unexpected)"
+        );
+        assert!(upload(json!({"image_name": "i", "protected": true}), (3, 0)).is_err());
+        let u = upload(json!({"image_name": "i"}), (3, 0)).unwrap();
+        assert_eq!((u.visibility, u.protected), (None, None));
+        // 3.1: upstream's defaults, its enum and its boolean words (case as listed).
+        let u = upload(json!({"image_name": "i"}), (3, 1)).unwrap();
+        assert_eq!(
+            (u.visibility.as_deref(), u.protected),
+            (Some("private"), Some(false))
+        );
+        for (p, want) in [
+            (json!(true), true),
+            (json!("True"), true),
+            (json!("y"), true),
+            (json!("f"), false),
+            (json!("OFF"), false),
+            (json!(false), false),
+        ] {
+            let u = upload(
+                json!({"image_name": "i", "visibility": "community", "protected": p}),
+                (3, 3),
+            )
+            .unwrap();
+            assert_eq!(
+                (u.visibility.as_deref(), u.protected),
+                (Some("community"), Some(want))
+            );
+        }
+        let e = upload(json!({"image_name": "i", "visibility": "everyone"}), (3, 1)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid input for field/attribute visibility. Value: everyone. 'everyone' is not one of ['community', 'public', 'private', 'shared']"
+        );
+        let e = upload(json!({"image_name": "i", "visibility": null}), (3, 1)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid input for field/attribute visibility. Value: None. None is not of type 'string'"
+        );
+        let e = upload(json!({"image_name": "i", "protected": "tRUE"}), (3, 1)).unwrap_err();
+        assert!(
+            e.message.starts_with(
+                "Invalid input for field/attribute protected. Value: tRUE. 'tRUE' is not one of [True, 'True', 'TRUE', 'true', '1',"
+            ) && e.message.ends_with("'no', 'n', 'f']"),
+            "{}",
+            e.message
+        );
+        let e = upload(json!({"image_name": "i", "protected": 1}), (3, 1)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Invalid input for field/attribute protected. Value: 1. 1 is not of type 'boolean', 'string'"
+        );
+    }
+
     #[test]
     fn actions_and_their_argument_errors() {
         use serde_json::json;
         assert!(matches!(
-            parse(body(json!({"os-extend": {"new_size": 3}}))),
+            parse3(body(json!({"os-extend": {"new_size": 3}}))),
             Ok(Action::Extend(3))
         ));
         assert!(matches!(
-            parse(body(json!({"os-extend": {"new_size": "4"}}))),
+            parse3(body(json!({"os-extend": {"new_size": "4"}}))),
             Ok(Action::Extend(4))
         ));
-        assert!(parse(body(json!({"os-extend": {}}))).is_err());
-        assert!(parse(body(json!({"os-extend": {"new_size": 0}}))).is_err());
+        assert!(parse3(body(json!({"os-extend": {}}))).is_err());
+        assert!(parse3(body(json!({"os-extend": {"new_size": 0}}))).is_err());
         assert!(matches!(
-            parse(body(json!({"os-set_bootable": {"bootable": "True"}}))),
+            parse3(body(json!({"os-set_bootable": {"bootable": "True"}}))),
             Ok(Action::Flags(VolumeFlags {
                 bootable: Some(true),
                 readonly: None
             }))
         ));
-        assert!(parse(body(json!({"os-set_bootable": {"bootable": "maybe"}}))).is_err());
-        assert!(parse(body(json!({"os-update_readonly_flag": {"readonly": 1}}))).is_err());
+        assert!(parse3(body(json!({"os-set_bootable": {"bootable": "maybe"}}))).is_err());
+        assert!(parse3(body(json!({"os-update_readonly_flag": {"readonly": 1}}))).is_err());
         assert!(matches!(
-            parse(body(json!({"os-reset_status": {"status": "error"}}))),
+            parse3(body(json!({"os-reset_status": {"status": "error"}}))),
             Ok(Action::Reset(VolumeStatus::Error))
         ));
-        assert!(parse(body(json!({"os-reset_status": {"status": "bogus"}}))).is_err());
+        assert!(parse3(body(json!({"os-reset_status": {"status": "bogus"}}))).is_err());
         // The attach flow: the status steps take any value, os-attach cinder's schema.
         for (name, step) in [
             ("os-reserve", AttachStep::Reserve),
@@ -704,11 +914,11 @@ mod tests {
             ("os-roll_detaching", AttachStep::RollDetaching),
         ] {
             for v in [json!(null), json!({}), json!("x")] {
-                assert!(matches!(parse(body(json!({name: v}))), Ok(Action::Step(s)) if s == step));
+                assert!(matches!(parse3(body(json!({name: v}))), Ok(Action::Step(s)) if s == step));
             }
         }
         let uuid = "6EDBC2F4150744F8AC0DEED1D2608D38";
-        match parse(body(
+        match parse3(body(
             json!({"os-attach": {"instance_uuid": uuid, "mountpoint": "/dev/vdc", "mode": "ro"}}),
         )) {
             Ok(Action::Attach(a)) => {
@@ -721,7 +931,7 @@ mod tests {
             _ => panic!("os-attach not parsed"),
         }
         assert!(matches!(
-            parse(body(
+            parse3(body(
                 json!({"os-attach": {"host_name": "h", "mountpoint": "/dev/vdc"}})
             )),
             Ok(Action::Attach(VolumeAttach {
@@ -745,18 +955,18 @@ mod tests {
             json!({"os-initialize_connection": {"connector": {"enforce_multipath": "yes"}}}),
             json!({"os-terminate_connection": null}),
         ] {
-            assert!(parse(body(bad.clone())).is_err(), "{bad}");
+            assert!(parse3(body(bad.clone())).is_err(), "{bad}");
         }
         assert!(matches!(
-            parse(body(json!({"os-detach": null}))),
+            parse3(body(json!({"os-detach": null}))),
             Ok(Action::Detach(None))
         ));
         assert!(matches!(
-            parse(body(json!({"os-detach": {"attachment_id": uuid}}))),
+            parse3(body(json!({"os-detach": {"attachment_id": uuid}}))),
             Ok(Action::Detach(Some(_)))
         ));
         assert!(matches!(
-            parse(body(
+            parse3(body(
                 json!({"os-initialize_connection": {"connector": {"enforce_multipath": true}}})
             )),
             Ok(Action::Connect {
@@ -764,16 +974,16 @@ mod tests {
             })
         ));
         assert!(matches!(
-            parse(body(
+            parse3(body(
                 json!({"os-terminate_connection": {"connector": null}})
             )),
             Ok(Action::Step(AttachStep::TerminateConnection))
         ));
-        let e = parse(body(json!({"os-frobnicate": {}}))).err().unwrap();
+        let e = parse3(body(json!({"os-frobnicate": {}}))).err().unwrap();
         assert_eq!(e.message, "There is no such action: os-frobnicate");
-        assert!(parse(body(json!({}))).is_err());
+        assert!(parse3(body(json!({}))).is_err());
         assert!(
-            parse(body(
+            parse3(body(
                 json!({"os-extend": {"new_size": 2}, "os-set_bootable": {}})
             ))
             .is_err()

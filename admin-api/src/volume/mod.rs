@@ -4,9 +4,12 @@
 //!
 //! The volumes are the same as Compute's `os-volumes` and pdisk's disks: one model, three
 //! views. Errors are cinder faults (the same shape as nova's), and every response carries
-//! `x-openstack-request-id`. Under `/v3` requests are microversioned: cairn speaks 3.0.
+//! `x-openstack-request-id`. Under `/v3` requests are microversioned: cairn speaks 3.0 to
+//! 3.3 (3.1: `visibility` and `protected` on `os-volume_upload_image`; 3.2: a strict
+//! `bootable` filter; 3.3: user messages, `/messages`). `/v2` behaves as 3.0.
 
 mod actions;
+mod messages;
 mod snapshots;
 mod types;
 mod volumes;
@@ -33,7 +36,14 @@ pub const PREFIXES: [&str; 2] = ["/v3", "/v2"];
 
 /// Microversions cairn accepts under `/v3`.
 pub const MIN_VERSION: (u32, u32) = (3, 0);
-pub const MAX_VERSION: (u32, u32) = (3, 0);
+pub const MAX_VERSION: (u32, u32) = (3, 3);
+
+/// `visibility` and `protected` on `os-volume_upload_image`.
+pub const UPLOAD_IMAGE_PARAMS: (u32, u32) = (3, 1);
+/// The `bootable` filter takes only boolean words (before: anything but false is true).
+pub const VOLUME_LIST_BOOTABLE: (u32, u32) = (3, 2);
+/// `/messages`.
+pub const MESSAGES: (u32, u32) = (3, 3);
 
 pub fn router() -> OpenApiRouter<AppState> {
     let mut r = OpenApiRouter::new();
@@ -115,7 +125,13 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
             any(unknown_path),
         );
     if prefix == "/v3" {
-        r.layer(middleware::from_fn(microversion))
+        // Messages are a v3 resource only (cinder's v2 never had them).
+        r.routes(with_bad_method(routes!(messages::list_messages)))
+            .routes(with_bad_method(routes!(
+                messages::show_message,
+                messages::delete_message
+            )))
+            .layer(middleware::from_fn(microversion))
     } else {
         r
     }
@@ -131,6 +147,10 @@ pub(crate) struct Ctx {
     params: HashMap<String, String>,
     /// `http://host/volume/v3` (the prefix the request came in under).
     pub base: String,
+    /// The request's microversion (3.0 under `/v2`, which has none).
+    pub version: (u32, u32),
+    /// The `x-openstack-request-id` the response carries.
+    pub request_id: String,
 }
 
 impl Ctx {
@@ -155,6 +175,16 @@ impl Ctx {
     /// `{base}/{tenant_id}/{rest}`: a `self` link.
     pub fn link(&self, rest: &str) -> String {
         format!("{}/{}/{rest}", self.base, self.tenant_id)
+    }
+
+    /// cinder's `VersionNotFoundForAPIMethod` for a method that needs microversion `min`:
+    /// a bare 404, so that the method looks simply absent.
+    pub fn require_version(&self, min: (u32, u32)) -> FaultResult<()> {
+        if self.version >= min {
+            Ok(())
+        } else {
+            Err(Fault::not_found("The resource could not be found."))
+        }
     }
 
     /// A `bookmark` link: without the version, as cinder's.
@@ -192,11 +222,22 @@ impl FromRequestParts<AppState> for Ctx {
             "/v3"
         };
         let root = crate::mount::base_url(&parts.headers, &parts.extensions);
+        let version = parts
+            .extensions
+            .get::<Microversion>()
+            .map_or(MIN_VERSION, |m| m.0);
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_else(new_request_id);
         Ok(Ctx {
             caller,
             tenant_id,
             params,
             base: format!("{root}{prefix}"),
+            version,
+            request_id,
         })
     }
 }
@@ -334,7 +375,7 @@ fn volume_root(base: &str) -> String {
 
 /// The root of the catalog's block-storage endpoint: cinder's version list.
 #[utoipa::path(get, path = "/volume", tag = "volume",
-    responses((status = 200, description = "Block Storage API versions (v3 with 3.0; v2, deprecated)", body = CinderVersions)))]
+    responses((status = 200, description = "Block Storage API versions (v3 with 3.0 to 3.3; v2, deprecated)", body = CinderVersions)))]
 async fn versions_root(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
     let root = volume_root(&base);
     axum::Json(CinderVersions {
@@ -349,7 +390,7 @@ async fn versions_root_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
 }
 
 #[utoipa::path(get, path = "/volume/v3", tag = "volume",
-    responses((status = 200, description = "the v3 version (3.0)", body = CinderVersions)))]
+    responses((status = 200, description = "the v3 version (3.0 to 3.3)", body = CinderVersions)))]
 async fn version_v3(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
     axum::Json(CinderVersions {
         versions: vec![version(&volume_root(&base), true)],
@@ -357,7 +398,7 @@ async fn version_v3(BaseUrl(base): BaseUrl) -> axum::Json<CinderVersions> {
 }
 
 #[utoipa::path(get, path = "/volume/v3/", tag = "volume",
-    responses((status = 200, description = "the v3 version (3.0)", body = CinderVersions)))]
+    responses((status = 200, description = "the v3 version (3.0 to 3.3)", body = CinderVersions)))]
 async fn version_v3_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
     version_v3(base).await
 }
@@ -381,21 +422,39 @@ async fn version_v2_slash(base: BaseUrl) -> axum::Json<CinderVersions> {
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-openstack-request-id");
 static API_VERSION: HeaderName = HeaderName::from_static("openstack-api-version");
 
+/// The request id of a Block Storage request, made before its handler runs so that what
+/// the request starts (an upload's failure message) can name it.
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// The microversion a `/v3` request asked for (absent under `/v2`).
+#[derive(Debug, Clone, Copy)]
+struct Microversion((u32, u32));
+
+fn new_request_id() -> String {
+    format!("req-{}", uuid::Uuid::new_v4())
+}
+
 /// A request id on every Block Storage response, as cinder sends it.
-async fn volume_headers(req: Request, next: Next) -> Response {
+async fn volume_headers(mut req: Request, next: Next) -> Response {
+    let id = new_request_id();
+    req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4())) {
+    if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     resp
 }
 
 /// Microversion negotiation for `/v3` routes (`OpenStack-API-Version: volume 3.x`).
-async fn microversion(req: Request, next: Next) -> Response {
+async fn microversion(mut req: Request, next: Next) -> Response {
     let requested =
         crate::compute::requested_version(req.headers(), "volume", None, MIN_VERSION, MAX_VERSION);
     let (mut resp, v) = match requested {
-        Ok(v) => (next.run(req).await, v),
+        Ok(v) => {
+            req.extensions_mut().insert(Microversion(v));
+            (next.run(req).await, v)
+        }
         Err(fault) => (fault.into_response(), MIN_VERSION),
     };
     let h = resp.headers_mut();

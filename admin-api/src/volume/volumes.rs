@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::{Ctx, resource, text_field};
+use super::{Ctx, VOLUME_LIST_BOOTABLE, resource, text_field};
 use crate::compute::volumes::{MULTIATTACH_TYPE, invalid, opt_string, parse_metadata, parse_size};
 use crate::compute::{Fault, body_or_fault, fault::FaultResult, json_body, query};
 use crate::{
@@ -121,7 +121,12 @@ pub(crate) struct CinderVolumesSummary {
 }
 
 fn links(ctx: &Ctx, id: &str) -> Vec<CinderLink> {
-    let rest = format!("volumes/{id}");
+    resource_links(ctx, "volumes", id)
+}
+
+/// The `self` and `bookmark` links of `{collection}/{id}`.
+pub(super) fn resource_links(ctx: &Ctx, collection: &str, id: &str) -> Vec<CinderLink> {
+    let rest = format!("{collection}/{id}");
     vec![
         CinderLink {
             href: ctx.link(&rest),
@@ -272,22 +277,31 @@ fn non_negative(q: &HashMap<String, String>, name: &str) -> FaultResult<Option<u
     }
 }
 
-/// Filters cinder takes on a listing: exact matches on the view's values.
-fn matches(v: &Volume, q: &HashMap<String, String>) -> FaultResult<bool> {
+/// cinder's `_check_boolean_filter_value`: from 3.2 on (`strict`) only boolean words, any
+/// case (`strutils.bool_from_string(strict=True)`); before, `False`/`false`/`FALSE` (and
+/// an empty value) are false and anything else is true.
+fn bool_filter(key: &str, value: &str, strict: bool) -> FaultResult<bool> {
+    if !strict {
+        return Ok(!matches!(value, "False" | "false" | "FALSE" | ""));
+    }
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" | "on" | "y" | "yes" => Ok(true),
+        "0" | "f" | "false" | "off" | "n" | "no" => Ok(false),
+        _ => Err(Fault::bad_request(format!(
+            "Invalid input received: '{key} = {value}'"
+        ))),
+    }
+}
+
+/// Filters cinder takes on a listing: exact matches on the view's values. `strict`: the
+/// request's microversion is 3.2 or later (see [`bool_filter`]).
+fn matches(v: &Volume, q: &HashMap<String, String>, strict: bool) -> FaultResult<bool> {
     for (key, want) in q {
         let ok = match key.as_str() {
             "name" | "display_name" => v.name.as_deref() == Some(want.as_str()),
             "status" => v.status.as_str() == want,
             "availability_zone" => &v.availability_zone == want,
-            "bootable" => match want.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => v.bootable,
-                "false" | "0" | "no" | "off" => !v.bootable,
-                _ => {
-                    return Err(Fault::bad_request(format!(
-                        "Invalid input received: bootable={want} is not a boolean"
-                    )));
-                }
-            },
+            "bootable" => bool_filter(key, want, strict)? == v.bootable,
             "volume_type" => v.volume_type.as_deref() == Some(want.as_str()),
             "metadata" => {
                 // cinder takes a JSON object, or the Python dict repr clients send.
@@ -316,11 +330,15 @@ fn matches(v: &Volume, q: &HashMap<String, String>) -> FaultResult<bool> {
 }
 
 /// The page of `volumes` the query asks for, and whether more follow it.
-fn page(mut volumes: Vec<Volume>, q: &HashMap<String, String>) -> FaultResult<(Vec<Volume>, bool)> {
+fn page(
+    mut volumes: Vec<Volume>,
+    q: &HashMap<String, String>,
+    strict: bool,
+) -> FaultResult<(Vec<Volume>, bool)> {
     let sort = sort_spec(q)?;
     let mut kept = Vec::new();
     for v in volumes.drain(..) {
-        if matches(&v, q)? {
+        if matches(&v, q, strict)? {
             kept.push(v);
         }
     }
@@ -384,7 +402,7 @@ async fn listed(
     let mut filters = q.clone();
     filters.remove("all_tenants");
     let volumes = state.service.list_volumes(&ctx.caller, scope).await?;
-    let (items, more) = page(volumes, &filters)?;
+    let (items, more) = page(volumes, &filters, ctx.version >= VOLUME_LIST_BOOTABLE)?;
     let next = match (more, items.last()) {
         (true, Some(last)) => next_link(ctx, "volumes", &q, &last.id),
         _ => Vec::new(),
@@ -392,7 +410,7 @@ async fn listed(
     Ok((items, next, q))
 }
 
-const LIST_PARAMS: &str = "filters: name, status, availability_zone, bootable, volume_type, metadata (a JSON object); paging: limit (at most 1000), marker, offset; sort=key[:asc|desc],... or sort_key/sort_dir (created_at, updated_at, id, name, size, status, availability_zone; default created_at desc); all_tenants (admins)";
+const LIST_PARAMS: &str = "filters: name, status, availability_zone, bootable (from 3.2 on a boolean word, else 400; before, anything but false is true), volume_type, metadata (a JSON object); paging: limit (at most 1000), marker, offset; sort=key[:asc|desc],... or sort_key/sort_dir (created_at, updated_at, id, name, size, status, availability_zone; default created_at desc); all_tenants (admins)";
 
 #[utoipa::path(get, path = "/{tenant_id}/volumes", tag = "volume",
     params(("tenant_id" = String, Path, description = "project id (must be the token's)"),
@@ -893,6 +911,42 @@ mod tests {
         assert!(sort_spec(&q(&[("sort", "nope")])).is_err());
         assert!(sort_spec(&q(&[("sort_key", "name"), ("sort_dir", "up")])).is_err());
         assert!(sort_spec(&q(&[("sort", "name"), ("sort_key", "id")])).is_err());
+    }
+
+    #[test]
+    fn bootable_filter_is_strict_from_3_2() {
+        // Before 3.2 only the three spellings of false (and nothing) are false.
+        for (value, want) in [
+            ("False", false),
+            ("FALSE", false),
+            ("", false),
+            ("no", true),
+            ("0", true),
+            ("maybe", true),
+            ("true", true),
+        ] {
+            assert_eq!(
+                bool_filter("bootable", value, false).unwrap(),
+                want,
+                "{value}"
+            );
+        }
+        for (value, want) in [
+            ("T", true),
+            (" yes ", true),
+            ("1", true),
+            ("No", false),
+            ("f", false),
+            ("0", false),
+        ] {
+            assert_eq!(
+                bool_filter("bootable", value, true).unwrap(),
+                want,
+                "{value}"
+            );
+        }
+        let e = bool_filter("bootable", "maybe", true).unwrap_err();
+        assert_eq!(e.message, "Invalid input received: 'bootable = maybe'");
     }
 
     #[test]
