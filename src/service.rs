@@ -52,6 +52,8 @@ pub struct DaemonService {
     remote_images: Option<RemoteImages>,
     /// Checks the tokens `identity` did not issue.
     remote_identity: Option<RemoteIdentity>,
+    /// (user, project) pairs of remote callers already recorded (see [`Identity::shadow`]).
+    shadowed: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
     /// Scratch space for uploads as vmdk and vdi.
     tmp_dir: std::path::PathBuf,
     shutting_down: AtomicBool,
@@ -83,6 +85,7 @@ impl DaemonService {
             remote_images: settings.image_service_url.as_deref().map(RemoteImages::new),
             remote_identity: settings.identity_url.as_deref().map(RemoteIdentity::new),
             tmp_dir: settings.tmp_dir.clone(),
+            shadowed: Default::default(),
             identity: Identity::new(catalog.clone(), settings.clone()),
             images: Images::new(catalog.clone(), store.clone(), settings.clone(), converter),
             volumes: Arc::new(Volumes::new(catalog.clone(), store.clone(), settings)),
@@ -298,7 +301,13 @@ impl AdminService for DaemonService {
             &self.remote_identity,
         ) {
             (Err(ServiceError::Unauthorized(_) | ServiceError::NotFound(_)), Some(remote)) => {
-                remote.validate(token).await
+                let info = remote.validate(token).await?;
+                let key = (info.caller.user_id.clone(), info.caller.project_id.clone());
+                if !self.shadowed.lock().contains(&key) {
+                    self.identity.shadow(&info.caller).await?;
+                    self.shadowed.lock().insert(key);
+                }
+                Ok(info)
             }
             (local, _) => local,
         }

@@ -1475,6 +1475,23 @@ fn uploads_reach_an_external_image_service_with_the_callers_token() {
         assert!(cmp.ok, "{format}: {}{}", cmp.stdout, cmp.stderr);
     }
 
+    // The image side takes A's callers for all of its APIs: a volume of A's project there
+    // (their project and user are recorded on first sight, as Keystone's shadow users).
+    let r = b.request(
+        "POST",
+        &format!("/v3/{project}/volumes"),
+        &[("X-Auth-Token", &token)],
+        Some((
+            "application/json",
+            r#"{"volume": {"size": 1, "name": "on-b"}}"#,
+        )),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(
+        r.json()["volume"]["os-vol-tenant-attr:tenant_id"],
+        project.as_str()
+    );
+
     // An image service that is not there: 500, as seed 003 says, and nothing changed.
     let c = Serve::new()
         .arg("--admin-password")

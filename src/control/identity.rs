@@ -28,7 +28,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::{Settings, TxError, internal, new_id, now, parse_ts};
+use super::{Settings, TxError, internal, new_id, now, parse_ts, ts};
 use crate::catalog::Catalog;
 
 type Tx<T> = Result<T, TxError>;
@@ -270,6 +270,43 @@ impl Identity {
             let _ = self.roles.set(table.clone());
         }
         Ok(table)
+    }
+
+    /// Records the project and user of a caller that an external identity service vouched
+    /// for (`--identity-url`), as Keystone keeps shadow users: what this daemon makes for
+    /// them (volumes, servers) refers to both. Password login stays off for the user; a name
+    /// already taken here gets the id beside it.
+    pub async fn shadow(&self, caller: &Caller) -> ServiceResult<()> {
+        let c = caller.clone();
+        self.tx(move |conn| {
+            let t = ts(now());
+            let named = |table: &str, id: &str, name: &str| -> rusqlite::Result<String> {
+                let taken: bool = conn.query_row(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE name = ?1 AND id != ?2)"),
+                    params![name, id],
+                    |r| r.get(0),
+                )?;
+                Ok(if taken || name.is_empty() {
+                    format!("{name} ({id})")
+                } else {
+                    name.to_owned()
+                })
+            };
+            let project = named("projects", &c.project_id, &c.project_name)?;
+            conn.execute(
+                "INSERT OR IGNORE INTO projects (id, name, description, enabled, created_at) \
+                 VALUES (?1, ?2, 'from the identity service', 1, ?3)",
+                params![c.project_id, project, t],
+            )?;
+            let user = named("users", &c.user_id, &c.user_name)?;
+            conn.execute(
+                "INSERT OR IGNORE INTO users (id, name, password_hash, default_project_id, \
+                 enabled, created_at) VALUES (?1, ?2, NULL, ?3, 1, ?4)",
+                params![c.user_id, user, c.project_id, t],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     /// Runs `f` in one IMMEDIATE transaction, committing only on success.
