@@ -1291,6 +1291,7 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
         .arg(&uri));
     assert!(cmp.ok, "{}{}", cmp.stdout, cmp.stderr);
 
+    let qcow2_image = i.clone();
     // vdi: written by qemu-img from the volume's copy into the scratch space, then sent.
     let up = cinder(
         &c,
@@ -1343,6 +1344,22 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
         if v["status"] == "available" {
             assert_eq!(v["bootable"], true, "{v}");
             assert_eq!(v["size"], 2, "{v}");
+            // What cinder records of the image, carried to clones (bootable too).
+            let m = &v["volume_image_metadata"];
+            assert_eq!(m["image_name"], "qimg", "{v}");
+            assert_eq!(m["disk_format"], "qcow2", "{v}");
+            assert_eq!(m["container_format"], "bare", "{v}");
+            assert_eq!(m["checksum"], qcow2_image["checksum"], "{v}");
+            assert_eq!(m["size"], qcow2_image["size"].to_string().as_str(), "{v}");
+            let clone = osc(
+                &c,
+                &["volume", "create", "--source", "fromq", "-f", "json", "cq"],
+            );
+            assert!(clone.ok, "{}", clone.stderr);
+            let cid = clone.json()["id"].as_str().expect("id").to_owned();
+            let cv = osc(&c, &["volume", "show", "-f", "json", &cid]).json();
+            assert_eq!(cv["volume_image_metadata"], *m, "{cv}");
+            assert_eq!(cv["bootable"], true, "{cv}");
             break;
         }
         assert!(

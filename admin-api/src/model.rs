@@ -309,6 +309,9 @@ pub struct Volume {
     pub user_limit: u32,
     /// Block Storage's read-only flag: exported read-only whatever the attachments ask.
     pub readonly: bool,
+    /// What the volume recorded of the image it was made from (cinder's
+    /// `volume_image_metadata`), directly or through the volume or snapshot it was cloned from.
+    pub image_metadata: Option<BTreeMap<String, String>>,
 }
 
 impl Volume {

@@ -133,6 +133,7 @@ impl AdminService for Fake {
             attachments: vec![],
             user_limit: if new.multiattach { 2 } else { 1 },
             readonly: false,
+            image_metadata: None,
         };
         self.volumes.lock().expect("lock").push(v.clone());
         Ok(v)

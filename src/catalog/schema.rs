@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "messages",
         sql: include_str!("migrations/0008_messages.sql"),
     },
+    Migration {
+        version: 9,
+        name: "volume_image_metadata",
+        sql: include_str!("migrations/0009_volume_image_metadata.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -153,6 +153,11 @@ const COMPUTED: [&str; 6] = [
     "cache_raw_progress",
 ];
 
+/// Whether `key` is one of the properties the daemon computes (not the image's own).
+pub(crate) fn is_computed_property(key: &str) -> bool {
+    COMPUTED.contains(&key)
+}
+
 fn member_status(conn: &Connection, image: &str, project: &str) -> Tx<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT status FROM image_members WHERE image_id = ?1 AND member_id = ?2")?

@@ -6,7 +6,7 @@
 //! connection, so two requests racing on one volume serialise: the second sees the first's
 //! attachment and is refused, never both accepted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use admin_api::model::*;
@@ -59,6 +59,32 @@ fn need(caller: &Caller, role: Role, what: &str) -> ServiceResult<()> {
     }
 }
 
+/// What a volume records of the image it is made from (cinder's volume_glance_metadata):
+/// the image's identity, formats, sizes and checksum, and its own properties (not the ones
+/// the daemon computes), every value a string.
+fn image_metadata_of(i: &admin_api::image::Image) -> BTreeMap<String, String> {
+    let mut m: BTreeMap<String, String> = i
+        .properties
+        .iter()
+        .filter(|(k, _)| !super::images::is_computed_property(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            m.insert(k.to_owned(), v);
+        }
+    };
+    put("image_id", Some(i.id.clone()));
+    put("image_name", i.name.clone());
+    put("checksum", i.checksum.clone());
+    put("container_format", i.container_format.clone());
+    put("disk_format", i.disk_format.clone());
+    put("min_disk", Some(i.min_disk.to_string()));
+    put("min_ram", Some(i.min_ram.to_string()));
+    put("size", i.size.map(|s| s.to_string()));
+    m
+}
+
 /// Canonical form of a UUID the client sent, or None if it is not one (then nothing matches).
 fn canonical(id: &str) -> Option<String> {
     Uuid::parse_str(id).ok().map(|u| u.to_string())
@@ -67,7 +93,7 @@ fn canonical(id: &str) -> Option<String> {
 const VOLUME_COLUMNS: &str = "v.id, v.project_id, v.user_id, u.name, v.name, v.description, \
      v.size_bytes, v.status, v.volume_type, v.availability_zone, v.source_image_id, \
      v.source_volume_id, v.bootable, v.multiattach, v.visibility, v.tag, v.metadata, \
-     v.created_at, v.updated_at, v.readonly, v.snapshot_id";
+     v.created_at, v.updated_at, v.readonly, v.snapshot_id, v.image_metadata";
 
 fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume> {
     let status: String = row.get(7)?;
@@ -103,6 +129,9 @@ fn volume_row(row: &Row<'_>, multiattach_limit: u32) -> rusqlite::Result<Volume>
         attachments: Vec::new(),
         user_limit: if multiattach { multiattach_limit } else { 1 },
         readonly: row.get(19)?,
+        image_metadata: row
+            .get::<_, Option<String>>(21)?
+            .and_then(|m| serde_json::from_str(&m).ok()),
     })
 }
 
@@ -483,9 +512,14 @@ impl Volumes {
             .ok_or_else(|| {
                 ServiceError::BadRequest(format!("Volume size {} GiB is too large.", new.size_gib))
             })?;
+        let mut image_metadata = None;
         let source = match (&new.source_image_id, images) {
             (Some(image), Some(images)) => {
-                Some(images.volume_source(caller, image, size_bytes).await?)
+                let source = images.volume_source(caller, image, size_bytes).await?;
+                image_metadata = Some(image_metadata_of(
+                    &admin_api::image::ImageService::get_image(&**images, caller, image).await?,
+                ));
+                Some(source)
             }
             (Some(image), None) => {
                 return Err(ServiceError::NotFound(format!(
@@ -500,6 +534,7 @@ impl Volumes {
         let id = Uuid::new_v4();
         let id_s = id.to_string();
         let metadata = serde_json::to_string(&new.metadata).unwrap_or_else(|_| "{}".into());
+        let image_metadata = image_metadata.and_then(|m| serde_json::to_string(&m).ok());
         {
             let caller = caller.clone();
             let id_s = id_s.clone();
@@ -534,6 +569,21 @@ impl Volumes {
                         snapshot.map(|s| canonical(&s).unwrap_or(s)),
                         source_volume.map(|v| canonical(&v).unwrap_or(v)),
                     ],
+                )?;
+                // From an image, what it records of it; a clone carries its source's (and
+                // is bootable if the source is), as cinder copies volume_glance_metadata.
+                conn.execute(
+                    "UPDATE volumes SET \
+                       image_metadata = COALESCE(?2, \
+                         (SELECT image_metadata FROM snapshots WHERE id = volumes.snapshot_id), \
+                         (SELECT image_metadata FROM volumes s WHERE s.id = volumes.source_volume_id)), \
+                       bootable = bootable \
+                         OR COALESCE((SELECT v.bootable FROM snapshots s JOIN volumes v \
+                                      ON v.id = s.volume_id WHERE s.id = volumes.snapshot_id), 0) \
+                         OR COALESCE((SELECT s.bootable FROM volumes s \
+                                      WHERE s.id = volumes.source_volume_id), 0) \
+                     WHERE id = ?1",
+                    params![id_s, image_metadata],
                 )?;
                 Ok(())
             })

@@ -62,6 +62,7 @@ fn volume(id: &str, project: &str) -> Volume {
         attachments: vec![],
         user_limit: 1,
         readonly: false,
+        image_metadata: None,
     }
 }
 

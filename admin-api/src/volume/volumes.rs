@@ -175,10 +175,11 @@ pub(super) fn detail(ctx: &Ctx, v: &Volume) -> CinderVolume {
             })
             .collect(),
         migration_status: None,
-        volume_image_metadata: v
-            .source_image_id
-            .as_ref()
-            .map(|i| BTreeMap::from([("image_id".to_owned(), i.clone())])),
+        volume_image_metadata: v.image_metadata.clone().or_else(|| {
+            v.source_image_id
+                .as_ref()
+                .map(|i| BTreeMap::from([("image_id".to_owned(), i.clone())]))
+        }),
         tenant_id: admin.then(|| v.project_id.clone()),
         host: admin.then(|| "cairn@store#store".to_owned()),
     }

@@ -94,8 +94,10 @@ impl Volumes {
                 let t = ts(now());
                 conn.execute(
                     "INSERT INTO snapshots (id, project_id, user_id, volume_id, name, description, \
-                     size_bytes, status, object_id, metadata, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'creating', ?1, ?8, ?9, ?9)",
+                     size_bytes, status, object_id, metadata, created_at, updated_at, \
+                     image_metadata) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'creating', ?1, ?8, ?9, ?9, \
+                     (SELECT image_metadata FROM volumes WHERE id = ?4))",
                     params![
                         id_s,
                         v.project_id,
