@@ -294,8 +294,10 @@ impl Store {
     /// For each run `(src_chunk, dst_chunk, count)`, maps chunks `[src_chunk, src_chunk +
     /// count)` of `src` at `dst_chunk` on in `dst`, sharing their slots copy-on-write:
     /// metadata only, in one durable commit. `dst` must have nothing mapped there (its range
-    /// is filled, not overwritten); holes stay holes. An image laid out from a volume's
-    /// chunks (a qcow2's data clusters) costs no data write.
+    /// is filled, not overwritten); holes stay holes. A partial last chunk of `dst` takes only
+    /// a source chunk with no data in its blocks that reach past `dst`'s end: nothing past an
+    /// object's end is kept (growing it again reads zeros there). An image laid out from a
+    /// volume's chunks (a qcow2's data clusters) costs no data write.
     pub async fn share_chunks(
         &self,
         src: ObjectId,
@@ -328,6 +330,7 @@ impl Store {
                 Ok(m.chunks_for(o.size))
             };
             let (src_chunks, dst_chunks) = (chunks(src)?, chunks(dst)?);
+            let (chunk, dst_size) = (m.chunk_size as u64, m.objects[&dst].size);
             for &(sc, dc, n) in runs {
                 if sc.saturating_add(n) > src_chunks || dc.saturating_add(n) > dst_chunks {
                     return Err(StoreError::Invalid(format!(
@@ -344,9 +347,20 @@ impl Store {
                         "chunks are shared only into unmapped space".into(),
                     ));
                 }
+                let mut past_end = false;
                 m.objects[&src].map.for_each_in(sc, sc + n, |c, e| {
-                    entries.push(((u64::from(c) - sc + dc) as u32, e));
+                    let d = u64::from(c) - sc + dc;
+                    // Blocks of this chunk wholly within dst (fewer than a chunk's only at
+                    // its end): the others must hold nothing.
+                    let whole = (dst_size.saturating_sub(d * chunk) / BLOCK as u64).min(64);
+                    past_end |= whole < 64 && e.present >> whole != 0;
+                    entries.push((d as u32, e));
                 });
+                if past_end {
+                    return Err(StoreError::Invalid(format!(
+                        "sharing {n} chunks from {sc} to {dc} brings data past the end of {dst}"
+                    )));
+                }
             }
         }
         for batch in entries.chunks(BATCH) {
@@ -3213,6 +3227,42 @@ mod tests {
             .await
             .unwrap();
         expect(&s).await;
+        s.close().await.unwrap();
+        let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+
+    /// A destination's partial last chunk takes a source chunk only if the source has no
+    /// data in the blocks that reach past the destination's end: otherwise growing the
+    /// destination would show them, and they would count as its allocation.
+    #[tokio::test]
+    async fn a_share_into_a_partial_last_chunk_brings_nothing_past_the_end() {
+        let (tmp, s, a, _) = one_block_store().await; // 7s in a's block 0
+        let ck = 64 << 10;
+        s.write(a, ck + 9 * 4096, Bytes::from(vec![8u8; 4096]), false)
+            .await
+            .unwrap();
+        // b ends 100 bytes into block 9 of its chunk 1: blocks 0..9 of it are whole.
+        let b = ObjectId::new_v4();
+        let b_size = ck + 9 * 4096 + 100;
+        s.create_object(b, b_size).await.unwrap();
+        for run in [(1, 1, 1), (0, 0, 2)] {
+            assert!(
+                matches!(
+                    s.share_chunks(a, b, &[run]).await,
+                    Err(StoreError::Invalid(_))
+                ),
+                "{run:?}"
+            );
+        }
+        assert_eq!(s.object_info(b).unwrap().allocated_bytes, 0);
+        // a's chunk 0 has only block 0: it fits.
+        s.share_chunks(a, b, &[(0, 1, 1)]).await.unwrap();
+        assert_eq!(s.object_info(b).unwrap().allocated_bytes, 4096);
+        s.resize(b, 2 * ck).await.unwrap();
+        let mut want = vec![7u8; 4096];
+        want.resize(ck as usize, 0);
+        assert_eq!(s.read(b, ck, ck as usize).await.unwrap(), want);
         s.close().await.unwrap();
         let report = crate::store::fsck::fsck(tmp.path(), false).unwrap();
         assert!(report.is_clean(), "{report:?}");
