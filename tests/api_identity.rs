@@ -1100,3 +1100,28 @@ fn the_last_admin_cannot_be_removed() {
     let (_, second_token) = login(&c, "second", "second-pw", Some("admin"));
     assert!(role_names(&second_token).contains(&"admin".to_owned()));
 }
+
+/// The daemon's anonymous memory, from /proc.
+fn anonymous_kib(c: &Cairn) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.pid())).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Anonymous in smaps_rollup")
+}
+
+/// Password logins (argon2 works in 19 MiB each) leave no memory behind: glibc used to keep
+/// every one resident (its adjusting mmap threshold), 19 MiB a login.
+#[test]
+fn password_logins_leave_no_memory_behind() {
+    let cairn = Serve::new().arg("--admin-password").arg("mem-pw").start();
+    let login = || common::admin_token(&cairn, "mem-pw");
+    login();
+    login();
+    let before = anonymous_kib(&cairn);
+    for _ in 0..6 {
+        login();
+    }
+    let grown = anonymous_kib(&cairn).saturating_sub(before);
+    assert!(grown < 19 << 10, "six logins left {grown} KiB resident");
+}
