@@ -331,6 +331,17 @@ impl Store {
             };
             let (src_chunks, dst_chunks) = (chunks(src)?, chunks(dst)?);
             let (chunk, dst_size) = (m.chunk_size as u64, m.objects[&dst].size);
+            // Runs that overlap in `dst` would map a chunk twice (the later silently winning).
+            let mut targets: Vec<(u64, u64)> = runs.iter().map(|&(_, dc, n)| (dc, n)).collect();
+            targets.sort_unstable();
+            if targets
+                .windows(2)
+                .any(|w| w[0].0.saturating_add(w[0].1) > w[1].0)
+            {
+                return Err(StoreError::Invalid(
+                    "runs overlap in the destination".into(),
+                ));
+            }
             for &(sc, dc, n) in runs {
                 if sc.saturating_add(n) > src_chunks || dc.saturating_add(n) > dst_chunks {
                     return Err(StoreError::Invalid(format!(
@@ -3192,7 +3203,12 @@ mod tests {
             "a's hole stays one: {holes:?}"
         );
 
-        for (src, sc, dst, dc, n) in [(a, 0, b, 2, 1), (a, 14, b, 6, 4), (a, 0, a, 8, 1)] {
+        for (src, sc, dst, dc, n) in [
+            (a, 0, b, 2, 1),
+            (a, 14, b, 6, 4),
+            (a, 0, a, 8, 1),
+            (a, 3, b, 7, 1), // the same destination chunk as the first run
+        ] {
             assert!(
                 matches!(
                     s.share_chunks(src, dst, &[(1, 7, 1), (sc, dc, n)]).await,
