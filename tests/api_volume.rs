@@ -18,6 +18,30 @@ fn cinder(c: &Cairn, args: &[&str]) -> Out {
     run(os_client(c, "cinder", PW).args(args))
 }
 
+/// `cinder upload-to-image --force True --disk-format <format> <volume> <name>`, which must
+/// succeed: the new image's id, from cinder's table.
+fn cinder_upload(c: &Cairn, volume: &str, format: &str, name: &str) -> String {
+    let up = cinder(
+        c,
+        &[
+            "upload-to-image",
+            "--force",
+            "True",
+            "--disk-format",
+            format,
+            volume,
+            name,
+        ],
+    );
+    assert!(up.ok, "{}{}", up.stdout, up.stderr);
+    up.stdout
+        .lines()
+        .find(|l| l.contains("image_id"))
+        .and_then(|l| l.split('|').nth(2))
+        .map(|s| s.trim().to_owned())
+        .expect("image_id in cinder's table")
+}
+
 /// A caller of the Block Storage API under `/volume/v3/{project}` (or another prefix).
 struct Api<'a> {
     c: &'a Cairn,
@@ -57,6 +81,33 @@ fn qemu_io(uri: &str, cmd: &str) {
     );
 }
 
+/// A 4 KiB write through `uri` is refused (the export is read-only).
+fn write_refused(uri: &str, what: &str) {
+    let w = run(std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 4k"])
+        .arg(uri));
+    let said = |t: &str| t.contains("ermission") || t.contains("read-only");
+    assert!(
+        !w.ok || said(&w.stdout) || said(&w.stderr),
+        "{what}: {}{}",
+        w.stdout,
+        w.stderr
+    );
+}
+
+/// `qemu-io -r -c <cmd>` (a `read -P` pattern check) on `uri` succeeds.
+fn read_matches(uri: &str, cmd: &str) {
+    let r = run(std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", cmd])
+        .arg(uri));
+    assert!(
+        r.ok && !r.stdout.contains("fail"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+}
+
 /// A 1 GiB volume made with the CLI and attached to a new server: (volume, server, NBD URI).
 fn attached_volume(c: &Cairn, token: &str, project: &str, name: &str) -> (String, String, String) {
     let v = osc(c, &["volume", "create", "--size", "1", "-f", "json", name]).json();
@@ -66,27 +117,45 @@ fn attached_volume(c: &Cairn, token: &str, project: &str, name: &str) -> (String
     (vid, sid, uri)
 }
 
+/// Polls `f` (every 50 ms, for up to two minutes) until it gives a value; past that, fails
+/// with what `state` says of the last look.
+fn eventually<T>(mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(state) => assert!(std::time::Instant::now() < deadline, "{state}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits until an upload job stands at the fault-injection gate (`CAIRN_UPLOAD_GATE`).
+fn wait_at_gate(c: &Cairn, gate: &std::path::Path) {
+    eventually(|| {
+        gate.with_extension("waiting")
+            .exists()
+            .then_some(())
+            .ok_or_else(|| format!("the upload never started\n{}", c.logs.text()))
+    });
+}
+
 /// Waits until an upload has ended: its image `active` and the volume no longer `uploading`
 /// (the job restores the volume's status after the image is done). Returns the image.
 fn wait_upload(c: &Cairn, token: &str, project: &str, volume: &str, image: &str) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let get = |path: String| {
-            c.request("GET", &path, &[("X-Auth-Token", token)], None)
-                .json()
-        };
+    let get = |path: String| {
+        c.request("GET", &path, &[("X-Auth-Token", token)], None)
+            .json()
+    };
+    eventually(|| {
         let i = get(format!("/v2/images/{image}"));
         let v = get(format!("/volume/v3/{project}/volumes/{volume}"));
         if i["status"] == "active" && v["volume"]["status"] != "uploading" {
-            return i;
+            Ok(i)
+        } else {
+            Err(format!("upload not done: {i}\n{v}\n{}", c.logs.text()))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload not done: {i}\n{v}\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    })
 }
 
 /// A cinder fault: the status, `{"<name>": {"message", "code"}}`, and the message.
@@ -613,26 +682,8 @@ fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
         action(json!({"os-update_readonly_flag": {"readonly": true}})).status,
         202
     );
-    let w = io("write -P 0x11 0 4k");
-    assert!(
-        !w.ok
-            || w.stdout.contains("ermission")
-            || w.stderr.contains("ermission")
-            || w.stderr.contains("read-only")
-            || w.stdout.contains("read-only"),
-        "a read-only volume took a write: {}{}",
-        w.stdout,
-        w.stderr
-    );
-    let r = run(std::process::Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c", "read -P 0x6b 0 4k"])
-        .arg(&uri));
-    assert!(
-        r.ok && !r.stdout.contains("fail"),
-        "{}{}",
-        r.stdout,
-        r.stderr
-    );
+    write_refused(&uri, "a read-only volume took a write");
+    read_matches(&uri, "read -P 0x6b 0 4k");
     let set = osc(&c, &["volume", "set", "--read-write", "grow"]);
     assert!(set.ok, "{}", set.stderr);
     let w = io("write -P 0x22 0 4k");
@@ -1179,15 +1230,7 @@ fn an_upload_cut_by_a_crash_resumes_after_the_restart() {
         .as_str()
         .unwrap()
         .to_owned();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !gate.with_extension("waiting").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload never started\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_at_gate(&c, &gate);
     assert_eq!(
         api.get(&format!("/volumes/{vid}")).json()["volume"]["status"],
         "uploading"
@@ -1239,26 +1282,7 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
     qemu_io(&uri, "write -P 0x52 700M 4k"); // a lone block in a cluster of its own
     qemu_io(&uri, "write -P 0x53 1023M 1M"); // the last region
     let physical = metric(&c, "cairn_store_physical_bytes");
-    let up = cinder(
-        &c,
-        &[
-            "upload-to-image",
-            "--force",
-            "True",
-            "--disk-format",
-            "qcow2",
-            &vid,
-            "qimg",
-        ],
-    );
-    assert!(up.ok, "{}{}", up.stdout, up.stderr);
-    let image = up
-        .stdout
-        .lines()
-        .find(|l| l.contains("image_id"))
-        .and_then(|l| l.split('|').nth(2))
-        .map(|s| s.trim().to_owned())
-        .expect("image_id in cinder's table");
+    let image = cinder_upload(&c, &vid, "qcow2", "qimg");
     let i = wait_upload(&c, &token, &project, &vid, &image);
     // Into the daemon's own images the data clusters are the volume's chunks, shared: the
     // upload wrote its metadata (header, refcounts, L1, three L2 tables), no data.
@@ -1293,26 +1317,7 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
 
     let qcow2_image = i.clone();
     // vdi: written by qemu-img from the volume's copy into the scratch space, then sent.
-    let up = cinder(
-        &c,
-        &[
-            "upload-to-image",
-            "--force",
-            "True",
-            "--disk-format",
-            "vdi",
-            &vid,
-            "vimg",
-        ],
-    );
-    assert!(up.ok, "{}{}", up.stdout, up.stderr);
-    let image = up
-        .stdout
-        .lines()
-        .find(|l| l.contains("image_id"))
-        .and_then(|l| l.split('|').nth(2))
-        .map(|s| s.trim().to_owned())
-        .expect("image_id in cinder's table");
+    let image = cinder_upload(&c, &vid, "vdi", "vimg");
     let i = wait_upload(&c, &token, &project, &vid, &image);
     assert_eq!(i["disk_format"], "vdi", "{i}");
     let file = dir.path().join("img.vdi");
@@ -1338,37 +1343,32 @@ fn qcow2_uploads_are_valid_images_holding_only_the_data() {
     );
     assert!(made.ok, "{}{}", made.stdout, made.stderr);
     let fid = made.json()["id"].as_str().expect("volume id").to_owned();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
+    let v = eventually(|| {
         let v = osc(&c, &["volume", "show", "-f", "json", &fid]).json();
-        if v["status"] == "available" {
-            assert_eq!(v["bootable"], true, "{v}");
-            assert_eq!(v["size"], 2, "{v}");
-            // What cinder records of the image, carried to clones (bootable too).
-            let m = &v["volume_image_metadata"];
-            assert_eq!(m["image_name"], "qimg", "{v}");
-            assert_eq!(m["disk_format"], "qcow2", "{v}");
-            assert_eq!(m["container_format"], "bare", "{v}");
-            assert_eq!(m["checksum"], qcow2_image["checksum"], "{v}");
-            assert_eq!(m["size"], qcow2_image["size"].to_string().as_str(), "{v}");
-            let clone = osc(
-                &c,
-                &["volume", "create", "--source", "fromq", "-f", "json", "cq"],
-            );
-            assert!(clone.ok, "{}", clone.stderr);
-            let cid = clone.json()["id"].as_str().expect("id").to_owned();
-            let cv = osc(&c, &["volume", "show", "-f", "json", &cid]).json();
-            assert_eq!(cv["volume_image_metadata"], *m, "{cv}");
-            assert_eq!(cv["bootable"], true, "{cv}");
-            break;
+        match v["status"].as_str() {
+            Some("available") => Ok(v),
+            Some("error") => panic!("{v}\n{}", c.logs.text()),
+            _ => Err(format!("{v}\n{}", c.logs.text())),
         }
-        assert!(
-            v["status"] != "error" && std::time::Instant::now() < deadline,
-            "{v}\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    });
+    assert_eq!(v["bootable"], true, "{v}");
+    assert_eq!(v["size"], 2, "{v}");
+    // What cinder records of the image, carried to clones (bootable too).
+    let m = &v["volume_image_metadata"];
+    assert_eq!(m["image_name"], "qimg", "{v}");
+    assert_eq!(m["disk_format"], "qcow2", "{v}");
+    assert_eq!(m["container_format"], "bare", "{v}");
+    assert_eq!(m["checksum"], qcow2_image["checksum"], "{v}");
+    assert_eq!(m["size"], qcow2_image["size"].to_string().as_str(), "{v}");
+    let clone = osc(
+        &c,
+        &["volume", "create", "--source", "fromq", "-f", "json", "cq"],
+    );
+    assert!(clone.ok, "{}", clone.stderr);
+    let cid = clone.json()["id"].as_str().expect("id").to_owned();
+    let cv = osc(&c, &["volume", "show", "-f", "json", &cid]).json();
+    assert_eq!(cv["volume_image_metadata"], *m, "{cv}");
+    assert_eq!(cv["bootable"], true, "{cv}");
     let sid = server(&c, &token, &project);
     let from = attach(&c, &token, &project, &sid, &fid);
     let cmp = run(std::process::Command::new("qemu-img")
@@ -1408,56 +1408,22 @@ fn uploads_reach_an_external_image_service_with_the_callers_token() {
     qemu_io(&uri, "write -P 0x62 900M 64k");
     let dir = common::temp_dir();
     let on_b = |image: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            let i = b
-                .request(
-                    "GET",
-                    &format!("/v2/images/{image}"),
-                    &[("X-Auth-Token", &token)],
-                    None,
-                )
-                .json();
-            let v = a
-                .request(
-                    "GET",
-                    &format!("/volume/v3/{project}/volumes/{vid}"),
-                    &[("X-Auth-Token", &token)],
-                    None,
-                )
-                .json();
+        let get = |c: &Cairn, path: String| {
+            c.request("GET", &path, &[("X-Auth-Token", &token)], None)
+                .json()
+        };
+        eventually(|| {
+            let i = get(&b, format!("/v2/images/{image}"));
+            let v = get(&a, format!("/volume/v3/{project}/volumes/{vid}"));
             if i["status"] == "active" && v["volume"]["status"] == "in-use" {
-                return i;
+                Ok(i)
+            } else {
+                Err(format!("upload not done: {i}\n{v}\n{}", a.logs.text()))
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "upload not done: {i}\n{v}\n{}",
-                a.logs.text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        })
     };
     for format in ["raw", "qcow2", "vmdk"] {
-        let up = cinder(
-            &a,
-            &[
-                "upload-to-image",
-                "--force",
-                "True",
-                "--disk-format",
-                format,
-                &vid,
-                &format!("ext-{format}"),
-            ],
-        );
-        assert!(up.ok, "{}{}", up.stdout, up.stderr);
-        let image = up
-            .stdout
-            .lines()
-            .find(|l| l.contains("image_id"))
-            .and_then(|l| l.split('|').nth(2))
-            .map(|s| s.trim().to_owned())
-            .expect("image_id in cinder's table");
+        let image = cinder_upload(&a, &vid, format, &format!("ext-{format}"));
         let i = on_b(&image);
         assert_eq!(
             i["owner"],
@@ -1670,40 +1636,16 @@ fn uploads_reach_a_real_glance() {
     qemu_io(&uri, "write -P 0x72 600M 192k");
     let dir = common::temp_dir();
     for format in ["raw", "qcow2", "vmdk"] {
-        let up = cinder(
-            &c,
-            &[
-                "upload-to-image",
-                "--force",
-                "True",
-                "--disk-format",
-                format,
-                &vid,
-                "g",
-            ],
-        );
-        assert!(up.ok, "{}{}", up.stdout, up.stderr);
-        let image = up
-            .stdout
-            .lines()
-            .find(|l| l.contains("image_id"))
-            .and_then(|l| l.split('|').nth(2))
-            .map(|s| s.trim().to_owned())
-            .expect("image_id in cinder's table");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let i = loop {
+        let image = cinder_upload(&c, &vid, format, "g");
+        let i = eventually(|| {
             let i = glance.image(&image);
             let v = osc(&c, &["volume", "show", "-f", "json", &vid]).json();
             if i["status"] == "active" && v["status"] == "in-use" {
-                break i;
+                Ok(i)
+            } else {
+                Err(format!("{i}\n{v}\n{}", c.logs.text()))
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{i}\n{v}\n{}",
-                c.logs.text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
+        });
         assert_eq!(i["disk_format"], format, "{i}");
         let file = dir.path().join(format!("g.{format}"));
         let got = run(std::process::Command::new("curl")
@@ -1773,15 +1715,7 @@ fn an_external_upload_cut_by_a_crash_ends_cleanly() {
         .as_str()
         .unwrap()
         .to_owned();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !gate.with_extension("waiting").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload never started\n{}",
-            c.logs.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_at_gate(&c, &gate);
     assert_eq!(
         metric(&c, "cairn_store_objects"),
         2.0,
@@ -2114,28 +2048,8 @@ fn cinderclient_attach_flow_makes_the_compute_attachment_and_serves_its_export()
     let info = action(json!({"os-initialize_connection": {"connector": {"host": "hv1"}}}));
     assert_eq!(info.status, 200, "{}", info.body);
     assert_eq!(info.json()["connection_info"]["data"]["access_mode"], "ro");
-    let w = run(std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x11 0 4k"])
-        .arg(&uri));
-    assert!(
-        !w.ok
-            || w.stdout.contains("ermission")
-            || w.stderr.contains("ermission")
-            || w.stdout.contains("read-only")
-            || w.stderr.contains("read-only"),
-        "an ro attachment's export took a write: {}{}",
-        w.stdout,
-        w.stderr
-    );
-    let r = run(std::process::Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 1M"])
-        .arg(&uri));
-    assert!(
-        r.ok && !r.stdout.contains("fail"),
-        "{}{}",
-        r.stdout,
-        r.stderr
-    );
+    write_refused(&uri, "an ro attachment's export took a write");
+    read_matches(&uri, "read -P 0x5a 0 1M");
     // `os-detach` without an id ends the only attachment.
     assert_eq!(action(json!({"os-detach": null})).status, 202);
     assert_eq!(status(), "available");

@@ -1202,25 +1202,8 @@ impl ImageService for Images {
         body: ByteStream,
         size_hint: Option<u64>,
     ) -> ServiceResult<()> {
-        // A task of its own: a client that hangs up mid-upload drops this future, and the
-        // upload must still end as a cut one (queued again, its object deleted).
-        let me = self
-            .me
-            .upgrade()
-            .ok_or_else(|| ServiceError::Internal("shutting down".into()))?;
-        let caller = caller.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move {
-            me.upload_now(&caller, &id, kind, Fill::Body(body), size_hint)
-                .await
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "an upload task failed");
-            Err(ServiceError::Internal(
-                "the upload failed; see the daemon log".into(),
-            ))
-        })
+        self.upload_task(caller, id, kind, Fill::Body(body), size_hint)
+            .await
     }
 
     async fn import(&self, caller: &Caller, id: &str) -> ServiceResult<()> {
@@ -1498,23 +1481,35 @@ impl Images {
         id: &str,
         build: BuildData,
     ) -> ServiceResult<()> {
+        self.upload_task(caller, id, UploadKind::Direct, Fill::Built(build), None)
+            .await
+    }
+
+    /// [`Images::upload_now`] as a task of its own: a client that hangs up mid-upload drops
+    /// the caller's future, and the upload must still end as a cut one (queued again, its
+    /// object deleted).
+    async fn upload_task(
+        &self,
+        caller: &Caller,
+        id: &str,
+        kind: UploadKind,
+        fill: Fill,
+        size_hint: Option<u64>,
+    ) -> ServiceResult<()> {
         let me = self
             .me
             .upgrade()
             .ok_or_else(|| ServiceError::Internal("shutting down".into()))?;
         let caller = caller.clone();
         let id = id.to_owned();
-        tokio::spawn(async move {
-            me.upload_now(&caller, &id, UploadKind::Direct, Fill::Built(build), None)
-                .await
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "an upload task failed");
-            Err(ServiceError::Internal(
-                "the upload failed; see the daemon log".into(),
-            ))
-        })
+        tokio::spawn(async move { me.upload_now(&caller, &id, kind, fill, size_hint).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "an upload task failed");
+                Err(ServiceError::Internal(
+                    "the upload failed; see the daemon log".into(),
+                ))
+            })
     }
 
     /// Hashes `size` bytes of `object`, reading ahead while the hashes run.
