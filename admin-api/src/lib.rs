@@ -23,6 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 pub mod auth;
 pub mod compute;
 pub mod error;
+pub mod filesystem;
 pub mod image;
 pub mod keystone;
 mod metrics;

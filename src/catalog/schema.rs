@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "volume_image_metadata",
         sql: include_str!("migrations/0009_volume_image_metadata.sql"),
     },
+    Migration {
+        version: 10,
+        name: "filesystems",
+        sql: include_str!("migrations/0010_filesystems.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

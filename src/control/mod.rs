@@ -4,6 +4,7 @@
 //! Each operation is one catalog transaction, so two requests racing on one volume serialise
 //! and see each other's result (no double attach, no lost update).
 
+pub mod filesystems;
 pub mod identity;
 pub mod images;
 pub mod volumes;

@@ -926,3 +926,144 @@ async fn upload_failures_are_user_messages_scoped_to_their_project() {
     let err = e.volumes.delete_message(&alice(), &m.id).await.unwrap_err();
     assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
 }
+
+/// Shared filesystems (seed 002): who may make and change them, names and sizes, 409 for a
+/// name taken another way, resize by the same `PUT`, and instances that follow the scope as
+/// servers come and go.
+#[tokio::test]
+async fn filesystems_follow_scope_and_instances() {
+    use crate::control::filesystems::{Filesystems, FsRequest};
+    use admin_api::filesystem::FsScope;
+    let en = env().await;
+    let fs = Filesystems::new(en.catalog.clone());
+    let req = |size: &str, scope, project: Option<&str>| FsRequest {
+        size_text: size.into(),
+        scope,
+        project: project.map(str::to_owned),
+    };
+    fn err<T>(r: ServiceResult<T>) -> ServiceError {
+        r.map(|_| ()).unwrap_err()
+    }
+    // Refusals, each changing nothing.
+    for (who, name, r) in [
+        (alice(), "g", req("4Gb", FsScope::Global, None)),
+        (alice(), "other", req("4Gb", FsScope::Project, Some("p2"))),
+    ] {
+        let e = err(fs.put(&who, name, r).await);
+        assert!(matches!(e, ServiceError::Forbidden(_)), "{e:?}");
+    }
+    for (name, size) in [("a/b", "4Gb"), ("ok", "4Pb"), ("ok", "0Gb")] {
+        let e = err(fs
+            .put(&alice(), name, req(size, FsScope::Instance, None))
+            .await);
+        assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+    }
+    let reader = caller("u9", "p1", &[Role::Reader]);
+    let e = err(fs
+        .put(&reader, "r", req("1Gb", FsScope::Instance, None))
+        .await);
+    assert!(matches!(e, ServiceError::Forbidden(_)), "{e:?}");
+    assert!(fs.list(&admin()).await.unwrap().is_empty());
+
+    let (home, made) = fs
+        .put(&alice(), "home", req("4Gb", FsScope::Project, None))
+        .await
+        .unwrap();
+    assert!(made);
+    assert_eq!(
+        (home.size_bytes, home.project_id.as_deref()),
+        (4 << 30, Some("p1"))
+    );
+    let (scratch, _) = fs
+        .put(&alice(), "scratch", req("1Gb", FsScope::Instance, None))
+        .await
+        .unwrap();
+    assert_eq!(scratch.project_id.as_deref(), Some("p1"));
+    fs.put(&admin(), "data", req("80Gb", FsScope::Global, None))
+        .await
+        .unwrap();
+    // The same PUT resizes; the name taken with another scope is 409.
+    let (grown, made) = fs
+        .put(&alice(), "home", req("8Gb", FsScope::Project, None))
+        .await
+        .unwrap();
+    assert!(!made);
+    assert_eq!(
+        (grown.size_bytes, grown.size_text.as_str()),
+        (8 << 30, "8Gb")
+    );
+    let e = err(fs
+        .put(&alice(), "home", req("8Gb", FsScope::Instance, None))
+        .await);
+    assert!(matches!(e, ServiceError::Conflict(_)), "{e:?}");
+    let e = err(fs
+        .put(&bob(), "home", req("8Gb", FsScope::Project, None))
+        .await);
+    assert!(matches!(e, ServiceError::Conflict(_)), "{e:?}");
+
+    // Visibility: bob sees the global one only, and cannot touch alice's.
+    let names = |v: Vec<admin_api::filesystem::Filesystem>| {
+        v.into_iter().map(|f| f.name).collect::<Vec<_>>()
+    };
+    assert_eq!(names(fs.list(&bob()).await.unwrap()), ["data"]);
+    assert_eq!(
+        names(fs.list(&alice()).await.unwrap()),
+        ["data", "home", "scratch"]
+    );
+    let e = err(fs.delete(&bob(), "home").await);
+    assert!(matches!(e, ServiceError::NotFound(_)), "{e:?}");
+    let e = err(fs.delete(&alice(), "data").await);
+    assert!(matches!(e, ServiceError::Forbidden(_)), "{e:?}");
+
+    // Instances follow the scope, servers made later included.
+    let s1 = en
+        .volumes
+        .create_server(&alice(), NewServer::default())
+        .await
+        .unwrap();
+    let s2 = en
+        .volumes
+        .create_server(&bob(), NewServer::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.instances(&alice(), "home").await.unwrap(),
+        std::slice::from_ref(&s1.id)
+    );
+    let mut all = vec![s1.id.clone(), s2.id.clone()];
+    all.sort();
+    assert_eq!(fs.instances(&alice(), "data").await.unwrap(), all);
+    assert!(fs.instances(&alice(), "scratch").await.unwrap().is_empty());
+    let e = err(fs.connect(&alice(), "scratch", &s2.id).await);
+    assert!(
+        matches!(e, ServiceError::NotFound(_)),
+        "another project's instance: {e:?}"
+    );
+    let e = err(fs.connect(&alice(), "home", &s1.id).await);
+    assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+    fs.connect(&alice(), "scratch", &s1.id).await.unwrap();
+    fs.connect(&alice(), "scratch", &s1.id).await.unwrap();
+    assert_eq!(
+        fs.instances(&alice(), "scratch").await.unwrap(),
+        std::slice::from_ref(&s1.id)
+    );
+    let s3 = en
+        .volumes
+        .create_server(&alice(), NewServer::default())
+        .await
+        .unwrap();
+    let mut home_now = vec![s1.id.clone(), s3.id.clone()];
+    home_now.sort();
+    assert_eq!(fs.instances(&alice(), "home").await.unwrap(), home_now);
+    // A deleted instance is gone from every list at once.
+    en.volumes.delete_server(&alice(), &s1.id).await.unwrap();
+    assert!(fs.instances(&alice(), "scratch").await.unwrap().is_empty());
+    assert_eq!(
+        fs.instances(&alice(), "home").await.unwrap(),
+        std::slice::from_ref(&s3.id)
+    );
+    let e2 = err(fs.disconnect(&alice(), "scratch", &s3.id).await);
+    assert!(matches!(e2, ServiceError::NotFound(_)), "{e2:?}");
+    fs.delete(&alice(), "scratch").await.unwrap();
+    assert_eq!(names(fs.list(&alice()).await.unwrap()), ["data", "home"]);
+}
