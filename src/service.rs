@@ -48,6 +48,7 @@ pub struct DaemonService {
     identity: Identity,
     volumes: Arc<Volumes>,
     images: Arc<Images>,
+    filesystems: crate::control::filesystems::Filesystems,
     /// Where volumes are uploaded to, when not to `images`.
     remote_images: Option<RemoteImages>,
     /// Checks the tokens `identity` did not issue.
@@ -82,6 +83,7 @@ impl DaemonService {
             settings.convert_jobs,
         );
         Arc::new(Self {
+            filesystems: crate::control::filesystems::Filesystems::new(catalog.clone()),
             remote_images: settings.image_service_url.as_deref().map(RemoteImages::new),
             remote_identity: settings.identity_url.as_deref().map(RemoteIdentity::new),
             tmp_dir: settings.tmp_dir.clone(),
@@ -665,6 +667,56 @@ impl AdminService for DaemonService {
         id: &str,
     ) -> ServiceResult<VolumeConnection> {
         self.volumes.connection(caller, id).await
+    }
+
+    async fn put_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+        req: admin_api::filesystem::FsRequest,
+    ) -> ServiceResult<(admin_api::filesystem::Filesystem, bool)> {
+        self.filesystems.put(caller, name, req).await
+    }
+
+    async fn list_filesystems(
+        &self,
+        caller: &Caller,
+    ) -> ServiceResult<Vec<admin_api::filesystem::Filesystem>> {
+        self.filesystems.list(caller).await
+    }
+
+    async fn get_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ServiceResult<admin_api::filesystem::Filesystem> {
+        self.filesystems.get(caller, name).await
+    }
+
+    async fn delete_filesystem(&self, caller: &Caller, name: &str) -> ServiceResult<()> {
+        self.filesystems.delete(caller, name).await
+    }
+
+    async fn filesystem_instances(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ServiceResult<Vec<String>> {
+        self.filesystems.instances(caller, name).await
+    }
+
+    async fn connect_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+        instance: &str,
+        on: bool,
+    ) -> ServiceResult<()> {
+        if on {
+            self.filesystems.connect(caller, name, instance).await
+        } else {
+            self.filesystems.disconnect(caller, name, instance).await
+        }
     }
 
     async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {

@@ -128,11 +128,18 @@ fn extensions_and_volume_lifecycle_with_every_error() {
 
     // Extensions: the 2011 descriptor byte for byte, under every prefix.
     let descriptor = r#"{"updated": "2011-03-25T00:00:00+00:00", "name": "Volumes", "links": [], "namespace": "http://docs.openstack.org/ext/volumes/api/v1.1", "alias": "os-volumes", "description": "Volumes support"}"#;
+    // Seed 002's descriptor, as its sample shows it.
+    let shared_fs = r#"{"updated": "2012-04-11T00:00:00+00:00", "name": "Shared_fs", "links": [], "namespace": "http://docs.openstack.org/ext/shared_filesystem/api/v1.1", "alias": "os-shared-filesystem", "description": "Shared filesystem support"}"#;
     for prefix in ["/v1.1", "/v2", "/v2.1"] {
         let a = api.under(prefix);
         let r = a.get("/extensions");
         assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(r.body, format!(r#"{{"extensions": [{descriptor}]}}"#));
+        assert_eq!(
+            r.body,
+            format!(r#"{{"extensions": [{descriptor}, {shared_fs}]}}"#)
+        );
+        let r = a.get("/extensions/os-shared-filesystem");
+        assert_eq!(r.body, format!(r#"{{"extension": {shared_fs}}}"#));
         let r = a.get("/extensions/os-volumes");
         assert_eq!(r.body, format!(r#"{{"extension": {descriptor}}}"#));
         let m = fault(&a.get("/extensions/os-nope"), 404, "itemNotFound");
@@ -1013,4 +1020,198 @@ fn nova_cli_discovers_the_version_and_attaches_by_server_name() {
         ),
         json!({"volumeAttachments": []})
     );
+}
+
+/// Seed 002's `os-filesystem` over HTTP: create and resize by `PUT`, list, show, instances
+/// that follow the scope (servers made later included, deleted ones gone), connecting and
+/// disconnecting instances, and every refusal as a Compute fault that changes nothing.
+#[test]
+fn shared_filesystems_follow_the_seed() {
+    let c = daemon();
+    let admin = Api::new(&c, token(&c, "admin", PW, "admin"));
+    let alice = Api::new(&c, project_user(&c, &admin, "alice", "member"));
+    let bob = Api::new(&c, project_user(&c, &admin, "bob", "member"));
+    let put = |api: &Api, path: &str, body: Value| api.call("PUT", path, Some(&body.to_string()));
+    let entry = |size: &str, scope: &str| json!({"fs_entry": {"size": size, "scope": scope}});
+
+    // Made, echoed as the seed shows it; the same PUT resizes.
+    let r = ok(
+        &put(&alice, "/os-filesystem/home", entry("4Gb", "project")),
+        200,
+    );
+    assert_eq!(
+        r,
+        json!({"fs_entry": {"name": "home", "size": "4Gb", "scope": "project", "project": alice.tenant}})
+    );
+    let r = ok(
+        &put(&alice, "/os-filesystem/home", entry("8Gb", "project")),
+        200,
+    );
+    assert_eq!(r["fs_entry"]["size"], "8Gb");
+    let r = ok(
+        &put(&alice, "/os-filesystem/scratch", entry("1Gb", "instance")),
+        200,
+    );
+    assert_eq!(
+        r,
+        json!({"fs_entry": {"name": "scratch", "size": "1Gb", "scope": "instance"}})
+    );
+    ok(
+        &put(&admin, "/os-filesystem/data", entry("80Gb", "global")),
+        200,
+    );
+
+    // Refusals.
+    for (api, path, body, status, name) in [
+        (
+            &alice,
+            "/os-filesystem/g",
+            entry("4Gb", "global"),
+            403,
+            "forbidden",
+        ),
+        (
+            &bob,
+            "/os-filesystem/home",
+            entry("4Gb", "project"),
+            409,
+            "conflictingRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/home",
+            entry("4Gb", "instance"),
+            409,
+            "conflictingRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/x",
+            entry("4Pb", "project"),
+            400,
+            "badRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/x",
+            entry("4Gb", "planet"),
+            400,
+            "badRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/.x",
+            entry("4Gb", "project"),
+            400,
+            "badRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/x",
+            json!({"size": "4Gb"}),
+            400,
+            "badRequest",
+        ),
+        (
+            &alice,
+            "/os-filesystem/x",
+            json!({"fs_entry": {"size": "4Gb", "scope": "project", "project": bob.tenant}}),
+            403,
+            "forbidden",
+        ),
+    ] {
+        fault(&put(api, path, body), status, name);
+    }
+    let names = |api: &Api| {
+        ok(&api.get("/os-filesystem"), 200)["fs_entries"]
+            .as_array()
+            .expect("fs_entries")
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&alice), ["data", "home", "scratch"]);
+    assert_eq!(names(&bob), ["data"]);
+    fault(&bob.get("/os-filesystem/home"), 404, "itemNotFound");
+    fault(&bob.delete("/os-filesystem/home"), 404, "itemNotFound");
+    fault(&alice.delete("/os-filesystem/data"), 403, "forbidden");
+    let r = ok(&alice.get("/os-filesystem/data"), 200);
+    assert_eq!(
+        r,
+        json!({"fs_entry": {"name": "data", "size": "80Gb", "scope": "global"}})
+    );
+
+    // Instances follow the scope.
+    let instances = |api: &Api, name: &str| {
+        let mut v: Vec<String> =
+            ok(&api.get(&format!("/os-filesystem/{name}/instances")), 200)["instance_entries"]
+                .as_array()
+                .expect("instance_entries")
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_owned())
+                .collect();
+        v.sort();
+        v
+    };
+    let s1 = create_server(&alice, "one");
+    let s2 = create_server(&bob, "two");
+    assert_eq!(instances(&alice, "home"), std::slice::from_ref(&s1));
+    let mut both = vec![s1.clone(), s2.clone()];
+    both.sort();
+    assert_eq!(instances(&alice, "data"), both);
+    assert!(instances(&alice, "scratch").is_empty());
+    let r = ok(
+        &alice.call(
+            "PUT",
+            &format!("/os-filesystem/scratch/instances/{s1}"),
+            None,
+        ),
+        200,
+    );
+    assert_eq!(r, json!({"instance_entry": {"id": s1}}));
+    assert_eq!(instances(&alice, "scratch"), std::slice::from_ref(&s1));
+    fault(
+        &alice.call(
+            "PUT",
+            &format!("/os-filesystem/scratch/instances/{s2}"),
+            None,
+        ),
+        404,
+        "itemNotFound",
+    );
+    fault(
+        &alice.call("PUT", &format!("/os-filesystem/home/instances/{s1}"), None),
+        400,
+        "badRequest",
+    );
+    let s3 = create_server(&alice, "three");
+    let mut home = vec![s1.clone(), s3.clone()];
+    home.sort();
+    assert_eq!(instances(&alice, "home"), home);
+    let r = alice.delete(&format!("/servers/{s1}"));
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(instances(&alice, "home"), std::slice::from_ref(&s3));
+    assert!(instances(&alice, "scratch").is_empty());
+    fault(
+        &alice.delete(&format!("/os-filesystem/scratch/instances/{s3}")),
+        404,
+        "itemNotFound",
+    );
+    ok(
+        &alice.call(
+            "PUT",
+            &format!("/os-filesystem/scratch/instances/{s3}"),
+            None,
+        ),
+        200,
+    );
+    assert_eq!(
+        alice
+            .delete(&format!("/os-filesystem/scratch/instances/{s3}"))
+            .status,
+        202
+    );
+    assert_eq!(alice.delete("/os-filesystem/scratch").status, 202);
+    fault(&alice.get("/os-filesystem/scratch"), 404, "itemNotFound");
+    assert_eq!(names(&alice), ["data", "home"]);
 }

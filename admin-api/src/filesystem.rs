@@ -51,6 +51,16 @@ pub struct Filesystem {
     pub created_at: OffsetDateTime,
 }
 
+/// What a client asks for with `PUT .../os-filesystem/{name}`.
+#[derive(Debug, Clone)]
+pub struct FsRequest {
+    /// As written ("4Gb"): checked with [`parse_size`], echoed back.
+    pub size_text: String,
+    pub scope: FsScope,
+    /// For scope `project`: the project (the caller's when absent).
+    pub project: Option<String>,
+}
+
 /// The longest name: one path component on the mount.
 pub const MAX_NAME: usize = 255;
 

@@ -345,6 +345,62 @@ pub trait AdminService: Send + Sync + 'static {
         Err(unimplemented())
     }
 
+    /// Shared filesystems (seed 002): creates `name`, or resizes it (same scope and project).
+    /// True when it was made.
+    async fn put_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+        req: crate::filesystem::FsRequest,
+    ) -> ServiceResult<(crate::filesystem::Filesystem, bool)> {
+        let _ = (caller, name, req);
+        Err(unimplemented())
+    }
+
+    async fn list_filesystems(
+        &self,
+        caller: &Caller,
+    ) -> ServiceResult<Vec<crate::filesystem::Filesystem>> {
+        let _ = caller;
+        Err(unimplemented())
+    }
+
+    async fn get_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ServiceResult<crate::filesystem::Filesystem> {
+        let _ = (caller, name);
+        Err(unimplemented())
+    }
+
+    async fn delete_filesystem(&self, caller: &Caller, name: &str) -> ServiceResult<()> {
+        let _ = (caller, name);
+        Err(unimplemented())
+    }
+
+    /// The instances that see `name` now.
+    async fn filesystem_instances(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> ServiceResult<Vec<String>> {
+        let _ = (caller, name);
+        Err(unimplemented())
+    }
+
+    /// Connects (`on`) or disconnects an instance of a scope `instance` filesystem.
+    async fn connect_filesystem(
+        &self,
+        caller: &Caller,
+        name: &str,
+        instance: &str,
+        on: bool,
+    ) -> ServiceResult<()> {
+        let _ = (caller, name, instance, on);
+        Err(unimplemented())
+    }
+
     async fn create_server(&self, caller: &Caller, new: NewServer) -> ServiceResult<Server> {
         let _ = (caller, new);
         Err(unimplemented())

@@ -7,7 +7,7 @@
 //! deleting one drops its connections with it. Names are one namespace across the daemon (the
 //! API addresses a filesystem by its name alone), stricter than the catalog's index.
 
-use admin_api::filesystem::{self, Filesystem, FsScope};
+use admin_api::filesystem::{self, Filesystem, FsRequest, FsScope};
 use admin_api::model::{Caller, Role, ServiceError, ServiceResult};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -15,15 +15,6 @@ use super::{TxError, now, parse_ts, ts};
 use crate::catalog::Catalog;
 
 type Tx<T> = Result<T, TxError>;
-
-/// What a client asks for with `PUT .../os-filesystem/{name}`.
-#[derive(Debug, Clone)]
-pub struct FsRequest {
-    pub size_text: String,
-    pub scope: FsScope,
-    /// For scope `project`: the project (the caller's when absent).
-    pub project: Option<String>,
-}
 
 pub struct Filesystems {
     catalog: Catalog,

@@ -932,8 +932,8 @@ async fn upload_failures_are_user_messages_scoped_to_their_project() {
 /// servers come and go.
 #[tokio::test]
 async fn filesystems_follow_scope_and_instances() {
-    use crate::control::filesystems::{Filesystems, FsRequest};
-    use admin_api::filesystem::FsScope;
+    use crate::control::filesystems::Filesystems;
+    use admin_api::filesystem::{FsRequest, FsScope};
     let en = env().await;
     let fs = Filesystems::new(en.catalog.clone());
     let req = |size: &str, scope, project: Option<&str>| FsRequest {

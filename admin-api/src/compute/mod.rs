@@ -10,6 +10,7 @@
 //! `x-openstack-request-id` and `x-compute-request-id`.
 
 pub(crate) mod fault;
+mod filesystems;
 mod servers;
 pub(crate) mod volumes;
 
@@ -88,7 +89,22 @@ fn family_routes(prefix: &str) -> OpenApiRouter<AppState> {
             servers::update_attachment,
             servers::detach
         )))
+        .routes(with_bad_method(routes!(filesystems::list_fs)))
+        .routes(with_bad_method(routes!(
+            filesystems::show_fs,
+            filesystems::put_fs,
+            filesystems::delete_fs
+        )))
+        .routes(with_bad_method(routes!(filesystems::list_fs_instances)))
+        .routes(with_bad_method(routes!(
+            filesystems::connect_instance,
+            filesystems::disconnect_instance
+        )))
         // Unknown paths in the compute subtrees answer a Compute fault.
+        .route(
+            "/{tenant_id}/os-filesystem/{name}/instances/{id}/{*rest}",
+            any(unknown_path),
+        )
         .route("/{tenant_id}/os-volumes/{id}/{*rest}", any(unknown_path))
         .route("/{tenant_id}/servers/{id}/{*rest}", any(unknown_path))
         .route("/{tenant_id}/extensions/{alias}/{*rest}", any(unknown_path));

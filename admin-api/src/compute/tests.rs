@@ -347,7 +347,7 @@ async fn extensions_are_the_2011_descriptor_byte_for_byte() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(
             r.body,
-            r#"{"extensions": [{"updated": "2011-03-25T00:00:00+00:00", "name": "Volumes", "links": [], "namespace": "http://docs.openstack.org/ext/volumes/api/v1.1", "alias": "os-volumes", "description": "Volumes support"}]}"#
+            r#"{"extensions": [{"updated": "2011-03-25T00:00:00+00:00", "name": "Volumes", "links": [], "namespace": "http://docs.openstack.org/ext/volumes/api/v1.1", "alias": "os-volumes", "description": "Volumes support"}, {"updated": "2012-04-11T00:00:00+00:00", "name": "Shared_fs", "links": [], "namespace": "http://docs.openstack.org/ext/shared_filesystem/api/v1.1", "alias": "os-shared-filesystem", "description": "Shared filesystem support"}]}"#
         );
         assert_eq!(r.headers["content-type"], "application/json");
         assert!(

@@ -60,29 +60,34 @@ fn raw_json(status: StatusCode, body: String) -> Response {
 
 #[utoipa::path(get, path = "/{tenant_id}/extensions", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id (must be the token's)")),
-    responses((status = 200, description = "the os-volumes descriptor", body = ExtensionsResponse)))]
+    responses((status = 200, description = "the os-volumes and os-shared-filesystem descriptors", body = ExtensionsResponse)))]
 pub(super) async fn list_extensions(_ctx: Ctx) -> Response {
+    let shared_fs = super::filesystems::SHARED_FS;
     raw_json(
         StatusCode::OK,
-        format!(r#"{{"extensions": [{OS_VOLUMES}]}}"#),
+        format!(r#"{{"extensions": [{OS_VOLUMES}, {shared_fs}]}}"#),
     )
 }
 
 #[utoipa::path(get, path = "/{tenant_id}/extensions/{alias}", tag = "compute",
     params(("tenant_id" = String, Path, description = "project id"),
-           ("alias" = String, Path, description = "extension alias, `os-volumes`")),
+           ("alias" = String, Path, description = "extension alias, `os-volumes` or `os-shared-filesystem`")),
     responses((status = 200, description = "the descriptor", body = ExtensionResponse),
               (status = 404, description = "itemNotFound: no such extension", body = ItemNotFound)))]
 pub(super) async fn show_extension(ctx: Ctx) -> FaultResult<Response> {
     let alias = ctx.param("alias");
-    if alias != "os-volumes" {
-        return Err(Fault::not_found(format!(
-            "Extension {alias} could not be found."
-        )));
-    }
+    let descriptor = match alias {
+        "os-volumes" => OS_VOLUMES,
+        "os-shared-filesystem" => super::filesystems::SHARED_FS,
+        _ => {
+            return Err(Fault::not_found(format!(
+                "Extension {alias} could not be found."
+            )));
+        }
+    };
     Ok(raw_json(
         StatusCode::OK,
-        format!(r#"{{"extension": {OS_VOLUMES}}}"#),
+        format!(r#"{{"extension": {descriptor}}}"#),
     ))
 }
 
