@@ -102,6 +102,47 @@ pub enum ServerCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum FsCmd {
+    /// Create a shared filesystem, or resize one (same scope and project).
+    Create {
+        /// Its name: letters, digits, '-', '_', '.'.
+        name: String,
+        /// Its quota: `4Gb`, `80Gb`, `512Mb`, `2Tb`.
+        #[arg(long)]
+        size: String,
+        /// Who sees it: every instance (`global`, admin), the project's (`project`), or the
+        /// instances connected to it (`instance`).
+        #[arg(long, default_value = "instance")]
+        scope: String,
+        /// Scope `project`: the project whose instances see it (default: the caller's).
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// List the filesystems the caller sees.
+    List,
+    /// Show one.
+    Show { name: String },
+    /// Delete one.
+    Delete { name: String },
+    /// The instances that see it now.
+    Instances { name: String },
+    /// Connect a server to a filesystem of scope `instance`.
+    Connect {
+        name: String,
+        /// Server name or id.
+        #[arg(long)]
+        server: String,
+    },
+    /// Disconnect a server from it.
+    Disconnect {
+        name: String,
+        /// Server name or id.
+        #[arg(long)]
+        server: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ProjectCmd {
     /// Create a project.
     Create {
@@ -740,6 +781,107 @@ pub fn server(args: &ClientArgs, cmd: ServerCmd) -> Result<()> {
             sess.compute("DELETE", &format!("/servers/{id}"), None, &[202, 204])?;
             if !args.json {
                 println!("deleted server {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn fs(args: &ClientArgs, cmd: FsCmd) -> Result<()> {
+    let sess = Session::open(args)?;
+    let entry_row = |v: &Value| {
+        vec![
+            s(&v["name"]),
+            s(&v["size"]),
+            s(&v["scope"]),
+            v["project"].as_str().unwrap_or("").to_owned(),
+        ]
+    };
+    const HEADER: [&str; 4] = ["name", "size", "scope", "project"];
+    let server = |name: &str| {
+        sess.server_id(name)?
+            .ok_or_else(|| anyhow!("no server named {name:?}"))
+    };
+    match cmd {
+        FsCmd::Create {
+            name,
+            size,
+            scope,
+            project,
+        } => {
+            let mut e = json!({"size": size, "scope": scope});
+            if let Some(p) = project {
+                e["project"] = json!(p);
+            }
+            let v = sess.compute(
+                "PUT",
+                &format!("/os-filesystem/{name}"),
+                Some(&json!({ "fs_entry": e })),
+                &[200],
+            )?;
+            out(args, &v["fs_entry"], |v| {
+                print_table(&HEADER, vec![entry_row(v)])
+            })
+        }
+        FsCmd::List => {
+            let l = sess.compute("GET", "/os-filesystem", None, &[200])?;
+            out(args, &l["fs_entries"], |vs| {
+                let rows = vs.as_array().into_iter().flatten().map(entry_row).collect();
+                print_table(&HEADER, rows);
+            })
+        }
+        FsCmd::Show { name } => {
+            let v = sess.compute("GET", &format!("/os-filesystem/{name}"), None, &[200])?;
+            out(args, &v["fs_entry"], |v| {
+                print_table(&HEADER, vec![entry_row(v)])
+            })
+        }
+        FsCmd::Delete { name } => {
+            sess.compute("DELETE", &format!("/os-filesystem/{name}"), None, &[202])?;
+            if !args.json {
+                println!("deleted filesystem {name}");
+            }
+            Ok(())
+        }
+        FsCmd::Instances { name } => {
+            let l = sess.compute(
+                "GET",
+                &format!("/os-filesystem/{name}/instances"),
+                None,
+                &[200],
+            )?;
+            out(args, &l["instance_entries"], |vs| {
+                let rows = vs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| vec![s(&v["id"])])
+                    .collect();
+                print_table(&["instance"], rows);
+            })
+        }
+        FsCmd::Connect { name, server: srv } => {
+            let id = server(&srv)?;
+            let v = sess.compute(
+                "PUT",
+                &format!("/os-filesystem/{name}/instances/{id}"),
+                None,
+                &[200],
+            )?;
+            out(args, &v["instance_entry"], |_| {
+                println!("connected {id} to filesystem {name}")
+            })
+        }
+        FsCmd::Disconnect { name, server: srv } => {
+            let id = server(&srv)?;
+            sess.compute(
+                "DELETE",
+                &format!("/os-filesystem/{name}/instances/{id}"),
+                None,
+                &[202],
+            )?;
+            if !args.json {
+                println!("disconnected {id} from filesystem {name}");
             }
             Ok(())
         }

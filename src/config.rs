@@ -90,6 +90,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: crate::client::ServerCmd,
     },
+    /// Shared filesystems of a running daemon (seed 002's os-filesystem).
+    Fs {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::client::FsCmd,
+    },
     /// Projects of a running daemon (admin).
     Project {
         #[command(flatten)]

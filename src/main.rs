@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
         Command::Volume { client, cmd } => client_exit(cairn::client::volume(&client, cmd)),
         Command::Server { client, cmd } => client_exit(cairn::client::server(&client, cmd)),
+        Command::Fs { client, cmd } => client_exit(cairn::client::fs(&client, cmd)),
         Command::Project { client, cmd } => client_exit(cairn::client::project(&client, cmd)),
         Command::User { client, cmd } => client_exit(cairn::client::user(&client, cmd)),
         Command::Serve(cfg) => {

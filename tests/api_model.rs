@@ -473,4 +473,43 @@ fn cli_is_a_client_of_the_daemon() {
     let (status, _, err) = run_cairn(&["volume", "create", "--size", "0G", "--data-dir", &data]);
     assert!(!status.success());
     assert!(err.contains("size"), "{err}");
+
+    // Shared filesystems (seed 002) through `cairn fs`.
+    let made = cli(&["fs", "create", "scratch", "--size", "2Gb", "--json"]);
+    let made: Value = serde_json::from_str(&made).expect("json");
+    assert_eq!(
+        made,
+        json!({"name": "scratch", "size": "2Gb", "scope": "instance"})
+    );
+    cli(&[
+        "fs", "create", "home", "--size", "4Gb", "--scope", "project",
+    ]);
+    let table = cli(&["fs", "list"]);
+    assert!(
+        table.contains("home") && table.contains("scratch"),
+        "{table}"
+    );
+    cli(&["fs", "connect", "scratch", "--server", "vm-a"]);
+    let vm_a = cli(&["server", "list", "--json"]);
+    let vm_a: Value = serde_json::from_str(&vm_a).expect("json");
+    let vm_a = vm_a
+        .as_array()
+        .expect("servers")
+        .iter()
+        .find(|v| v["name"] == "vm-a")
+        .expect("vm-a")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let seen = cli(&["fs", "instances", "scratch"]);
+    assert!(seen.contains(&vm_a), "{seen}");
+    cli(&["fs", "disconnect", "scratch", "--server", "vm-a"]);
+    assert!(!cli(&["fs", "instances", "scratch"]).contains(&vm_a));
+    let (status, _, err) = run_cairn(&["fs", "create", "x", "--size", "4Pb", "--data-dir", &data]);
+    assert!(!status.success());
+    assert!(err.contains("size"), "{err}");
+    cli(&["fs", "delete", "scratch"]);
+    let (status, _, err) = run_cairn(&["fs", "show", "scratch", "--data-dir", &data]);
+    assert!(!status.success());
+    assert!(err.contains("not be found"), "{err}");
 }
