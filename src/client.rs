@@ -121,13 +121,23 @@ pub enum FsCmd {
     /// List the filesystems the caller sees.
     List,
     /// Show one.
-    Show { name: String },
+    Show {
+        /// Filesystem name.
+        name: String,
+    },
     /// Delete one.
-    Delete { name: String },
+    Delete {
+        /// Filesystem name.
+        name: String,
+    },
     /// The instances that see it now.
-    Instances { name: String },
+    Instances {
+        /// Filesystem name.
+        name: String,
+    },
     /// Connect a server to a filesystem of scope `instance`.
     Connect {
+        /// Filesystem name (scope `instance`).
         name: String,
         /// Server name or id.
         #[arg(long)]
@@ -135,6 +145,7 @@ pub enum FsCmd {
     },
     /// Disconnect a server from it.
     Disconnect {
+        /// Filesystem name.
         name: String,
         /// Server name or id.
         #[arg(long)]
