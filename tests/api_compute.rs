@@ -618,57 +618,9 @@ fn servers_and_attachments_with_every_error() {
     assert_eq!(r.status, 202, "{}", r.body);
 }
 
-/// Creates project `name` with a user of the same name holding `role` on it (Keystone v3).
+/// [`common::project_user`] with `admin`'s token.
 fn project_user(c: &Cairn, admin: &Api, name: &str, role: &str) -> (String, String) {
-    let h = [("x-auth-token", admin.token.as_str())];
-    let j = |v: Value| v.to_string();
-    let r = c.request(
-        "POST",
-        "/v3/projects",
-        &h,
-        Some((
-            "application/json",
-            &j(json!({"project": {"name": name, "domain_id": "default"}})),
-        )),
-    );
-    let project = ok(&r, 201)["project"]["id"]
-        .as_str()
-        .expect("project id")
-        .to_owned();
-    let r = c.request(
-        "POST",
-        "/v3/users",
-        &h,
-        Some((
-            "application/json",
-            &j(
-                json!({"user": {"name": name, "password": "pw-" .to_owned() + name,
-                "default_project_id": project, "domain_id": "default"}}),
-            ),
-        )),
-    );
-    let user = ok(&r, 201)["user"]["id"]
-        .as_str()
-        .expect("user id")
-        .to_owned();
-    let roles = ok(&c.request("GET", "/v3/roles", &h, None), 200);
-    let role_id = roles["roles"]
-        .as_array()
-        .expect("roles")
-        .iter()
-        .find(|r| r["name"] == role)
-        .unwrap_or_else(|| panic!("no role {role}: {roles}"))["id"]
-        .as_str()
-        .expect("role id")
-        .to_owned();
-    let r = c.request(
-        "PUT",
-        &format!("/v3/projects/{project}/users/{user}/roles/{role_id}"),
-        &h,
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", r.body);
-    token(c, name, &format!("pw-{name}"), name)
+    common::project_user(c, &admin.token, name, role)
 }
 
 #[test]

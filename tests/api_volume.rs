@@ -50,7 +50,15 @@ struct Api<'a> {
     prefix: &'static str,
 }
 
-impl Api<'_> {
+impl<'a> Api<'a> {
+    fn new(c: &'a Cairn, token: &str, project: &str, prefix: &'static str) -> Api<'a> {
+        Api {
+            c,
+            token: token.to_owned(),
+            project: project.to_owned(),
+            prefix,
+        }
+    }
     fn path(&self, rest: &str) -> String {
         format!("{}/{}{rest}", self.prefix, self.project)
     }
@@ -308,12 +316,7 @@ fn openstack_and_cinder_manage_the_volumes_compute_attaches() {
 fn discovery_paging_metadata_and_cinder_faults() {
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
 
     // Version documents at the roots of the catalog's endpoints (no token needed).
     let root = c.get("/volume").json();
@@ -608,12 +611,7 @@ fn discovery_paging_metadata_and_cinder_faults() {
 fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
     let v = osc(
         &c,
         &["volume", "create", "--size", "1", "-f", "json", "grow"],
@@ -728,12 +726,7 @@ fn actions_grow_online_flag_bootable_and_read_only_and_reset_status() {
 fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
     // Attached, so that the data is written through its export, then snapshotted in use.
     let (vid, sid, uri) = attached_volume(&c, &token, &project, "orig");
     qemu_io(&uri, "write -P 0x41 0 1M");
@@ -877,12 +870,7 @@ fn snapshots_are_instants_and_volumes_clone_them_and_each_other() {
 fn volume_types_limits_and_zones() {
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
     let types = osc(&c, &["volume", "type", "list", "-f", "json"]).json();
     let names: Vec<&str> = types
         .as_array()
@@ -993,12 +981,7 @@ fn volume_types_limits_and_zones() {
 fn upload_to_image_streams_a_point_in_time_copy_and_checks_every_seed_row() {
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/v2",
-    };
+    let api = Api::new(&c, &token, &project, "/v2");
     let (vid, sid, uri) = attached_volume(&c, &token, &project, "src");
     let io = |cmd: &str| qemu_io(&uri, cmd);
     io("write -P 0x31 0 1M");
@@ -1202,12 +1185,7 @@ fn an_upload_cut_by_a_crash_resumes_after_the_restart() {
         .env("CAIRN_UPLOAD_GATE", &gate)
         .start();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
     let r = api.call(
         "POST",
         "/volumes",
@@ -1590,15 +1568,15 @@ impl Glance {
             _dir: dir,
         };
         // Ready when it lists images (gunicorn binds before the app has loaded).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !common::http_get(&format!("{}/v2/images", g.url)).is_ok_and(|r| r.status == 200) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "glance did not start: {}",
-                std::fs::read_to_string(d.join("api.log")).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        eventually(|| {
+            common::http_get(&format!("{}/v2/images", g.url))
+                .is_ok_and(|r| r.status == 200)
+                .then_some(())
+                .ok_or_else(|| {
+                    let log = std::fs::read_to_string(d.join("api.log")).unwrap_or_default();
+                    format!("glance did not start: {log}")
+                })
+        });
         g
     }
 
@@ -1798,12 +1776,7 @@ fn cinderclient_attach_flow_makes_the_compute_attachment_and_serves_its_export()
 
     let c = daemon();
     let (token, project) = admin_token(&c, PW);
-    let api = Api {
-        c: &c,
-        token: token.clone(),
-        project: project.clone(),
-        prefix: "/volume/v3",
-    };
+    let api = Api::new(&c, &token, &project, "/volume/v3");
     let made = api.call(
         "POST",
         "/volumes",
@@ -2080,64 +2053,6 @@ fn at<'a>(
     }
 }
 
-/// A new project with a user holding `member` on it: (token, project id).
-fn member_of_new_project(c: &Cairn, admin: &str, name: &str) -> (String, String) {
-    let h = [("X-Auth-Token", admin)];
-    let post = |path: &str, body: Value| {
-        let r = c.request(
-            "POST",
-            path,
-            &h,
-            Some(("application/json", &body.to_string())),
-        );
-        assert_eq!(r.status, 201, "{path}: {}", r.body);
-        r.json()
-    };
-    let project = post(
-        "/v3/projects",
-        json!({"project": {"name": name, "domain_id": "default"}}),
-    )["project"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let user = post(
-        "/v3/users",
-        json!({"user": {"name": name, "password": "pw", "default_project_id": project,
-            "domain_id": "default"}}),
-    )["user"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let roles = c.request("GET", "/v3/roles", &h, None).json();
-    let member = roles["roles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "member")
-        .expect("member role")["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let r = c.request(
-        "PUT",
-        &format!("/v3/projects/{project}/users/{user}/roles/{member}"),
-        &h,
-        None,
-    );
-    assert_eq!(r.status, 204, "{}", r.body);
-    let body = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": name, "domain": {"name": "Default"}, "password": "pw"}}},
-        "scope": {"project": {"id": project}}}});
-    let r = c.request(
-        "POST",
-        "/v3/auth/tokens",
-        &[],
-        Some(("application/json", &body.to_string())),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    (r.header("x-subject-token").unwrap().to_owned(), project)
-}
-
 /// Waits until a volume is no longer `uploading` (its upload job ended, either way); returns
 /// the volume.
 fn wait_not_uploading(c: &Cairn, token: &str, project: &str, volume: &str) -> Value {
@@ -2292,7 +2207,7 @@ fn microversions_to_3_3_and_failed_uploads_as_user_messages() {
         "badRequest",
     );
     assert!(m.starts_with("Invalid input for field/attribute protected. Value: maybe. 'maybe' is not one of [True, 'True',"), "{m}");
-    let (mtoken, mproject) = member_of_new_project(&c, &token, "uploader");
+    let (mtoken, mproject) = common::project_user(&c, &token, "uploader", "member");
     let member = at(&c, &mtoken, &mproject, Some("3.1"));
     let r = member(
         "POST",

@@ -49,6 +49,14 @@ fn load(conn: &Connection, name: &str) -> Tx<Option<Filesystem>> {
         .optional()?)
 }
 
+/// `name`, if `caller` may see it; 404 otherwise (another project's is not told apart).
+fn find(conn: &Connection, caller: &Caller, name: &str) -> Tx<Filesystem> {
+    match load(conn, name)? {
+        Some(fs) if visible(caller, &fs) => Ok(fs),
+        _ => Err(not_found(name).into()),
+    }
+}
+
 fn not_found(name: &str) -> ServiceError {
     ServiceError::NotFound(format!("Filesystem {name} could not be found."))
 }
@@ -196,21 +204,14 @@ impl Filesystems {
     pub async fn get(&self, caller: &Caller, name: &str) -> ServiceResult<Filesystem> {
         let caller = caller.clone();
         let name = name.to_owned();
-        self.tx(move |conn| match load(conn, &name)? {
-            Some(fs) if visible(&caller, &fs) => Ok(fs),
-            _ => Err(not_found(&name).into()),
-        })
-        .await
+        self.tx(move |conn| find(conn, &caller, &name)).await
     }
 
     pub async fn delete(&self, caller: &Caller, name: &str) -> ServiceResult<()> {
         let caller = caller.clone();
         let name = name.to_owned();
         self.tx(move |conn| {
-            let fs = match load(conn, &name)? {
-                Some(fs) if visible(&caller, &fs) => fs,
-                _ => return Err(not_found(&name).into()),
-            };
+            let fs = find(conn, &caller, &name)?;
             if !may_change(&caller, &fs) {
                 return Err(forbidden("compute_extension:shared_filesystem:delete").into());
             }
@@ -225,10 +226,7 @@ impl Filesystems {
         let caller = caller.clone();
         let name = name.to_owned();
         self.tx(move |conn| {
-            let fs = match load(conn, &name)? {
-                Some(fs) if visible(&caller, &fs) => fs,
-                _ => return Err(not_found(&name).into()),
-            };
+            let fs = find(conn, &caller, &name)?;
             Ok(instances_of(conn, &fs)?)
         })
         .await
@@ -254,10 +252,7 @@ impl Filesystems {
         let caller = caller.clone();
         let (name, server) = (name.to_owned(), server.to_owned());
         self.tx(move |conn| {
-            let fs = match load(conn, &name)? {
-                Some(fs) if visible(&caller, &fs) => fs,
-                _ => return Err(not_found(&name).into()),
-            };
+            let fs = find(conn, &caller, &name)?;
             if !may_change(&caller, &fs) {
                 return Err(forbidden("compute_extension:shared_filesystem:update").into());
             }

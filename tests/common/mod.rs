@@ -768,6 +768,62 @@ pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
     (t, p)
 }
 
+/// Creates project `name` with a user of the same name (password `pw-<name>`) holding `role`
+/// on it, through Keystone v3 with `admin_token`; returns that user's token on the project and
+/// the project's id.
+pub fn project_user(c: &Cairn, admin_token: &str, name: &str, role: &str) -> (String, String) {
+    let h = [("x-auth-token", admin_token)];
+    let post = |path: &str, body: serde_json::Value| {
+        let r = c.request(
+            "POST",
+            path,
+            &h,
+            Some(("application/json", &body.to_string())),
+        );
+        assert_eq!(r.status, 201, "{path}: {}", r.body);
+        r.json()
+    };
+    let id = |v: &serde_json::Value| v.as_str().expect("id").to_owned();
+    let project = id(&post(
+        "/v3/projects",
+        serde_json::json!({"project": {"name": name, "domain_id": "default"}}),
+    )["project"]["id"]);
+    let password = format!("pw-{name}");
+    let user = id(&post(
+        "/v3/users",
+        serde_json::json!({"user": {"name": name, "password": password,
+            "default_project_id": project, "domain_id": "default"}}),
+    )["user"]["id"]);
+    let roles = c.request("GET", "/v3/roles", &h, None).json();
+    let role_id = id(&roles["roles"]
+        .as_array()
+        .expect("roles")
+        .iter()
+        .find(|r| r["name"] == role)
+        .unwrap_or_else(|| panic!("no role {role}: {roles}"))["id"]);
+    let r = c.request(
+        "PUT",
+        &format!("/v3/projects/{project}/users/{user}/roles/{role_id}"),
+        &h,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let body = serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {
+        "user": {"name": name, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"id": project}}}});
+    let r = c.request(
+        "POST",
+        "/v3/auth/tokens",
+        &[],
+        Some(("application/json", &body.to_string())),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    (
+        r.header("x-subject-token").expect("token").to_owned(),
+        project,
+    )
+}
+
 /// The value of the first sample named `name` on `/metrics`.
 pub fn metric(c: &Cairn, name: &str) -> f64 {
     let text = c.get("/metrics").body;
