@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod fs;
 pub mod image;
 pub mod nbd;
 pub mod remote;

@@ -339,7 +339,7 @@ async fn run(
     catalog: Catalog,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    prepare_nbd_and_fuse(layout)?;
+    let fuse_ok = prepare_nbd_and_fuse(layout)?;
     let mut nbd_cfg = NbdConfig::new(cfg.nbd, layout.nbd_socket.clone());
     nbd_cfg.handshake_timeout = Duration::from_secs(cfg.nbd_handshake_timeout);
     let nbd = NbdListeners::bind(nbd_cfg)
@@ -369,7 +369,16 @@ async fn run(
     };
     let internal = std::sync::Arc::new(InternalExports::default());
     let svc = DaemonService::new(store.clone(), catalog.clone(), settings, internal.clone());
-    let exports = CatalogExports::new(catalog, Some(svc.export_fence()), internal);
+    let exports = CatalogExports::new(catalog.clone(), Some(svc.export_fence()), internal);
+    let hub = cairn::fs::FsHub::open(
+        store.clone(),
+        layout.data_dir.join("fs"),
+        &layout.catalog_path,
+        catalog.access_generation(),
+    )
+    .await
+    .context("opening the shared filesystems")?;
+    svc.set_filesystem_data(hub.clone());
     let nbd = nbd.serve(store, std::sync::Arc::new(exports));
     svc.identity()
         .bootstrap(layout, cfg.admin_password.as_deref())
@@ -380,6 +389,28 @@ async fn run(
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("recovering images and volumes")?;
     tokio::spawn(svc.images().run_cache_worker());
+    let mounted = match fuse_ok {
+        Err(why) => {
+            svc.set_fuse_status(Err(why));
+            None
+        }
+        Ok(()) => match cairn::fs::fuse::mount(hub.clone(), &layout.mount_dir, FUSE_THREADS) {
+            Ok(m) => {
+                info!(mount_dir = %layout.mount_dir.display(), "FUSE views mounted");
+                svc.set_fuse_status(Ok(()));
+                Some(m)
+            }
+            Err(e) => {
+                warn!(
+                    mount_dir = %layout.mount_dir.display(),
+                    error = %e,
+                    "could not mount the FUSE views: shared filesystems are not served"
+                );
+                svc.set_fuse_status(Err(format!("mounting failed: {e}")));
+                None
+            }
+        },
+    };
     let app = admin_api::router_with_images(svc.clone(), svc.images());
     info!(addr = %addr, "admin HTTP listening");
 
@@ -407,14 +438,23 @@ async fn run(
     info!("admin HTTP stopped");
     // Conversions stop before their NBD exports do; the next start runs them again.
     svc.images().stop_jobs().await;
+    if let Some(m) = mounted {
+        // Unmounting waits for the dispatch threads, which may wait for this runtime.
+        tokio::task::spawn_blocking(move || m.unmount()).await.ok();
+        info!("FUSE views unmounted");
+    }
     // Connections answer what they have read, then close; the store is closed after this.
     nbd.shutdown(grace).await;
     Ok(())
 }
 
-/// Checks the NBD socket's directory; FUSE is served by later work: for now its settings are
-/// checked and its directory made, so that a bad setting fails today rather than on upgrade.
-fn prepare_nbd_and_fuse(layout: &Layout) -> Result<()> {
+/// FUSE dispatch threads (each with its own /dev/fuse descriptor): they decode, check and
+/// hand data operations to the runtime, so a few keep up with many requests.
+const FUSE_THREADS: usize = 4;
+
+/// Checks the NBD socket's directory and makes the mount dir. `Err` inside: why the FUSE
+/// views cannot be served (the daemon runs on without them).
+fn prepare_nbd_and_fuse(layout: &Layout) -> Result<std::result::Result<(), String>> {
     let socket_dir = layout
         .nbd_socket
         .parent()
@@ -428,17 +468,14 @@ fn prepare_nbd_and_fuse(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(&layout.mount_dir)
         .with_context(|| format!("creating the mount dir {}", layout.mount_dir.display()))?;
     if Path::new("/dev/fuse").exists() {
-        info!(
-            mount_dir = %layout.mount_dir.display(),
-            "FUSE views: configured; they arrive in a later release (nothing mounted yet)"
-        );
+        Ok(Ok(()))
     } else {
         warn!(
             mount_dir = %layout.mount_dir.display(),
-            "/dev/fuse is missing: FUSE views will be skipped"
+            "/dev/fuse is missing: shared filesystems are not mounted (everything else runs)"
         );
+        Ok(Err("/dev/fuse is missing".into()))
     }
-    Ok(())
 }
 
 /// `<data-dir>/tmp`, emptied: what is there was left by a run that stopped mid-upload.

@@ -58,6 +58,9 @@ pub struct DaemonService {
     /// Scratch space for uploads as vmdk and vdi.
     tmp_dir: std::path::PathBuf,
     shutting_down: AtomicBool,
+    /// The FUSE views' state for `/healthz`: `None` until the daemon decided, then `Ok` (mounted)
+    /// or why not.
+    fuse: parking_lot::Mutex<Option<Result<(), String>>>,
 }
 
 /// Where an upload to an image sends the volume.
@@ -94,7 +97,18 @@ impl DaemonService {
             store,
             catalog,
             shutting_down: AtomicBool::new(false),
+            fuse: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Shared filesystems' data: their quotas, and their data dropped with them.
+    pub fn set_filesystem_data(&self, hub: Arc<crate::fs::FsHub>) {
+        self.filesystems.set_data(hub);
+    }
+
+    /// Whether the FUSE views are mounted, or why not (shown by `/healthz`).
+    pub fn set_fuse_status(&self, status: Result<(), String>) {
+        *self.fuse.lock() = Some(status);
     }
 
     pub fn identity(&self) -> &Identity {
@@ -246,9 +260,15 @@ impl AdminService for DaemonService {
                 ComponentHealth::failed("catalog", format!("no answer within {HEALTH_TIMEOUT:?}"))
             }
         };
-        Health {
-            components: vec![store, catalog],
+        let mut components = vec![store, catalog];
+        if let Some(fuse) = &*self.fuse.lock() {
+            components.push(match fuse {
+                Ok(()) => ComponentHealth::ok("fuse"),
+                // The rest of the daemon serves on: a note, not a failure.
+                Err(why) => ComponentHealth::degraded("fuse", format!("disabled: {why}")),
+            });
         }
+        Health { components }
     }
 
     fn version(&self) -> VersionInfo {

@@ -53,7 +53,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         .iter()
         .map(|c| {
             let v = match &c.status {
-                Ok(()) => "ok".to_owned(),
+                Ok(()) => c.note.clone().unwrap_or_else(|| "ok".to_owned()),
                 Err(reason) => reason.clone(),
             };
             (c.name.clone(), v)

@@ -473,6 +473,9 @@ pub struct ComponentHealth {
     pub name: String,
     /// `Ok(())` when usable, otherwise a one-line reason.
     pub status: Result<(), String>,
+    /// Shown instead of `ok` for a component that is usable but not all there (a feature
+    /// off for want of something the host lacks).
+    pub note: Option<String>,
 }
 
 impl ComponentHealth {
@@ -480,12 +483,22 @@ impl ComponentHealth {
         Self {
             name: name.into(),
             status: Ok(()),
+            note: None,
+        }
+    }
+    /// Usable, with something missing that does not stop the rest: `note` says what.
+    pub fn degraded(name: impl Into<String>, note: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            status: Ok(()),
+            note: Some(note.into()),
         }
     }
     pub fn failed(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             status: Err(reason.into()),
+            note: None,
         }
     }
 }

@@ -28,7 +28,10 @@ pub mod schema;
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -110,6 +113,7 @@ enum Msg {
 pub struct Catalog {
     tx: mpsc::Sender<Msg>,
     path: Arc<PathBuf>,
+    access: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -124,12 +128,14 @@ impl Catalog {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = oneshot::channel();
         let owned = path.to_path_buf();
+        let access = Arc::new(AtomicU64::new(0));
+        let generation = access.clone();
         std::thread::Builder::new()
             .name("cairn-catalog".into())
             .spawn(move || match open_connection(&owned) {
                 Ok(conn) => {
                     let _ = ready_tx.send(Ok(()));
-                    run(conn, rx);
+                    run(conn, rx, generation);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -140,7 +146,15 @@ impl Catalog {
         Ok(Catalog {
             tx,
             path: Arc::new(path.to_path_buf()),
+            access,
         })
+    }
+
+    /// Moves after every committed change to who may see which shared filesystem (servers,
+    /// projects, filesystems and their connections): a reader that saw it move reads the
+    /// catalog again.
+    pub fn access_generation(&self) -> Arc<AtomicU64> {
+        self.access.clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -201,11 +215,31 @@ impl Catalog {
     }
 }
 
-fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>) {
+/// Tables whose rows decide who sees which shared filesystem.
+const ACCESS_TABLES: [&str; 4] = ["servers", "projects", "filesystems", "filesystem_instances"];
+
+fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, access: Arc<AtomicU64>) {
     let mut conn = conn;
+    // Set by a change to those tables; the generation moves once the job is over, so after
+    // its commit (a reader seeing the new generation sees the change).
+    let touched = Arc::new(AtomicBool::new(false));
+    let flag = touched.clone();
+    let hook = move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
+        if ACCESS_TABLES.contains(&table) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    };
+    if let Err(e) = conn.update_hook(Some(hook)) {
+        tracing::warn!(error = %e, "no catalog update hook: FUSE views follow changes late");
+    }
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            Msg::Job(job) => job(&mut conn),
+            Msg::Job(job) => {
+                job(&mut conn);
+                if touched.swap(false, Ordering::Relaxed) {
+                    access.fetch_add(1, Ordering::AcqRel);
+                }
+            }
             Msg::Close(reply) => {
                 rx.close();
                 // Fail whatever was queued behind the close.

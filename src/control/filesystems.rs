@@ -1,5 +1,5 @@
-//! Shared filesystems (seed 002): their records and who may see them. Work in progress
-//! (issue 26): the rules over the catalog; the API routes and the FUSE data plane come next.
+//! Shared filesystems (seed 002): their records and who may see them. The data plane (the
+//! files, the FUSE views) is `crate::fs`.
 //!
 //! Access follows scope at the moment of asking: `global` filesystems are every instance's,
 //! `project` ones every instance of the project (those made later too), `instance` ones only
@@ -18,6 +18,9 @@ type Tx<T> = Result<T, TxError>;
 
 pub struct Filesystems {
     catalog: Catalog,
+    /// The data plane: what a filesystem holds (a shrink must fit it), and its data to drop
+    /// with it. Absent in tests of the rules alone.
+    data: std::sync::OnceLock<std::sync::Arc<crate::fs::FsHub>>,
 }
 
 const COLUMNS: &str = "id, name, scope, project_id, size_bytes, size_text, created_at";
@@ -83,7 +86,14 @@ fn forbidden(what: &str) -> ServiceError {
 
 impl Filesystems {
     pub fn new(catalog: Catalog) -> Filesystems {
-        Filesystems { catalog }
+        Filesystems {
+            catalog,
+            data: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn set_data(&self, hub: std::sync::Arc<crate::fs::FsHub>) {
+        let _ = self.data.set(hub);
     }
 
     async fn tx<T, F>(&self, f: F) -> ServiceResult<T>
@@ -123,68 +133,89 @@ impl Filesystems {
         {
             return Err(forbidden("compute_extension:shared_filesystem:create"));
         }
-        let caller = caller.clone();
-        let name = name.to_owned();
-        self.tx(move |conn| {
-            if let Some(p) = &project {
-                let known: bool = conn.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM projects WHERE id = ?1)",
-                    [p],
-                    |r| r.get(0),
-                )?;
-                if !known {
-                    return Err(ServiceError::BadRequest(format!(
-                        "Project {p} could not be found."
-                    ))
-                    .into());
+        if let Some(hub) = self.data.get() {
+            let existing = {
+                let name = name.to_owned();
+                self.tx(move |conn| load(conn, &name)).await?
+            };
+            if let Some(fs) = existing.filter(|f| visible(caller, f) && size < f.size_bytes) {
+                let used = hub.used(&fs.id).await;
+                if size < used {
+                    return Err(ServiceError::Conflict(format!(
+                        "Filesystem {name} holds {used} bytes: it cannot shrink to {size}."
+                    )));
                 }
             }
-            match load(conn, &name)? {
-                Some(fs) => {
-                    if !visible(&caller, &fs) {
-                        return Err(ServiceError::Conflict(format!(
-                            "A filesystem named {name} already exists."
+        }
+        let caller = caller.clone();
+        let name = name.to_owned();
+        let out = self
+            .tx(move |conn| {
+                if let Some(p) = &project {
+                    let known: bool = conn.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM projects WHERE id = ?1)",
+                        [p],
+                        |r| r.get(0),
+                    )?;
+                    if !known {
+                        return Err(ServiceError::BadRequest(format!(
+                            "Project {p} could not be found."
                         ))
                         .into());
                     }
-                    if fs.scope != req.scope || fs.project_id != project {
-                        return Err(ServiceError::Conflict(format!(
-                            "Filesystem {name} exists with another scope or project."
-                        ))
-                        .into());
-                    }
-                    if !may_change(&caller, &fs) {
-                        return Err(forbidden("compute_extension:shared_filesystem:update").into());
-                    }
-                    // Shrinking below what is stored is the data plane's to refuse (issue 26).
-                    conn.execute(
+                }
+                match load(conn, &name)? {
+                    Some(fs) => {
+                        if !visible(&caller, &fs) {
+                            return Err(ServiceError::Conflict(format!(
+                                "A filesystem named {name} already exists."
+                            ))
+                            .into());
+                        }
+                        if fs.scope != req.scope || fs.project_id != project {
+                            return Err(ServiceError::Conflict(format!(
+                                "Filesystem {name} exists with another scope or project."
+                            ))
+                            .into());
+                        }
+                        if !may_change(&caller, &fs) {
+                            return Err(
+                                forbidden("compute_extension:shared_filesystem:update").into()
+                            );
+                        }
+                        // Shrinking below what is stored is the data plane's to refuse (issue 26).
+                        conn.execute(
                         "UPDATE filesystems SET size_bytes = ?2, size_text = ?3, updated_at = ?4 \
                          WHERE id = ?1",
                         params![fs.id, size as i64, req.size_text, ts(now())],
                     )?;
-                    Ok((load(conn, &name)?.ok_or_else(|| not_found(&name))?, false))
-                }
-                None => {
-                    let t = ts(now());
-                    conn.execute(
-                        "INSERT INTO filesystems (id, project_id, name, size_bytes, scope, \
+                        Ok((load(conn, &name)?.ok_or_else(|| not_found(&name))?, false))
+                    }
+                    None => {
+                        let t = ts(now());
+                        conn.execute(
+                            "INSERT INTO filesystems (id, project_id, name, size_bytes, scope, \
                          status, created_at, updated_at, size_text) \
                          VALUES (?1, ?2, ?3, ?4, ?5, 'available', ?6, ?6, ?7)",
-                        params![
-                            uuid::Uuid::new_v4().to_string(),
-                            project,
-                            name,
-                            size as i64,
-                            req.scope.as_str(),
-                            t,
-                            req.size_text,
-                        ],
-                    )?;
-                    Ok((load(conn, &name)?.ok_or_else(|| not_found(&name))?, true))
+                            params![
+                                uuid::Uuid::new_v4().to_string(),
+                                project,
+                                name,
+                                size as i64,
+                                req.scope.as_str(),
+                                t,
+                                req.size_text,
+                            ],
+                        )?;
+                        Ok((load(conn, &name)?.ok_or_else(|| not_found(&name))?, true))
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await?;
+        if let Some(hub) = self.data.get() {
+            hub.resized(&out.0.id, out.0.size_bytes).await;
+        }
+        Ok(out)
     }
 
     /// The filesystems `caller` may see, by name.
@@ -210,15 +241,20 @@ impl Filesystems {
     pub async fn delete(&self, caller: &Caller, name: &str) -> ServiceResult<()> {
         let caller = caller.clone();
         let name = name.to_owned();
-        self.tx(move |conn| {
-            let fs = find(conn, &caller, &name)?;
-            if !may_change(&caller, &fs) {
-                return Err(forbidden("compute_extension:shared_filesystem:delete").into());
-            }
-            conn.execute("DELETE FROM filesystems WHERE id = ?1", [&fs.id])?;
-            Ok(())
-        })
-        .await
+        let id = self
+            .tx(move |conn| {
+                let fs = find(conn, &caller, &name)?;
+                if !may_change(&caller, &fs) {
+                    return Err(forbidden("compute_extension:shared_filesystem:delete").into());
+                }
+                conn.execute("DELETE FROM filesystems WHERE id = ?1", [&fs.id])?;
+                Ok(fs.id)
+            })
+            .await?;
+        if let Some(hub) = self.data.get() {
+            hub.removed(&id).await;
+        }
+        Ok(())
     }
 
     /// The instances that see `name` now (ids, sorted).

@@ -256,6 +256,29 @@ impl Store {
         self.flush().await
     }
 
+    /// [`Store::create_object`] without its commit: the record is logged (a process crash
+    /// keeps it) and is made durable by the next [`Store::flush`]. For objects made by the
+    /// thousand, such as a shared filesystem's files, whose durability point is fsync.
+    pub async fn create_object_unflushed(&self, id: ObjectId, size: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_size(size)?;
+        self.inner
+            .meta
+            .lock()
+            .log(Record::CreateObject { id, size })?;
+        self.after_change(false).await
+    }
+
+    /// [`Store::delete_object`] without waiting for its commit: the space is freed by the
+    /// commits that follow (the next flush, or the background one).
+    pub async fn delete_object_unflushed(&self, id: ObjectId) -> Result<()> {
+        self.check_open()?;
+        let lock = self.obj_lock(id)?;
+        let _g = lock.write().await;
+        self.inner.meta.lock().log(Record::DeleteObject { id })?;
+        self.after_change(false).await
+    }
+
     /// Copy-on-write clone: metadata only, whatever the size of `src`.
     pub async fn clone_object(&self, src: ObjectId, dst: ObjectId) -> Result<()> {
         self.check_open()?;
