@@ -328,7 +328,7 @@ impl CairnFs {
             Ok((v, i))
         });
         match r {
-            Ok((v, i)) => reply.entry_with_ttls(&NONE, &TTL, &self.attr(&v, &i), Generation(0)),
+            Ok((v, i)) => reply.entry_with_ttls(&TTL, &NONE, &self.attr(&v, &i), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }

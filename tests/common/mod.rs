@@ -34,7 +34,11 @@ pub fn cairn_bin() -> &'static str {
 /// A `cairn` command with a clean environment: no `CAIRN_*`, `OS_*` or `RUST_LOG` leaks in from the
 /// developer's shell, stdin is closed.
 pub fn cairn_cmd() -> Command {
-    let mut cmd = Command::new(cairn_bin());
+    scrubbed(Command::new(cairn_bin()))
+}
+
+/// `cmd` with the environment [`cairn_cmd`] cleans, and stdin closed.
+fn scrubbed(mut cmd: Command) -> Command {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
         if k.starts_with("CAIRN_") || k.starts_with("OS_") || k == "RUST_LOG" {
@@ -158,6 +162,7 @@ pub struct Serve {
     default_flags: bool,
     http_port: u16,
     tmp: Option<tempfile::TempDir>,
+    wrapper: Vec<OsString>,
 }
 
 impl Serve {
@@ -171,6 +176,7 @@ impl Serve {
             default_flags: true,
             http_port: 0,
             tmp: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -208,6 +214,13 @@ impl Serve {
         self
     }
 
+    /// Starts the daemon through `cmd` (a program and its arguments, to which the daemon's
+    /// command line is appended): `unshare` for a host without something.
+    pub fn wrapped_in(mut self, cmd: &[&str]) -> Serve {
+        self.wrapper = cmd.iter().map(OsString::from).collect();
+        self
+    }
+
     /// Keeps `tmp` alive as long as the daemon.
     pub fn keep(mut self, tmp: tempfile::TempDir) -> Serve {
         self.tmp = Some(tmp);
@@ -216,7 +229,14 @@ impl Serve {
 
     /// Spawns the daemon without waiting for it.
     pub fn spawn(mut self) -> Cairn {
-        let mut cmd = cairn_cmd();
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut w = scrubbed(Command::new(program));
+                w.args(args).arg(cairn_bin());
+                w
+            }
+            None => cairn_cmd(),
+        };
         cmd.arg("serve");
         let data_dir = if self.default_flags {
             let dir = match self.data_dir.take() {
@@ -474,6 +494,20 @@ impl Drop for Cairn {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // A killed daemon leaves its FUSE mount behind, dead; the next start would detach
+        // it, but a test's data dir is not started again.
+        if let Some(dir) = &self.data_dir {
+            detach_mount(&dir.join("mnt"));
+        }
+    }
+}
+
+/// `umount -l` of `dir`, if something is mounted there.
+pub fn detach_mount(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: `c` is a valid NUL-terminated path; umount2 only reads it.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
