@@ -355,7 +355,7 @@ fn quota_is_enforced_and_reported() {
     );
     assert!(!ok && out.contains("No space left on device"), "{out}");
     let size: u64 = sh(&root, "stat -c %s big").trim().parse().unwrap();
-    assert!(size <= 8 << 20 && size % (1 << 20) == 0, "{size}");
+    assert!(size <= 8 << 20 && size.is_multiple_of(1 << 20), "{size}");
     let free: u64 = sh(&root, "stat -f -c %a .").trim().parse().unwrap();
     assert!(free < 256, "{free} blocks free");
     // Shrinking below the data is refused; growing makes room.
