@@ -465,6 +465,8 @@ fn prepare_nbd_and_fuse(layout: &Layout) -> Result<std::result::Result<(), Strin
             layout.nbd_socket.display()
         );
     }
+    // A mount left by a daemon that was killed answers ENOTCONN to everything.
+    cairn::fs::fuse::detach_stale(&layout.mount_dir);
     std::fs::create_dir_all(&layout.mount_dir)
         .with_context(|| format!("creating the mount dir {}", layout.mount_dir.display()))?;
     if Path::new("/dev/fuse").exists() {

@@ -114,6 +114,8 @@ pub struct Catalog {
     tx: mpsc::Sender<Msg>,
     path: Arc<PathBuf>,
     access: Arc<AtomicU64>,
+    /// Set by the update hook when a job changed an access table (see [`ACCESS_TABLES`]).
+    touched: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -129,13 +131,14 @@ impl Catalog {
         let (ready_tx, ready_rx) = oneshot::channel();
         let owned = path.to_path_buf();
         let access = Arc::new(AtomicU64::new(0));
-        let generation = access.clone();
+        let touched = Arc::new(AtomicBool::new(false));
+        let flag = touched.clone();
         std::thread::Builder::new()
             .name("cairn-catalog".into())
             .spawn(move || match open_connection(&owned) {
                 Ok(conn) => {
                     let _ = ready_tx.send(Ok(()));
-                    run(conn, rx, generation);
+                    run(conn, rx, flag);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -147,6 +150,7 @@ impl Catalog {
             tx,
             path: Arc::new(path.to_path_buf()),
             access,
+            touched,
         })
     }
 
@@ -169,6 +173,7 @@ impl Catalog {
         R: Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
+        let (touched, access) = (self.touched.clone(), self.access.clone());
         let job: Job = Box::new(move |conn| {
             let out = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|panic| {
                 let msg = panic
@@ -178,6 +183,11 @@ impl Catalog {
                     .unwrap_or_else(|| "unknown panic".to_owned());
                 Err(CatalogError::Panicked(msg))
             });
+            // Moved before the caller hears back, and after the commit: whoever the caller
+            // tells next reads the change.
+            if touched.swap(false, Ordering::AcqRel) {
+                access.fetch_add(1, Ordering::AcqRel);
+            }
             let _ = reply_tx.send(out);
         });
         self.tx
@@ -218,12 +228,10 @@ impl Catalog {
 /// Tables whose rows decide who sees which shared filesystem.
 const ACCESS_TABLES: [&str; 4] = ["servers", "projects", "filesystems", "filesystem_instances"];
 
-fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, access: Arc<AtomicU64>) {
+fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, flag: Arc<AtomicBool>) {
     let mut conn = conn;
-    // Set by a change to those tables; the generation moves once the job is over, so after
-    // its commit (a reader seeing the new generation sees the change).
-    let touched = Arc::new(AtomicBool::new(false));
-    let flag = touched.clone();
+    // Set by a change to those tables; the job moves the generation once it is over, so
+    // after its commit (a reader seeing the new generation sees the change).
     let hook = move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
         if ACCESS_TABLES.contains(&table) {
             flag.store(true, Ordering::Relaxed);
@@ -234,12 +242,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, access: Arc<AtomicU64>) {
     }
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            Msg::Job(job) => {
-                job(&mut conn);
-                if touched.swap(false, Ordering::Relaxed) {
-                    access.fetch_add(1, Ordering::AcqRel);
-                }
-            }
+            Msg::Job(job) => job(&mut conn),
             Msg::Close(reply) => {
                 rx.close();
                 // Fail whatever was queued behind the close.

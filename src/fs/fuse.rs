@@ -97,6 +97,21 @@ enum Node {
     In(Arc<View>, u64),
 }
 
+struct Invalidate {
+    tx: Option<std::sync::mpsc::Sender<Inval>>,
+    nodes: Vec<u64>,
+}
+
+impl Invalidate {
+    fn send(self) {
+        if let Some(tx) = self.tx {
+            for n in self.nodes {
+                let _ = tx.send(Inval::Inode(n));
+            }
+        }
+    }
+}
+
 enum Inval {
     Inode(u64),
     Entry(u64, Vec<u8>),
@@ -174,9 +189,19 @@ impl CairnFs {
 
     /// `ino` changed through `view`: the other views drop their copies.
     fn changed(&self, view: &View, ino: u64) {
-        for v in self.siblings(view) {
-            self.send(Inval::Inode(v.node(ino)));
-        }
+        self.invalidator(view, ino).send();
+    }
+
+    /// What tells the other views of `view` that `ino` changed; sent after the reply of an
+    /// operation that completes later.
+    fn invalidator(&self, view: &View, ino: u64) -> Invalidate {
+        let nodes: Vec<u64> = self.siblings(view).iter().map(|v| v.node(ino)).collect();
+        let tx = if nodes.is_empty() {
+            None
+        } else {
+            self.inval.lock().clone()
+        };
+        Invalidate { tx, nodes }
     }
 
     /// `name` in directory `dir` changed through `view`.
@@ -689,14 +714,15 @@ impl fuser::Filesystem for CairnFs {
             Ok((v, replaced))
         })();
         match r {
-            Ok((v, replaced)) => {
-                reply.ok();
-                if let Some(gone) = replaced {
-                    self.hub
-                        .runtime()
-                        .spawn(async move { v.vol.unlinked(&gone).await });
-                }
-            }
+            Ok((v, replaced)) => self.spawn(
+                async move {
+                    if let Some(gone) = replaced {
+                        v.vol.unlinked(&gone).await;
+                    }
+                    Ok(())
+                },
+                move |_: R<()>| reply.ok(),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -780,22 +806,13 @@ impl fuser::Filesystem for CairnFs {
         // The dispatch buffer is reused for the next request: the data is copied once here.
         let data = Bytes::copy_from_slice(data);
         let append = flags.0 & libc::O_APPEND != 0;
-        let others = self.siblings(&v);
-        let tx = if others.is_empty() {
-            None
-        } else {
-            self.inval.lock().clone()
-        };
+        let others = self.invalidator(&v, i);
         self.spawn(
             async move { v.vol.write(i, offset, data, append).await },
             move |r| match r {
                 Ok(n) => {
                     reply.written(n);
-                    if let Some(tx) = tx {
-                        for s in others {
-                            let _ = tx.send(Inval::Inode(s.node(i)));
-                        }
-                    }
+                    others.send();
                 }
                 Err(e) => reply.error(errno(e)),
             },
@@ -1080,18 +1097,13 @@ impl fuser::Filesystem for CairnFs {
             Ok(x) => x,
             Err(e) => return reply.error(errno(e)),
         };
-        let others = self.siblings(&v);
-        let tx = self.inval.lock().clone();
+        let others = self.invalidator(&v, i);
         self.spawn(
             async move { v.vol.fallocate(i, offset, length, mode).await },
             move |r| match r {
                 Ok(()) => {
                     reply.ok();
-                    if let Some(tx) = tx {
-                        for s in others {
-                            let _ = tx.send(Inval::Inode(s.node(i)));
-                        }
-                    }
+                    others.send();
                 }
                 Err(e) => reply.error(errno(e)),
             },
@@ -1131,12 +1143,14 @@ impl CairnFs {
             Ok((v, gone))
         });
         match r {
-            Ok((v, gone)) => {
-                reply.ok();
-                self.hub
-                    .runtime()
-                    .spawn(async move { v.vol.unlinked(&gone).await });
-            }
+            // The space is free when the caller hears back (statfs right after shows it).
+            Ok((v, gone)) => self.spawn(
+                async move {
+                    v.vol.unlinked(&gone).await;
+                    Ok(())
+                },
+                move |_: R<()>| reply.ok(),
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -1196,12 +1210,19 @@ impl Mounted {
     }
 }
 
-/// Mounts the views at `dir` (a stale mount of an earlier run there is detached first).
-pub fn mount(hub: Arc<FsHub>, dir: &std::path::Path, threads: usize) -> anyhow::Result<Mounted> {
+/// Detaches whatever is mounted at `dir` (a mount a killed daemon left), if anything.
+pub fn detach_stale(dir: &std::path::Path) {
     if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
         // SAFETY: `c` is a valid NUL-terminated path; umount2 only reads it.
-        let _ = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            tracing::info!(dir = %dir.display(), "detached a mount an earlier run left");
+        }
     }
+}
+
+/// Mounts the views at `dir` (a stale mount of an earlier run there is detached first).
+pub fn mount(hub: Arc<FsHub>, dir: &std::path::Path, threads: usize) -> anyhow::Result<Mounted> {
+    detach_stale(dir);
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName("cairn".into()),

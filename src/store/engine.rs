@@ -247,12 +247,7 @@ impl Store {
     // ---- object operations (metadata only, durable when they return) ----
 
     pub async fn create_object(&self, id: ObjectId, size: u64) -> Result<()> {
-        self.check_open()?;
-        self.check_size(size)?;
-        self.inner
-            .meta
-            .lock()
-            .log(Record::CreateObject { id, size })?;
+        self.create_object_unflushed(id, size).await?;
         self.flush().await
     }
 
