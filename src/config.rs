@@ -234,6 +234,17 @@ pub struct Config {
     )]
     pub nbd_handshake_timeout: u64,
 
+    /// FUSE dispatch threads, each with its own /dev/fuse descriptor. They decode requests
+    /// and hand data operations to the runtime, so a few serve many requests.
+    #[arg(
+        long,
+        env = "CAIRN_FUSE_THREADS",
+        value_name = "N",
+        default_value = "4",
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub fuse_threads: u16,
+
     /// Base URL clients use to reach the admin API, for the service catalog and clouds.yaml.
     /// [default: http://<the --http address>]
     #[arg(long, env = "CAIRN_PUBLIC_URL", value_name = "URL")]

@@ -394,22 +394,25 @@ async fn run(
             svc.set_fuse_status(Err(why));
             None
         }
-        Ok(()) => match cairn::fs::fuse::mount(hub.clone(), &layout.mount_dir, FUSE_THREADS) {
-            Ok(m) => {
-                info!(mount_dir = %layout.mount_dir.display(), "FUSE views mounted");
-                svc.set_fuse_status(Ok(()));
-                Some(m)
+        Ok(()) => {
+            match cairn::fs::fuse::mount(hub.clone(), &layout.mount_dir, cfg.fuse_threads as usize)
+            {
+                Ok(m) => {
+                    info!(mount_dir = %layout.mount_dir.display(), "FUSE views mounted");
+                    svc.set_fuse_status(Ok(()));
+                    Some(m)
+                }
+                Err(e) => {
+                    warn!(
+                        mount_dir = %layout.mount_dir.display(),
+                        error = %e,
+                        "could not mount the FUSE views: shared filesystems are not served"
+                    );
+                    svc.set_fuse_status(Err(format!("mounting failed: {e}")));
+                    None
+                }
             }
-            Err(e) => {
-                warn!(
-                    mount_dir = %layout.mount_dir.display(),
-                    error = %e,
-                    "could not mount the FUSE views: shared filesystems are not served"
-                );
-                svc.set_fuse_status(Err(format!("mounting failed: {e}")));
-                None
-            }
-        },
+        }
     };
     let app = admin_api::router_with_images(svc.clone(), svc.images());
     info!(addr = %addr, "admin HTTP listening");
@@ -447,10 +450,6 @@ async fn run(
     nbd.shutdown(grace).await;
     Ok(())
 }
-
-/// FUSE dispatch threads (each with its own /dev/fuse descriptor): they decode, check and
-/// hand data operations to the runtime, so a few keep up with many requests.
-const FUSE_THREADS: usize = 4;
 
 /// Checks the NBD socket's directory and makes the mount dir. `Err` inside: why the FUSE
 /// views cannot be served (the daemon runs on without them).

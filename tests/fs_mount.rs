@@ -388,6 +388,9 @@ fn fsynced_files_survive_kill_and_restart() {
         &format!(
             "cp -a {src} tree && mkdir -p a/b && echo deep > a/b/c && ln -s b/c a/link
              dd if=/dev/urandom of=blob bs=1M count=8 status=none
+             touch -d @1000000000 blob
+             dd if=/dev/urandom of=blob bs=4k count=1 conv=notrunc status=none
+             test $(stat -c %Y blob) -gt 1000000000
              sync -f blob",
             src = src.display(),
         ),
@@ -401,6 +404,9 @@ fn fsynced_files_survive_kill_and_restart() {
     let root2 = fs2.operator_path("keep");
     assert_eq!(sh(&root2, "find . -printf '%p %s %m %y\\n' | sort"), before);
     assert_eq!(sh(&root2, "md5sum blob"), sum);
+    // The time of a write inside the file (kept back from the metadata until the close).
+    let mtime: u64 = sh(&root2, "stat -c %Y blob").trim().parse().unwrap();
+    assert!(mtime > 1_000_000_000, "{mtime}");
     sh(
         &root2,
         &format!(

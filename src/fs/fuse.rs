@@ -1157,6 +1157,7 @@ impl CairnFs {
 }
 
 fn attr_of(v: &View, i: &Inode) -> FileAttr {
+    let i = &v.vol.with_times(i.clone());
     FileAttr {
         ino: INodeNo(v.node(i.ino)),
         size: i.size,

@@ -71,7 +71,7 @@ pub struct SetAttr {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS inodes (
-    ino     INTEGER PRIMARY KEY AUTOINCREMENT,
+    ino     INTEGER PRIMARY KEY,
     mode    INTEGER NOT NULL,
     uid     INTEGER NOT NULL,
     gid     INTEGER NOT NULL,
@@ -95,7 +95,6 @@ CREATE TABLE IF NOT EXISTS dentries (
     PRIMARY KEY (parent, name)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS dentries_cookie ON dentries (parent, cookie);
-CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (ino);
 CREATE TABLE IF NOT EXISTS xattrs (
     ino   INTEGER NOT NULL,
     name  BLOB NOT NULL,
@@ -147,6 +146,9 @@ fn check_name(name: &[u8]) -> R<()> {
 pub struct Meta {
     conn: Connection,
     wal: PathBuf,
+    /// The next inode number: numbers are not reused while the daemon runs (the kernel may
+    /// still hold a removed one), without AUTOINCREMENT's extra page per create.
+    next_ino: u64,
 }
 
 /// What a new inode is made of.
@@ -172,9 +174,11 @@ impl Meta {
         )?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
+        let max: i64 = conn.query_row("SELECT max(ino) FROM inodes", [], |r| r.get(0))?;
         Ok(Meta {
             conn,
             wal: PathBuf::from(wal),
+            next_ino: max as u64 + 1,
         })
     }
 
@@ -222,6 +226,7 @@ impl Meta {
     /// Makes `name` in `parent` a new inode (file, directory, symlink, node).
     pub fn create(&mut self, parent: u64, name: &[u8], new: NewInode<'_>) -> R<Inode> {
         check_name(name)?;
+        let ino = self.next_ino;
         let tx = self.tx()?;
         let p = dir(&tx, parent)?;
         if child(&tx, parent, name)?.is_some() {
@@ -231,7 +236,7 @@ impl Meta {
         let is_dir = new.mode & libc::S_IFMT == libc::S_IFDIR;
         tx.execute(
             "INSERT INTO inodes (mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, parent, \
-             target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9)",
+             target, ino) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10)",
             params![
                 new.mode,
                 new.uid,
@@ -242,14 +247,15 @@ impl Meta {
                 new.rdev,
                 if is_dir { parent as i64 } else { 0 },
                 new.target,
+                ino as i64,
             ],
         )
         .map_err(io)?;
-        let ino = tx.last_insert_rowid() as u64;
         add_entry(&tx, &p, name, ino)?;
         touch_dir(&tx, parent, if is_dir { 1 } else { 0 }, t)?;
         let inode = get(&tx, ino)?;
         tx.commit().map_err(io)?;
+        self.next_ino += 1;
         Ok(inode)
     }
 
@@ -269,11 +275,11 @@ impl Meta {
         }
         let t = now_ns();
         add_entry(&tx, &p, name, ino)?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1",
             params![ino as i64, t],
-        )
-        .map_err(io)?;
+        )?;
         touch_dir(&tx, parent, 0, t)?;
         let inode = get(&tx, ino)?;
         tx.commit().map_err(io)?;
@@ -349,12 +355,12 @@ impl Meta {
             set_entry_ino(&tx, parent, name, d.ino)?;
             set_entry_ino(&tx, newparent, newname, src.ino)?;
             for (i, to) in [(&src, newparent), (&d, parent)] {
-                tx.execute(
+                exec(
+                    &tx,
                     "UPDATE inodes SET ctime = ?2, parent = CASE WHEN parent != 0 THEN ?3 \
                      ELSE 0 END WHERE ino = ?1",
                     params![i.ino as i64, t, to as i64],
-                )
-                .map_err(io)?;
+                )?;
             }
             if parent != newparent {
                 let moved = src.is_dir() as i64 - d.is_dir() as i64;
@@ -380,11 +386,11 @@ impl Meta {
             }
             replaced = Some(get(&tx, d.ino)?);
         }
-        tx.execute(
+        exec(
+            &tx,
             "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
             params![parent as i64, name],
-        )
-        .map_err(io)?;
+        )?;
         // Re-read: dropping `dst` may have moved the directory's cookie counter.
         let np = if dst.is_some() {
             dir(&tx, newparent)?
@@ -392,12 +398,12 @@ impl Meta {
             np
         };
         add_entry(&tx, &np, newname, src.ino)?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE inodes SET ctime = ?2, parent = CASE WHEN parent != 0 THEN ?3 ELSE 0 END \
              WHERE ino = ?1",
             params![src.ino as i64, t, newparent as i64],
-        )
-        .map_err(io)?;
+        )?;
         let moved = if src.is_dir() && parent != newparent {
             1
         } else {
@@ -431,7 +437,8 @@ impl Meta {
             i.mtime = t;
         }
         i.ctime = a.ctime.unwrap_or_else(now_ns);
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE inodes SET mode = ?2, uid = ?3, gid = ?4, size = ?5, atime = ?6, mtime = ?7, \
              ctime = ?8 WHERE ino = ?1",
             params![
@@ -444,8 +451,7 @@ impl Meta {
                 i.mtime,
                 i.ctime
             ],
-        )
-        .map_err(io)?;
+        )?;
         tx.commit().map_err(io)?;
         Ok(i)
     }
@@ -453,19 +459,33 @@ impl Meta {
     /// A write's effect on the inode: the size when it grew, and the times.
     pub fn written(&mut self, ino: u64, size: Option<u64>, t: i64) -> R<()> {
         let n = match size {
-            Some(s) => self.conn.execute(
-                "UPDATE inodes SET size = max(size, ?2), mtime = ?3, ctime = ?3 WHERE ino = ?1",
-                params![ino as i64, s as i64, t],
-            ),
-            None => self.conn.execute(
-                "UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1",
-                params![ino as i64, t],
-            ),
+            Some(s) => self
+                .conn
+                .prepare_cached(
+                    "UPDATE inodes SET size = max(size, ?2), mtime = ?3, ctime = ?3 \
+                     WHERE ino = ?1",
+                )
+                .and_then(|mut st| st.execute(params![ino as i64, s as i64, t])),
+            None => self
+                .conn
+                .prepare_cached("UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1")
+                .and_then(|mut st| st.execute(params![ino as i64, t])),
         }
         .map_err(io)?;
         if n == 0 {
             return Err(libc::ENOENT);
         }
+        Ok(())
+    }
+
+    /// Writes' times kept back by [`super::vol::Vol`] (see its `times`).
+    pub fn set_times(&mut self, ino: u64, t: i64) -> R<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE inodes SET mtime = max(mtime, ?2), ctime = max(ctime, ?2) WHERE ino = ?1",
+            )
+            .and_then(|mut st| st.execute(params![ino as i64, t]))
+            .map_err(io)?;
         Ok(())
     }
 
@@ -495,13 +515,12 @@ impl Meta {
     /// Forgets an inode with no names left (its data is the caller's to drop).
     pub fn purge(&mut self, ino: u64) -> R<()> {
         let tx = self.tx()?;
-        tx.execute(
+        exec(
+            &tx,
             "DELETE FROM inodes WHERE ino = ?1 AND nlink = 0",
             [ino as i64],
-        )
-        .map_err(io)?;
-        tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])
-            .map_err(io)?;
+        )?;
+        exec(&tx, "DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
         tx.commit().map_err(io)
     }
 
@@ -587,16 +606,16 @@ impl Meta {
         if replace && !exists {
             return Err(libc::ENODATA);
         }
-        tx.execute(
+        exec(
+            &tx,
             "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino as i64, name, value],
-        )
-        .map_err(io)?;
-        tx.execute(
+        )?;
+        exec(
+            &tx,
             "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
             params![ino as i64, now_ns()],
-        )
-        .map_err(io)?;
+        )?;
         tx.commit().map_err(io)
     }
 
@@ -612,11 +631,11 @@ impl Meta {
         if n == 0 {
             return Err(libc::ENODATA);
         }
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
             params![ino as i64, now_ns()],
-        )
-        .map_err(io)?;
+        )?;
         tx.commit().map_err(io)
     }
 }
@@ -628,6 +647,13 @@ pub fn sync_wal(wal: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// `execute` through the statement cache: these statements run on every operation.
+fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> R<usize> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute(p))
+        .map_err(io)
 }
 
 fn get(conn: &Connection, ino: u64) -> R<Inode> {
@@ -677,50 +703,50 @@ fn add_entry(conn: &Connection, parent: &Inode, name: &[u8], ino: u64) -> R<()> 
             |r| r.get(0),
         )
         .map_err(io)?;
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO dentries (parent, name, ino, cookie) VALUES (?1, ?2, ?3, ?4)",
         params![parent.ino as i64, name, ino as i64, cookie],
-    )
-    .map_err(io)?;
+    )?;
     Ok(())
 }
 
 fn set_entry_ino(conn: &Connection, parent: u64, name: &[u8], ino: u64) -> R<()> {
-    conn.execute(
+    exec(
+        conn,
         "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name, ino as i64],
-    )
-    .map_err(io)?;
+    )?;
     Ok(())
 }
 
 /// Removes the entry and one link of `i` (a directory loses both of its own).
 fn drop_name(conn: &Connection, parent: u64, name: &[u8], i: &Inode, t: i64) -> R<()> {
-    conn.execute(
+    exec(
+        conn,
         "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name],
-    )
-    .map_err(io)?;
+    )?;
     let nlink = if i.is_dir() {
         0
     } else {
         i.nlink.saturating_sub(1)
     };
-    conn.execute(
+    exec(
+        conn,
         "UPDATE inodes SET nlink = ?2, ctime = ?3 WHERE ino = ?1",
         params![i.ino as i64, nlink, t],
-    )
-    .map_err(io)?;
+    )?;
     Ok(())
 }
 
 /// A directory's entries changed: its times, and its link count by `links` subdirectories.
 fn touch_dir(conn: &Connection, ino: u64, links: i64, t: i64) -> R<()> {
-    conn.execute(
+    exec(
+        conn,
         "UPDATE inodes SET mtime = ?2, ctime = ?2, nlink = nlink + ?3 WHERE ino = ?1",
         params![ino as i64, t, links],
-    )
-    .map_err(io)?;
+    )?;
     Ok(())
 }
 

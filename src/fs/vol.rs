@@ -37,6 +37,11 @@ pub struct Vol {
     /// Open handles per inode, across views: a file unlinked while open lives until its last
     /// close.
     open: Mutex<HashMap<u64, u32>>,
+    /// The time of the last write of files whose write did not commit their inode (it did
+    /// not grow them): committed at fsync, at the last close and by setattr, and shown by
+    /// every attribute reply meanwhile. One commit per write would serialise writers on the
+    /// metadata and checkpoint the WAL every thousand writes.
+    times: Mutex<HashMap<u64, i64>>,
     pub gone: AtomicBool,
 }
 
@@ -128,6 +133,7 @@ impl Vol {
             reserved: AtomicU64::new(0),
             objects: Mutex::new(objects),
             open: Mutex::new(HashMap::new()),
+            times: Mutex::new(HashMap::new()),
             gone: AtomicBool::new(false),
         });
         let orphans =
@@ -240,11 +246,8 @@ impl Vol {
     /// Returns the bytes written.
     pub async fn write(&self, ino: u64, off: u64, data: Bytes, append: bool) -> R<u32> {
         let len = data.len() as u64;
-        let off = if append {
-            self.meta.lock().get(ino)?.size
-        } else {
-            off
-        };
+        let size = self.meta.lock().get(ino)?.size;
+        let off = if append { size } else { off };
         check_range(off, len)?;
         if len == 0 {
             return Ok(0);
@@ -257,7 +260,14 @@ impl Vol {
             .await
             .map_err(store_err)?;
         self.account(ino);
-        self.meta.lock().written(ino, Some(off + len), now_ns())?;
+        let t = now_ns();
+        if off + len > size {
+            // A grown file's size is committed before the reply: it survives kill -9.
+            self.meta.lock().written(ino, Some(off + len), t)?;
+            self.times.lock().remove(&ino);
+        } else {
+            self.times.lock().insert(ino, t);
+        }
         Ok(len as u32)
     }
 
@@ -293,8 +303,37 @@ impl Vol {
         Ok(())
     }
 
+    /// `i` with the times of writes not yet committed.
+    pub fn with_times(&self, mut i: Inode) -> Inode {
+        if let Some(&t) = self.times.lock().get(&i.ino) {
+            i.mtime = i.mtime.max(t);
+            i.ctime = i.ctime.max(t);
+        }
+        i
+    }
+
+    /// Commits the times kept back for `ino` (all files with `None`).
+    pub fn commit_times(&self, ino: Option<u64>) -> R<()> {
+        let pending: Vec<(u64, i64)> = {
+            let mut times = self.times.lock();
+            match ino {
+                Some(i) => times.remove(&i).map(|t| (i, t)).into_iter().collect(),
+                None => times.drain().collect(),
+            }
+        };
+        let mut meta = self.meta.lock();
+        for (i, t) in pending {
+            match meta.set_times(i, t) {
+                Ok(()) | Err(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// setattr(2), truncating or growing when the size changes.
     pub async fn setattr(&self, ino: u64, mut a: SetAttr) -> R<Inode> {
+        self.commit_times(Some(ino))?;
         if let Some(size) = a.size {
             check_range(size, 0)?;
             let old = self.meta.lock().get(ino)?;
@@ -369,6 +408,7 @@ impl Vol {
 
     /// fsync(2): the store's data and every metadata commit made durable.
     pub async fn sync(&self) -> R<()> {
+        self.commit_times(None)?;
         self.store.flush().await.map_err(store_err)?;
         let wal = self.meta.lock().wal_path();
         tokio::task::spawn_blocking(move || super::meta::sync_wal(&wal))
@@ -400,8 +440,13 @@ impl Vol {
                 None => false,
             }
         };
-        if last && self.meta.lock().get(ino).is_ok_and(|i| i.nlink == 0) {
-            self.purge(ino).await;
+        if last {
+            if let Err(e) = self.commit_times(Some(ino)) {
+                tracing::warn!(errno = e, ino, fs = %self.id, "could not record a file's times");
+            }
+            if self.meta.lock().get(ino).is_ok_and(|i| i.nlink == 0) {
+                self.purge(ino).await;
+            }
         }
     }
 
@@ -413,6 +458,7 @@ impl Vol {
     }
 
     async fn purge(&self, ino: u64) {
+        self.times.lock().remove(&ino);
         if let Err(e) = self.meta.lock().purge(ino) {
             tracing::warn!(errno = e, ino, fs = %self.id, "could not drop an inode");
         }
