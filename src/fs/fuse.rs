@@ -1152,20 +1152,26 @@ impl fuser::Filesystem for CairnFs {
 impl CairnFs {
     fn remove(&self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         let r = self.inner(parent).and_then(|(v, p)| {
-            let gone = v.vol.meta.lock().remove(p, name.as_bytes(), dir)?;
+            let (inode, dropped) = v.vol.remove(p, name.as_bytes(), dir)?;
             self.renamed(&v, p, name.as_bytes());
-            self.changed(&v, gone.ino);
-            Ok((v, gone))
+            self.changed(&v, inode.ino);
+            Ok((v, inode.ino, dropped))
         });
         match r {
             // The space is free when the caller hears back (statfs right after shows it).
-            Ok((v, gone)) => self.spawn(
+            Ok((v, ino, true)) if v.vol.has_object(ino) => self.spawn(
                 async move {
-                    v.vol.unlinked(&gone).await;
+                    v.vol.dropped(ino).await;
                     Ok(())
                 },
                 move |_: R<()>| reply.ok(),
             ),
+            Ok((v, ino, dropped)) => {
+                if dropped {
+                    v.vol.forget_times(ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

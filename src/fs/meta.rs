@@ -287,8 +287,15 @@ impl Meta {
     }
 
     /// Removes `name` (a directory when `want_dir`, which must be empty). Returns the inode
-    /// as it is after: `nlink == 0` when its last name went.
-    pub fn remove(&mut self, parent: u64, name: &[u8], want_dir: bool) -> R<Inode> {
+    /// as it is after (`nlink == 0` when its last name went), and whether it is gone too: it
+    /// is, in the same transaction, unless `keep` says it is open.
+    pub fn remove(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        want_dir: bool,
+        keep: impl Fn(u64) -> bool,
+    ) -> R<(Inode, bool)> {
         let tx = self.tx()?;
         dir(&tx, parent)?;
         let ino = child(&tx, parent, name)?.ok_or(libc::ENOENT)?;
@@ -305,8 +312,12 @@ impl Meta {
         drop_name(&tx, parent, name, &i, t)?;
         touch_dir(&tx, parent, if i.is_dir() { -1 } else { 0 }, t)?;
         let after = get(&tx, ino)?;
+        let gone = after.nlink == 0 && !keep(ino);
+        if gone {
+            purge_in(&tx, ino)?;
+        }
         tx.commit().map_err(io)?;
-        Ok(after)
+        Ok((after, gone))
     }
 
     /// rename(2) with `RENAME_NOREPLACE` / `RENAME_EXCHANGE`. Returns the inode that lost its
@@ -649,6 +660,16 @@ pub fn sync_wal(wal: &Path) -> std::io::Result<()> {
     }
 }
 
+fn purge_in(conn: &Connection, ino: u64) -> R<()> {
+    exec(
+        conn,
+        "DELETE FROM inodes WHERE ino = ?1 AND nlink = 0",
+        [ino as i64],
+    )?;
+    exec(conn, "DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+    Ok(())
+}
+
 /// `execute` through the statement cache: these statements run on every operation.
 fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> R<usize> {
     conn.prepare_cached(sql)
@@ -826,8 +847,8 @@ mod tests {
         assert_eq!(m.get(c.ino).unwrap().parent, a.ino);
         assert_eq!(m.get(a.ino).unwrap().nlink, 3);
         assert_eq!(m.get(b.ino).unwrap().nlink, 2);
-        let gone = m.remove(b.ino, b"c", false).unwrap();
-        assert_eq!(gone.nlink, 0);
+        let (gone, purged) = m.remove(b.ino, b"c", false, |_| true).unwrap();
+        assert_eq!((gone.nlink, purged), (0, false));
         assert_eq!(m.orphans().unwrap(), vec![f.ino]);
         m.purge(f.ino).unwrap();
         assert_eq!(m.get(f.ino), Err(libc::ENOENT));
@@ -844,7 +865,7 @@ mod tests {
         let first = m.readdir(ROOT, 0, 4).unwrap();
         assert_eq!(first.len(), 4);
         // Removing a listed entry and adding one do not move the entries not yet listed.
-        m.remove(ROOT, b"f1", false).unwrap();
+        m.remove(ROOT, b"f1", false, |_| false).unwrap();
         m.create(ROOT, b"new", file(libc::S_IFREG)).unwrap();
         let rest = m.readdir(ROOT, first[3].cookie, 100).unwrap();
         let names: Vec<_> = rest.iter().map(|e| e.name.clone()).collect();

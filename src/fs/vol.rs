@@ -179,7 +179,8 @@ impl Vol {
         object_id(self.prefix, ino)
     }
 
-    fn has_object(&self, ino: u64) -> bool {
+    /// Whether the file has data in the store (it made its object).
+    pub fn has_object(&self, ino: u64) -> bool {
         self.objects.lock().contains_key(&ino)
     }
 
@@ -331,8 +332,17 @@ impl Vol {
         Ok(())
     }
 
+    /// setattr(2) of everything but the size: metadata only.
+    pub fn set_meta(&self, ino: u64, a: &SetAttr) -> R<Inode> {
+        self.commit_times(Some(ino))?;
+        self.meta.lock().setattr(ino, a)
+    }
+
     /// setattr(2), truncating or growing when the size changes.
     pub async fn setattr(&self, ino: u64, mut a: SetAttr) -> R<Inode> {
+        if a.size.is_none() {
+            return self.set_meta(ino, &a);
+        }
         self.commit_times(Some(ino))?;
         if let Some(size) = a.size {
             check_range(size, 0)?;
@@ -448,6 +458,23 @@ impl Vol {
                 self.purge(ino).await;
             }
         }
+    }
+
+    /// Removes `name` from `parent`: the inode goes with its last name unless it is open.
+    /// Returns it as it was left, and whether its data is to be dropped ([`Vol::dropped`]).
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<(Inode, bool)> {
+        let mut meta = self.meta.lock();
+        meta.remove(parent, name, dir, |ino| self.open.lock().contains_key(&ino))
+    }
+
+    /// The data of an inode [`Vol::remove`] dropped.
+    pub async fn dropped(&self, ino: u64) {
+        self.forget_times(ino);
+        self.drop_object(ino).await;
+    }
+
+    pub fn forget_times(&self, ino: u64) {
+        self.times.lock().remove(&ino);
     }
 
     /// An inode lost a name: it goes now unless it has other names or is open.
