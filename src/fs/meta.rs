@@ -622,11 +622,7 @@ impl Meta {
             "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino as i64, name, value],
         )?;
-        exec(
-            &tx,
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
+        touch(&tx, ino)?;
         tx.commit().map_err(io)
     }
 
@@ -642,11 +638,7 @@ impl Meta {
         if n == 0 {
             return Err(libc::ENODATA);
         }
-        exec(
-            &tx,
-            "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
-            params![ino as i64, now_ns()],
-        )?;
+        touch(&tx, ino)?;
         tx.commit().map_err(io)
     }
 }
@@ -658,6 +650,16 @@ pub fn sync_wal(wal: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The inode's status changed now (ctime).
+fn touch(conn: &Connection, ino: u64) -> R<()> {
+    exec(
+        conn,
+        "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+        params![ino as i64, now_ns()],
+    )?;
+    Ok(())
 }
 
 fn purge_in(conn: &Connection, ino: u64) -> R<()> {
