@@ -364,7 +364,20 @@ impl CairnFs {
         F: std::future::Future<Output = R<T>> + Send + 'static,
         T: Send + 'static,
     {
-        self.hub.runtime().spawn(async move { done(f.await) });
+        // Polled here first, inside the runtime's context: the work up to the store's first
+        // wait (checks, metadata, the io_uring submission) is done without waking a worker,
+        // and what completes at once is answered at once. What waits goes to the runtime,
+        // which polls it again with its own waker and replies from the completion.
+        let rt = self.hub.runtime();
+        let _in = rt.enter();
+        let mut f = Box::pin(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => done(r),
+            std::task::Poll::Pending => {
+                rt.spawn(async move { done(f.await) });
+            }
+        }
     }
 
     /// Mode and group of a new node in `parent`: set-group-ID directories pass their group
