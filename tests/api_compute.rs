@@ -18,25 +18,12 @@ fn daemon() -> Cairn {
 
 /// `POST /v3/auth/tokens` with a password, scoped to `project`: (token, project id).
 fn token(c: &Cairn, user: &str, password: &str, project: &str) -> (String, String) {
-    let body = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": user, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
-    let r = c.request(
-        "POST",
-        "/v3/auth/tokens",
-        &[],
-        Some(("application/json", &body.to_string())),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let token = r
-        .header("x-subject-token")
-        .expect("X-Subject-Token")
-        .to_owned();
-    let project = r.json()["token"]["project"]["id"]
-        .as_str()
-        .expect("project id")
-        .to_owned();
-    (token, project)
+    common::password_token(
+        c,
+        user,
+        password,
+        json!({"name": project, "domain": {"name": "Default"}}),
+    )
 }
 
 /// A caller of the Compute API: a token and the tenant id its URLs carry.

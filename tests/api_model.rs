@@ -17,25 +17,7 @@ fn daemon() -> Cairn {
 
 /// A project-scoped admin token and the project id.
 fn admin_token(c: &Cairn) -> (String, String) {
-    let body = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": "admin", "domain": {"name": "Default"}, "password": PW}}},
-        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}});
-    let r = c.request(
-        "POST",
-        "/v3/auth/tokens",
-        &[],
-        Some(("application/json", &body.to_string())),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let token = r
-        .header("x-subject-token")
-        .expect("X-Subject-Token")
-        .to_owned();
-    let project = r.json()["token"]["project"]["id"]
-        .as_str()
-        .expect("project id")
-        .to_owned();
-    (token, project)
+    common::admin_token(c, PW)
 }
 
 struct Api<'a> {

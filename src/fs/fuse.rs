@@ -338,12 +338,16 @@ impl CairnFs {
         }
     }
 
-    fn attr(&self, view: &View, i: &Inode) -> FileAttr {
-        attr_of(view, i)
+    fn entry(&self, view: &View, i: &Inode, reply: ReplyEntry) {
+        reply.entry(&TTL, &attr_of(view, i), Generation(0));
     }
 
-    fn entry(&self, view: &View, i: &Inode, reply: ReplyEntry) {
-        reply.entry(&TTL, &self.attr(view, i), Generation(0));
+    /// The new or linked node of `r` as the entry reply, or its errno.
+    fn made(&self, r: R<(Arc<View>, Inode)>, reply: ReplyEntry) {
+        match r {
+            Ok((v, i)) => self.entry(&v, &i, reply),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     /// The root of `fs` as `viewer` sees it, as a directory entry (never cached).
@@ -353,7 +357,7 @@ impl CairnFs {
             Ok((v, i))
         });
         match r {
-            Ok((v, i)) => reply.entry_with_ttls(&TTL, &NONE, &self.attr(&v, &i), Generation(0)),
+            Ok((v, i)) => reply.entry_with_ttls(&TTL, &NONE, &attr_of(&v, &i), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -561,7 +565,7 @@ impl fuser::Filesystem for CairnFs {
             Ok(Node::In(v, i)) => {
                 let r = v.vol.meta.lock().get(i);
                 match r {
-                    Ok(inode) => reply.attr(&TTL, &self.attr(&v, &inode)),
+                    Ok(inode) => reply.attr(&TTL, &attr_of(&v, &inode)),
                     Err(e) => reply.error(errno(e)),
                 }
             }
@@ -641,10 +645,7 @@ impl fuser::Filesystem for CairnFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.make(req, parent.0, name, mode, rdev, None) {
-            Ok((v, i)) => self.entry(&v, &i, reply),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.made(self.make(req, parent.0, name, mode, rdev, None), reply)
     }
 
     fn mkdir(
@@ -656,17 +657,17 @@ impl fuser::Filesystem for CairnFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.make(
-            req,
-            parent.0,
-            name,
-            libc::S_IFDIR | (mode & 0o7777),
-            0,
-            None,
-        ) {
-            Ok((v, i)) => self.entry(&v, &i, reply),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.made(
+            self.make(
+                req,
+                parent.0,
+                name,
+                libc::S_IFDIR | (mode & 0o7777),
+                0,
+                None,
+            ),
+            reply,
+        )
     }
 
     fn symlink(
@@ -681,10 +682,10 @@ impl fuser::Filesystem for CairnFs {
         if t.len() > libc::PATH_MAX as usize {
             return reply.error(Errno::ENAMETOOLONG);
         }
-        match self.make(req, parent.0, link_name, libc::S_IFLNK | 0o777, 0, Some(t)) {
-            Ok((v, i)) => self.entry(&v, &i, reply),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.made(
+            self.make(req, parent.0, link_name, libc::S_IFLNK | 0o777, 0, Some(t)),
+            reply,
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -759,10 +760,7 @@ impl fuser::Filesystem for CairnFs {
             self.changed(&v, i);
             Ok((v, inode))
         })();
-        match r {
-            Ok((v, i)) => self.entry(&v, &i, reply),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.made(r, reply)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -879,10 +877,7 @@ impl fuser::Filesystem for CairnFs {
         reply: ReplyEmpty,
     ) {
         match self.inner(ino.0) {
-            Ok((v, _)) => self.spawn(async move { v.vol.sync().await }, move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }),
+            Ok((v, _)) => self.spawn(async move { v.vol.sync().await }, move |r| done(r, reply)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -1027,10 +1022,7 @@ impl fuser::Filesystem for CairnFs {
             self.changed(&v, i);
             Ok(())
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        done(r, reply)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1057,10 +1049,7 @@ impl fuser::Filesystem for CairnFs {
             self.changed(&v, i);
             Ok(())
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        done(r, reply)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -1090,7 +1079,7 @@ impl fuser::Filesystem for CairnFs {
             Ok((v, i)) => {
                 v.vol.opened(i.ino);
                 let f = Self::open_flags(&v, OpenFlags(flags));
-                reply.created(&TTL, &self.attr(&v, &i), Generation(0), FileHandle(0), f)
+                reply.created(&TTL, &attr_of(&v, &i), Generation(0), FileHandle(0), f)
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -1187,6 +1176,14 @@ impl CairnFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+}
+
+/// `ok` or the errno.
+fn done(r: R<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
     }
 }
 

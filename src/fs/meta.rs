@@ -6,7 +6,7 @@
 //! directories and maybe an inode), which SQLite gives for free; one file per filesystem keeps
 //! filesystems from serialising on one writer, makes deleting one a file removal, and keeps
 //! the catalog small. WAL mode with `synchronous=NORMAL`: a commit reaches the WAL file's page
-//! cache (so it survives kill -9) and [`Meta::sync`] fsyncs the WAL for `fsync(2)`.
+//! cache (so it survives kill -9) and [`sync_wal`] fsyncs the WAL for `fsync(2)`.
 //!
 //! Errors are errnos: this module's callers answer the kernel.
 use std::path::{Path, PathBuf};
@@ -182,12 +182,7 @@ impl Meta {
         })
     }
 
-    /// Makes every committed transaction durable: fsync of the WAL file (any descriptor of
-    /// a file flushes all of its dirty pages).
-    pub fn sync(&self) -> std::io::Result<()> {
-        sync_wal(&self.wal)
-    }
-
+    /// The WAL file, whose fsync ([`sync_wal`]) makes every committed transaction durable.
     pub fn wal_path(&self) -> PathBuf {
         self.wal.clone()
     }
@@ -467,22 +462,13 @@ impl Meta {
         Ok(i)
     }
 
-    /// A write's effect on the inode: the size when it grew, and the times.
-    pub fn written(&mut self, ino: u64, size: Option<u64>, t: i64) -> R<()> {
-        let n = match size {
-            Some(s) => self
-                .conn
-                .prepare_cached(
-                    "UPDATE inodes SET size = max(size, ?2), mtime = ?3, ctime = ?3 \
-                     WHERE ino = ?1",
-                )
-                .and_then(|mut st| st.execute(params![ino as i64, s as i64, t])),
-            None => self
-                .conn
-                .prepare_cached("UPDATE inodes SET mtime = ?2, ctime = ?2 WHERE ino = ?1")
-                .and_then(|mut st| st.execute(params![ino as i64, t])),
-        }
-        .map_err(io)?;
+    /// A write that grew the file: its size (never shrunk by a late writer) and times.
+    pub fn written(&mut self, ino: u64, size: u64, t: i64) -> R<()> {
+        let n = exec(
+            &self.conn,
+            "UPDATE inodes SET size = max(size, ?2), mtime = ?3, ctime = ?3 WHERE ino = ?1",
+            params![ino as i64, size as i64, t],
+        )?;
         if n == 0 {
             return Err(libc::ENOENT);
         }
@@ -491,12 +477,11 @@ impl Meta {
 
     /// Writes' times kept back by [`super::vol::Vol`] (see its `times`).
     pub fn set_times(&mut self, ino: u64, t: i64) -> R<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE inodes SET mtime = max(mtime, ?2), ctime = max(ctime, ?2) WHERE ino = ?1",
-            )
-            .and_then(|mut st| st.execute(params![ino as i64, t]))
-            .map_err(io)?;
+        exec(
+            &self.conn,
+            "UPDATE inodes SET mtime = max(mtime, ?2), ctime = max(ctime, ?2) WHERE ino = ?1",
+            params![ino as i64, t],
+        )?;
         Ok(())
     }
 
@@ -643,7 +628,8 @@ impl Meta {
     }
 }
 
-/// fsync of a WAL file (see [`Meta::sync`]).
+/// fsync of a WAL file: any descriptor of a file flushes all of its dirty pages, so this
+/// makes every transaction committed to it durable.
 pub fn sync_wal(wal: &Path) -> std::io::Result<()> {
     match std::fs::File::open(wal) {
         Ok(f) => f.sync_all(),

@@ -264,7 +264,7 @@ impl Vol {
         let t = now_ns();
         if off + len > size {
             // A grown file's size is committed before the reply: it survives kill -9.
-            self.meta.lock().written(ino, Some(off + len), t)?;
+            self.meta.lock().written(ino, off + len, t)?;
             self.times.lock().remove(&ino);
         } else {
             self.times.lock().insert(ino, t);
@@ -390,7 +390,7 @@ impl Vol {
             _ => return Err(libc::EOPNOTSUPP),
         }
         if !keep && end > size {
-            self.meta.lock().written(ino, Some(end), now_ns())?;
+            self.meta.lock().written(ino, end, now_ns())?;
         }
         Ok(())
     }

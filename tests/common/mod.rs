@@ -782,11 +782,17 @@ pub fn os_client(c: &Cairn, program: &str, password: &str) -> Command {
     cmd
 }
 
-/// A token for `admin` (password `password`) on the admin project, and that project's id.
-pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
-    let body = serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": "admin", "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}});
+/// `POST /v3/auth/tokens` for `user` with `password`, scoped to the project `scope` names
+/// (`{"id": ...}` or `{"name": ..., "domain": ...}`): the token and the project's id.
+pub fn password_token(
+    c: &Cairn,
+    user: &str,
+    password: &str,
+    scope: serde_json::Value,
+) -> (String, String) {
+    let body = serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {
+        "user": {"name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": scope}}});
     let r = c.request(
         "POST",
         "/v3/auth/tokens",
@@ -800,6 +806,16 @@ pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
         .expect("project")
         .to_owned();
     (t, p)
+}
+
+/// A token for `admin` (password `password`) on the admin project, and that project's id.
+pub fn admin_token(c: &Cairn, password: &str) -> (String, String) {
+    password_token(
+        c,
+        "admin",
+        password,
+        serde_json::json!({"name": "admin", "domain": {"name": "Default"}}),
+    )
 }
 
 /// Creates project `name` with a user of the same name (password `pw-<name>`) holding `role`
@@ -842,20 +858,7 @@ pub fn project_user(c: &Cairn, admin_token: &str, name: &str, role: &str) -> (St
         None,
     );
     assert_eq!(r.status, 204, "{}", r.body);
-    let body = serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {
-        "user": {"name": name, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"id": project}}}});
-    let r = c.request(
-        "POST",
-        "/v3/auth/tokens",
-        &[],
-        Some(("application/json", &body.to_string())),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    (
-        r.header("x-subject-token").expect("token").to_owned(),
-        project,
-    )
+    password_token(c, name, &password, serde_json::json!({"id": project}))
 }
 
 /// The value of the first sample named `name` on `/metrics`.
